@@ -1,0 +1,106 @@
+"""Named numpy arrays <-> Arrow IPC (uncompressed, ``pa.fixed_shape_tensor``).
+
+When every array shares the same leading (batch) dimension, one Arrow row is
+one probe example and each array is a fixed-shape-tensor column of its
+per-example shape (or a plain column for 1-D arrays): the file is readable as
+an ordinary table. Otherwise each array is stored whole in a one-row layout.
+Dtypes Arrow has no tensor type for (bool, bfloat16, ...) are stored as the
+unsigned integer of the same width and restored from the recorded dtype, so
+round trips are bit exact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+import numpy as np
+import pyarrow as pa
+
+_NATIVE = {"float16", "float32", "float64", "int8", "int16", "int32", "int64",
+           "uint8", "uint16", "uint32", "uint64"}
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # bfloat16 and friends, shipped with TensorFlow
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _storage_view(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    if a.dtype.name in _NATIVE:
+        return a
+    if a.dtype.itemsize not in _UINT:
+        raise TypeError(f"cannot store dtype {a.dtype} in Arrow")
+    return a.view(_UINT[a.dtype.itemsize])
+
+
+def _column(a: np.ndarray, rows: bool) -> pa.Array:
+    stored = _storage_view(a)
+    if rows and stored.ndim == 1:
+        return pa.array(stored)
+    if not rows:
+        stored = stored.reshape((1,) + stored.shape)
+    if stored.ndim == 1:  # a 0-d array in the one-row layout
+        stored = stored.reshape(1, 1)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(stored)
+
+
+def to_table(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, object] | None = None) -> pa.Table:
+    """Arrays -> Arrow table (column order = mapping order).
+
+    ``metadata`` (JSON-serialisable) is stored in the schema under ``harness``.
+    """
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    leading = {v.shape[0] if v.ndim else None for v in arrays.values()}
+    rows = bool(arrays) and len(leading) == 1 and None not in leading
+    cols = {k: _column(v, rows) for k, v in arrays.items()}
+    meta = {
+        "layout": "rows" if rows else "single",
+        "arrays": {k: {"dtype": v.dtype.name, "shape": list(v.shape)} for k, v in arrays.items()},
+        "user": dict(metadata or {}),
+    }
+    table = pa.table(cols) if cols else pa.table({})
+    return table.replace_schema_metadata({"harness": json.dumps(meta, default=str)})
+
+
+def from_table(table: pa.Table) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrow table written by ``to_table`` -> ``(arrays, user metadata)``.
+
+    Numeric columns are zero-copy views of the Arrow buffers where Arrow allows it.
+    """
+    meta = json.loads(table.schema.metadata[b"harness"])
+    out = {}
+    for name, info in meta["arrays"].items():
+        col = table.column(name).combine_chunks()
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            stored = col.to_numpy_ndarray()
+        else:
+            stored = col.to_numpy(zero_copy_only=False)
+        dtype = _dtype(info["dtype"])
+        arr = stored.view(dtype) if stored.dtype != dtype else stored
+        out[name] = arr.reshape(info["shape"])
+    return out, meta["user"]
+
+
+def to_ipc_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, object] | None = None) -> bytes:
+    """Serialize arrays as an uncompressed Arrow IPC file."""
+    table = to_table(arrays, metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def read_ipc(source: str | bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """Read an IPC file written by ``to_ipc_bytes`` (a local path is memory-mapped)."""
+    if isinstance(source, (bytes, bytearray)):
+        reader = pa.ipc.open_file(pa.BufferReader(source))
+    else:
+        reader = pa.ipc.open_file(pa.memory_map(str(source), "r"))
+    return from_table(reader.read_all())

@@ -1,0 +1,252 @@
+"""``harness``: run | validate | scenarios | envs | report | nightly | history.
+
+Exit codes (also in the README):
+    0  every cell met its expectation (nightly: nothing regressed)
+    1  some cell failed its expectation (nightly: a regression)
+    2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance ...
+    3  the harness could not run: Ray or storage unreachable
+    130 interrupted (Ctrl-C); results written so far are kept
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """Invalid input that is not a spec error (exit 2)."""
+
+
+def _err(msg: str) -> None:
+    print(f"harness: error: {msg}", file=sys.stderr)
+
+
+def _load(args) -> tuple[Any, dict]:
+    """Sweep + the scenarios it needs, or raise SpecError/ScenarioError."""
+    from .scenario import discover, select
+    from .spec import load_sweep
+
+    sweep = load_sweep(args.sweep)
+    available = discover([*sweep.scenario_paths, *args.scenarios_path])
+    chosen = select(available, sweep.scenarios, source=str(args.sweep))
+    return sweep, {s.name: s for s in chosen}
+
+
+def _progress(done: int, total: int, row: dict) -> None:
+    metric = ""
+    if row.get("max_ulp_diff") is not None and row["verdict"] in ("within_tolerance", "mismatch"):
+        metric = f" max {row['max_ulp_diff']:.3g} ulp, {row.get('max_abs_diff') or 0:.3g} abs"
+    mark = "" if row["passed"] else "  ✗ expected " + row["expected"]
+    err = f" -- {row['error'][:160]}" if row.get("error") and not row["passed"] else ""
+    print(f"[{done:>{len(str(total))}}/{total}] {row['scenario']}/{row['format']} @ {row['environment']}: "
+          f"{row['verdict']}{metric}{mark}{err}", file=sys.stderr, flush=True)
+
+
+def cmd_run(args) -> int:
+    from . import report
+    from .sweep import plan, run_sweep
+
+    sweep, scenarios = _load(args)
+    try:
+        cells = plan(sweep, args.only)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
+    print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
+          f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
+          f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
+    result = run_sweep(sweep, scenarios, out_dir=out, address=args.address, storage=args.storage, only=args.only,
+                       retrain=args.retrain, inline=args.inline, resume=args.resume, progress=_progress,
+                       verbose=args.verbose)
+    print(report.matrix_text(result.table))
+    (out / "report.md").write_text(report.render(result.table, "md", title=f"Sweep {sweep.name}"))
+    print(f"\nresults: {out / 'results.parquet'}\nreport:  {out / 'report.md'}")
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def cmd_validate(args) -> int:
+    from .sweep import plan
+
+    sweep, _ = _load(args)
+    cells = plan(sweep, args.only)
+    print(f"{args.sweep}: ok -- sweep {sweep.name!r}, {len(sweep.scenarios)} scenarios x {len(sweep.formats)} formats "
+          f"x {len(sweep.environments)} environments = {len(cells)} cells; storage {sweep.storage}")
+    return EXIT_OK
+
+
+def cmd_scenarios(args) -> int:
+    from tabulate import tabulate
+
+    from .scenario import discover
+
+    found = discover(args.scenarios_path)
+    rows = [(s.name, s.seed, s.description, os.path.relpath(s.source_file)) for s in found.values()]
+    print(tabulate(rows, headers=["scenario", "seed", "description", "file"]))
+    return EXIT_OK
+
+
+def cmd_envs(args) -> int:
+    from .envs import describe_cluster
+
+    sweep = None
+    if args.sweep:
+        from .spec import load_sweep
+
+        sweep = load_sweep(args.sweep)
+    print(describe_cluster(args.address, sweep, as_json=args.json))
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from . import report, results
+
+    try:
+        table = results.read_table(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    text = report.render(table, args.format, title=f"Run {Path(args.run_dir).name}")
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+def cmd_nightly(args) -> int:
+    from . import history, report
+    from .sweep import run_sweep
+
+    sweep, scenarios = _load(args)
+    result = run_sweep(sweep, scenarios, out_dir=args.out or Path("runs") / "nightly" / sweep.name,
+                       address=args.address, storage=args.storage, only=args.only, retrain=args.retrain,
+                       progress=_progress, verbose=args.verbose)
+    past = history.load_history(args.history, sweep=sweep.name)
+    previous = history.previous_run(past, sweep.name, result.run_id)
+    changes = history.diff_runs(previous, result.table, factor=args.factor)
+    history.append_run(result.table, args.history)
+    trend = history.load_history(args.history, sweep=sweep.name)
+    paths = report.write_all(result.table, result.run_dir, history=trend, changes=changes,
+                             title=f"Nightly {sweep.name}")
+    print(report.matrix_text(result.table))
+    print(history.render_changes_md(changes))
+    for fmt, path in paths.items():
+        print(f"{fmt:>5}: {path}")
+    return EXIT_FAILED if changes.regressed else EXIT_OK
+
+
+def cmd_history(args) -> int:
+    from tabulate import tabulate
+
+    from . import history
+
+    past = history.load_history(args.history, sweep=args.sweep_name)
+    if args.cell:
+        scenario, fmt, env = _split_cell(args.cell)
+        trend = history.cell_trend(past, scenario, fmt, env, last=args.last)
+        print(tabulate(trend, headers="keys"))
+    else:
+        runs = history.list_runs(past)[-args.last:]
+        print(tabulate(runs, headers="keys") if runs else f"no runs in {args.history}")
+    return EXIT_OK
+
+
+def _split_cell(text: str) -> tuple[str, str, str]:
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise UsageError(f"--cell {text!r}: expected SCENARIO/FORMAT/ENVIRONMENT")
+    return parts[0], parts[1], parts[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def sweep_args(sp, *, running: bool):
+        sp.add_argument("sweep", help="sweep YAML file")
+        sp.add_argument("--scenarios-path", action="append", default=[], metavar="DIR",
+                        help="extra directory of scenario modules (repeatable)")
+        sp.add_argument("--only", nargs="+", default=[], metavar="NAME",
+                        help="restrict to these scenarios / formats / environments")
+        if running:
+            sp.add_argument("--address", default="local",
+                            help="Ray: 'local' (embedded, default), 'auto', or ray://host:10001")
+            sp.add_argument("--storage", help="storage URI, overriding the sweep's (path, file://, s3://, gs://, hdfs://)")
+            sp.add_argument("--retrain", action="store_true", help="train again even if artifacts exist")
+            sp.add_argument("--verbose", action="store_true", help="show Ray and worker logs")
+
+    r = sub.add_parser("run", help="run a sweep and print the matrix")
+    sweep_args(r, running=True)
+    r.add_argument("--out", help="run directory (default runs/<sweep>-latest)")
+    r.add_argument("--inline", action="store_true", help="no Ray: run in this process (debugging)")
+    r.add_argument("--resume", action="store_true", help="keep finished cells in --out and run the rest")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a sweep (and its scenarios) without running it")
+    sweep_args(v, running=False)
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("scenarios", help="list available scenarios")
+    s.add_argument("--scenarios-path", action="append", default=[], metavar="DIR")
+    s.set_defaults(func=cmd_scenarios)
+
+    e = sub.add_parser("envs", help="list the cluster's nodes and which environments each can host")
+    e.add_argument("--address", default="local")
+    e.add_argument("--sweep", help="sweep YAML whose environments to match against the nodes")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=cmd_envs)
+
+    rep = sub.add_parser("report", help="render a run's results")
+    rep.add_argument("run_dir", help="run directory (or results.parquet)")
+    rep.add_argument("--format", default="md", choices=["md", "html", "junit", "json"])
+    rep.add_argument("--out", help="file to write (default stdout)")
+    rep.set_defaults(func=cmd_report)
+
+    n = sub.add_parser("nightly", help="run, append to history, report what changed")
+    sweep_args(n, running=True)
+    n.add_argument("--history", required=True, help="history dataset URI (path, s3://...)")
+    n.add_argument("--out", help="run directory (default runs/nightly/<sweep>)")
+    n.add_argument("--factor", type=float, default=2.0, help="report ULP/abs changes beyond this factor")
+    n.set_defaults(func=cmd_nightly)
+
+    h = sub.add_parser("history", help="list past runs, or one cell's trend")
+    h.add_argument("history", help="history dataset URI")
+    h.add_argument("--sweep", dest="sweep_name", help="only this sweep")
+    h.add_argument("--cell", help="SCENARIO/FORMAT/ENVIRONMENT trend")
+    h.add_argument("--last", type=int, default=10, help="how many runs (default 10)")
+    h.set_defaults(func=cmd_history)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``harness`` console script; returns the exit code."""
+    from .scenario import ScenarioError
+    from .spec import SpecError
+    from .storage import StorageError
+    from .sweep import SweepError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, ScenarioError, UsageError) as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    except (SweepError, StorageError) as exc:
+        _err(str(exc))
+        return EXIT_INFRA
+    except KeyboardInterrupt:
+        _err("interrupted; results written so far are kept")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""What an environment really is, measured inside the worker.
+
+``collect()`` imports TensorFlow, so it runs in workers only. ``cpu_info()`` and
+``ray_info()`` do not, and are also used by ``harness envs``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+from typing import Any
+
+# CPU flags that change which kernels TF/oneDNN/XLA pick; the full list is noise.
+_INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                      "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+_ENV_KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS",
+             "TF_XLA_FLAGS", "TF_USE_LEGACY_KERAS", "CUDA_VISIBLE_DEVICES", "TF_DETERMINISTIC_OPS",
+             "NVIDIA_TF32_OVERRIDE", "TF_CPP_MIN_LOG_LEVEL")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, vendor and the SIMD flags that matter for numerics (Linux /proc/cpuinfo)."""
+    model, vendor, flags = platform.processor() or platform.machine(), None, set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in (None, "", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key == "vendor_id" and vendor is None:
+                    vendor = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_vendor": vendor, "cpu_count": os.cpu_count(),
+            "cpu_flags": sorted(f for f in flags if f in _INTERESTING_FLAGS), "machine": platform.machine()}
+
+
+def ray_info() -> dict[str, Any]:
+    """Ray node id and labels of the current worker (empty outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {"ray_node_id": None, "ray_node_labels": {}}
+        ctx = ray.get_runtime_context()
+        labels = ctx.get_node_labels() if hasattr(ctx, "get_node_labels") else {}
+        return {"ray_node_id": ctx.get_node_id(), "ray_node_labels": dict(labels or {})}
+    except Exception:  # fingerprinting must never fail a cell
+        return {"ray_node_id": None, "ray_node_labels": {}}
+
+
+def _onednn_enabled(tf) -> bool | None:
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") not in ("0", "false", "False")
+    except Exception:
+        return None
+
+
+def _gpus(tf) -> list[dict[str, Any]]:
+    out = []
+    for dev in tf.config.list_physical_devices("GPU"):
+        try:
+            details = tf.config.experimental.get_device_details(dev)
+        except Exception:
+            details = {}
+        cc = details.get("compute_capability")
+        out.append({"name": details.get("device_name", dev.name),
+                    "compute_capability": ".".join(map(str, cc)) if cc else None})
+    return out
+
+
+def collect(environment: str | None = None, jit_compile: bool = False) -> dict[str, Any]:
+    """Fingerprint this process: versions, build, CPU, GPUs, TF settings, Ray node."""
+    import keras
+    import numpy
+    import tensorflow as tf
+
+    build = dict(tf.sysconfig.get_build_info())
+    try:
+        determinism = tf.config.experimental.is_op_determinism_enabled()
+    except AttributeError:
+        determinism = None
+    fp = {
+        "environment": environment,
+        "tf_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "tf_cuda_build": bool(build.get("is_cuda_build", False)),
+        "cuda_version": build.get("cuda_version"),
+        "cudnn_version": build.get("cudnn_version"),
+        "gpus": _gpus(tf),
+        "gpu_driver": _nvidia_driver(),
+        "onednn": _onednn_enabled(tf),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
+        "op_determinism": determinism,
+        "jit_compile": jit_compile,
+        "xla_flags": os.environ.get("TF_XLA_FLAGS"),
+        "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
+        "executable": sys.executable,
+    }
+    fp.update(cpu_info())
+    fp.update(ray_info())
+    return fp
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().strip()
+    except OSError:
+        return None
