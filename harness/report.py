@@ -1,0 +1,730 @@
+"""Reports of a results table: console matrix, Markdown, HTML, JUnit XML and JSON.
+
+Every renderer is pure (a results table in, text out); :func:`write_all` is the
+only function that writes files. A table may repeat a cell (a resumed run); the
+last row of a ``(scenario, format, environment)`` cell wins everywhere.
+Imports neither TensorFlow nor Ray.
+
+Example:
+    >>> from harness import report, results
+    >>> table = results.read_table("runs/2025-01-01T00-00-00-abcd")
+    >>> print(report.matrix_text(table))
+    >>> report.write_all(table, "runs/2025-01-01T00-00-00-abcd")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import html
+import json
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+from tabulate import tabulate
+
+from harness import history as hist
+from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
+
+#: Report formats and the file each is written to by :func:`write_all`.
+FILES = {"md": "report.md", "html": "report.html", "junit": "report.xml", "json": "report.json"}
+
+_JSON_COLUMNS = ("detail", "fingerprint", "train_fingerprint", "node_labels")
+_SHORT = {"bitwise": "bitwise", "error": "ERROR", "corrupt": "CORRUPT", "unschedulable": "UNSCHED"}
+_LABELS = {"bitwise": "bitwise", "within_tolerance": "within tolerance", "mismatch": "mismatch",
+           "error": "error", "corrupt": "corrupt", "unschedulable": "unschedulable"}
+#: Fingerprint keys left out of "what differs" lists: a process id always differs.
+_NOISE_KEYS = ("pid",)
+_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+Cell = Mapping[str, Any]
+Key = tuple[str, str, str]
+
+
+# -- shared structure ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The matrix: rows (scenario, format), columns environments, cells by key."""
+
+    rows: list[tuple[str, str]]
+    environments: list[str]
+    cells: dict[Key, Cell]
+
+    def row_cells(self, scenario: str, fmt: str) -> list[Cell]:
+        return [c for e in self.environments if (c := self.cells.get((scenario, fmt, e))) is not None]
+
+    def ordered(self) -> list[Cell]:
+        """Every cell, row by row, environments left to right."""
+        return [c for s, f in self.rows for c in self.row_cells(s, f)]
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(v for v in values if v is not None))
+
+
+def _layout(table: pa.Table) -> _Layout:
+    cells = dict(hist.index_cells(table.to_pylist()))
+    pairs = {(s, f) for s, f, _ in cells}
+    scenarios, formats = _unique(k[0] for k in cells), _unique(k[1] for k in cells)
+    rows = [(s, f) for s in scenarios for f in formats if (s, f) in pairs]
+    return _Layout(rows, _unique(k[2] for k in cells), cells)
+
+
+def _failed(cell: Cell) -> bool:
+    return cell.get("passed") is False
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: Any) -> str:
+    """A metric for humans: 3 significant digits, or n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _ulp(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "?"
+    return f"{value:.3g}" if not math.isfinite(value) or value < 1000 else f"{value:.1e}"
+
+
+def _first_line(text: str | None, limit: int = 300) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:limit] if lines else ""
+
+
+def _rank(verdict: str | None) -> int:
+    return VERDICTS.index(verdict) if verdict in VERDICTS else len(VERDICTS)
+
+
+def _save_cell(cells: list[Cell]) -> Cell:
+    """The worst save round trip among a row's cells, shaped like a cell."""
+    known = [c for c in cells if c.get("save_verdict") is not None]
+    if not known:
+        return {"verdict": None}
+    worst = max(known, key=lambda c: _rank(c["save_verdict"]))
+    return {"verdict": worst["save_verdict"], "max_ulp_diff": worst.get("save_max_ulp_diff"),
+            "max_abs_diff": worst.get("save_max_abs_diff")}
+
+
+def _run_ids(table: pa.Table) -> list[str]:
+    return _unique(table["run_id"].to_pylist())
+
+
+def _started(cells: Iterable[Cell]) -> _dt.datetime | None:
+    starts = [c["started_at"] for c in cells if c.get("started_at") is not None]
+    return min(starts) if starts else None
+
+
+def _title(table: pa.Table, title: str | None) -> str:
+    sweeps = _unique(table["sweep"].to_pylist())
+    return title or ("Reproducibility report: " + ", ".join(sweeps) if sweeps else "Reproducibility report")
+
+
+def summarize(table: pa.Table) -> dict[str, Any]:
+    """Counts of a results table: cells, one per verdict, passed and failed expectations."""
+    cells = list(_layout(table).cells.values())
+    verdicts = Counter(c.get("verdict") for c in cells)
+    return {
+        "cells": len(cells),
+        "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
+        "passed": sum(c.get("passed") is True for c in cells),
+        "failed": sum(c.get("passed") is False for c in cells),
+    }
+
+
+def summary_line(table: pa.Table) -> str:
+    """``N cells: a bitwise, ...; P passed, F failed expectations``."""
+    s = summarize(table)
+    counts = ", ".join(f"{s['verdicts'][v]} {_LABELS[v]}" for v in VERDICTS)
+    return f"{s['cells']} cells: {counts}; {s['passed']} passed, {s['failed']} failed expectations"
+
+
+def _joined(cell: Cell, names: Iterable[str]) -> str:
+    return ", ".join(f"{n} {_num(cell[n])}" for n in names if cell.get(n) is not None)
+
+
+def _outcome_text(cell: Cell) -> str:
+    judged = {True: "passed", False: "FAILED"}.get(cell.get("passed"), "not judged")
+    return f"{cell.get('verdict')} (expected {cell.get('expected')}: {judged})"
+
+
+def _facts(cell: Cell) -> list[tuple[str, str]]:
+    """What is worth knowing about a cell, as (label, text) lines; empty lines left out."""
+    labels = hist.decode_json(cell.get("node_labels"))
+    node = " ".join(filter(None, [cell.get("node_id"), hist.format_value(labels, 400) if labels else ""]))
+    facts = [
+        ("verdict", _outcome_text(cell)),
+        ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
+        ("save round trip", _joined(cell, ("save_verdict", "save_max_abs_diff", "save_max_ulp_diff"))),
+        ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
+        ("required tolerance", _required_text(cell)),
+        ("node", node),
+        ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "artifact_digest"))),
+    ]
+    return [(label, text) for label, text in facts if text]
+
+
+def _required_text(cell: Cell) -> str:
+    parts = [f"{label} >= {_num(cell.get(col))}" for col, label in
+             (("required_atol", "atol"), ("required_rtol", "rtol"), ("required_ulp", "max_ulp"))
+             if cell.get(col) is not None]
+    return "would pass with " + ", or ".join(parts) if parts else ""
+
+
+def _fingerprint_keys(*fingerprints: Mapping[str, Any]) -> list[str]:
+    """Known keys first (in :data:`harness.history.FINGERPRINT_KEYS` order), then the rest sorted."""
+    present = set().union(*fingerprints)
+    known = [k for k in hist.FINGERPRINT_KEYS if k in present]
+    return known + sorted(present - set(known))
+
+
+def _diff_sides(train: Any, reload: Any) -> tuple[str, str]:
+    """Both sides of a differing fingerprint value; string lists show only what the other lacks."""
+    if isinstance(train, list) and isinstance(reload, list) and all(isinstance(v, str) for v in train + reload):
+        def side(mine: list[str], other: list[str]) -> str:
+            only = [v for v in mine if v not in other]
+            return f"{len(mine)} items; only here: {', '.join(only) or '(none)'}"
+        return side(train, reload), side(reload, train)
+    return hist.format_value(train), hist.format_value(reload)
+
+
+def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
+    """``(key, training value, reload value)`` for every fingerprint key that differs (pid ignored)."""
+    train = hist.fingerprint_of(cell.get("train_fingerprint"))
+    reload = hist.fingerprint_of(cell.get("fingerprint"))
+    return [(k, train.get(k), reload.get(k)) for k in _fingerprint_keys(train, reload)
+            if k not in _NOISE_KEYS and train.get(k) != reload.get(k)]
+
+
+# -- console -----------------------------------------------------------------------
+def _short(cell: Cell | None) -> str:
+    """Compact cell text: ``bitwise``, ``tol 14ulp``, ``MISMATCH 2.1e+03ulp``, ``ERROR`` (+ `` ✗``)."""
+    if cell is None or cell.get("verdict") is None:
+        return "-"
+    verdict = cell["verdict"]
+    if verdict == "within_tolerance":
+        text = f"tol {_ulp(cell.get('max_ulp_diff'))}ulp"
+    elif verdict == "mismatch":
+        text = f"MISMATCH {_ulp(cell.get('max_ulp_diff'))}ulp"
+    else:
+        text = _SHORT.get(verdict, verdict.upper())
+    return text + (" ✗" if _failed(cell) else "")
+
+
+def matrix_text(table: pa.Table) -> str:
+    """The results as a console matrix (tabulate) followed by a one-line summary.
+
+    Rows are ``scenario/format`` with their save round trip (``save``, the worst
+    over environments); columns are environments, in first-appearance order.
+    """
+    lay = _layout(table)
+    if not lay.cells:
+        return "no cells\n" + summary_line(table)
+    body = [[f"{s}/{f}", _short(_save_cell(lay.row_cells(s, f))),
+             *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
+    grid = tabulate(body, headers=["scenario/format", "save", *lay.environments], tablefmt="simple")
+    return f"{grid}\n{summary_line(table)}"
+
+
+# -- Markdown ------------------------------------------------------------------------
+def _md_escape(text: Any) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_escape(h) for h in headers) + " |", "|" + " --- |" * len(headers)]
+    return lines + ["| " + " | ".join(_md_escape(v) for v in row) + " |" for row in rows]
+
+
+def _fence(text: str) -> list[str]:
+    """A fenced block longer than any backtick run inside ``text``."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}text", text, fence]
+
+
+def _md_cell(cell: Cell | None) -> str:
+    """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗."""
+    if cell is None or cell.get("verdict") is None:
+        return "-"
+    text = cell["verdict"]
+    if text in ("within_tolerance", "mismatch"):
+        text += f" ({_ulp(cell.get('max_ulp_diff'))} ulp, {_num(cell.get('max_abs_diff'))})"
+    return f"**{text}** ✗" if _failed(cell) else text
+
+
+def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
+    started = _started(lay.cells.values())
+    lines = [f"# {_title(table, title)}", "", "Run: " + (", ".join(f"`{r}`" for r in _run_ids(table)) or "none")]
+    if started is not None:
+        lines.append(f"Started: {started.astimezone(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    return lines + ["", summary_line(table), ""]
+
+
+def _md_matrix(lay: _Layout) -> list[str]:
+    rows = [[f"{s}/{f}", *(_md_cell(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
+    return ["## Matrix", "", *_md_table(["scenario/format", *lay.environments], rows), ""]
+
+
+def _md_save(lay: _Layout) -> list[str]:
+    rows = []
+    for s, f in lay.rows:
+        save = _save_cell(lay.row_cells(s, f))
+        rows.append([f"{s}/{f}", save["verdict"] or "-", _ulp(save.get("max_ulp_diff")), _num(save.get("max_abs_diff"))])
+    headers = ["scenario/format", "save verdict", "max ulp", "max abs diff"]
+    intro = "In-memory model vs reload in the training environment (worst over environments)."
+    return ["## Save round trip", "", intro, "", *_md_table(headers, rows), ""]
+
+
+def _md_failure(cell: Cell) -> list[str]:
+    lines = [f"### `{cell['scenario']}/{cell['format']}` @ `{cell['environment']}`", ""]
+    lines += [f"- {label}: {_md_escape(text)}" for label, text in _facts(cell)]
+    if cell.get("error"):
+        lines += ["", "Error:", "", *_fence(cell["error"])]
+    diff = fingerprint_diff(cell)
+    if diff:
+        rows = [[k, *_diff_sides(train, reload)] for k, train, reload in diff]
+        lines += ["", "Fingerprint differences:", "", *_md_table(["key", "training worker", "reload worker"], rows)]
+    return lines + [""]
+
+
+def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None) -> str:
+    lay = _layout(table)
+    lines = _md_header(table, lay, title)
+    if not lay.cells:
+        lines += ["No cells: this run has no results.", ""]
+    else:
+        lines += _md_matrix(lay) + _md_save(lay)
+        failures = [c for c in lay.ordered() if _failed(c)]
+        lines += ["## Failed expectations", ""]
+        lines += [line for c in failures for line in _md_failure(c)] or ["None.", ""]
+    if changes is not None:
+        lines += ["## What changed", "", hist.render_changes_md(changes)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- HTML ------------------------------------------------------------------------------
+_COLOURS = {"bitwise": "#1a9850", "within_tolerance": "#a6d96a", "mismatch": "#d73027",
+            "error": "#8073ac", "corrupt": "#c51b7d", "unschedulable": "#bdbdbd"}
+_MISMATCH_LOW, _MISMATCH_HIGH = (253, 174, 97), (103, 0, 13)  # orange at 1 ulp, dark red at 1e8 ulp
+_MISMATCH_DECADES = 8
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
+.meta{color:#555;margin:2px 0}.summary{font-weight:600;margin:10px 0}
+table{border-collapse:collapse}
+#matrix th,#matrix td{border:2px solid #fff;padding:5px 9px;text-align:center;white-space:nowrap}
+#matrix thead th{background:#eceff3;position:sticky;top:0;z-index:2}
+#matrix tbody th{background:#f6f7f9;text-align:left;font-weight:600}
+#matrix td.save{font-size:12px}
+td.cell{position:relative;min-width:7.5em}
+td.cell summary{cursor:pointer;list-style:none}
+td.cell summary::-webkit-details-marker{display:none}
+td.cell.failed{outline:3px solid #111;outline-offset:-4px}
+.spark{display:block;margin:3px auto 0}
+.detail{position:absolute;z-index:5;top:100%;left:0;width:34em;max-height:28em;overflow:auto;
+ text-align:left;white-space:normal;background:#fff;color:#222;border:1px solid #888;
+ border-radius:4px;box-shadow:0 4px 14px rgba(0,0,0,.25);padding:8px 10px;font-size:12px}
+.detail dl{display:grid;grid-template-columns:max-content 1fr;gap:1px 10px;margin:0}
+.detail dt{color:#555}.detail dd{margin:0;overflow-wrap:anywhere}
+.detail pre,#changes pre{white-space:pre-wrap;background:#f6f7f9;padding:6px;margin:6px 0}
+.v-bitwise{background:#1a9850;color:#fff}
+.v-within_tolerance{background:#a6d96a;color:#1b1b1b}
+.v-mismatch{background:#d73027;color:#fff}
+.v-error{background:#8073ac;color:#fff}
+.v-corrupt{background:#c51b7d;color:#fff}
+.v-unschedulable{background:repeating-linear-gradient(45deg,#e4e4e4 0 5px,#bdbdbd 5px 10px);color:#222}
+.v-none{background:#fafafa;color:#999}
+#legend{display:flex;flex-wrap:wrap;gap:14px;align-items:center;margin:12px 0}
+#legend .item{display:flex;align-items:center;gap:6px}
+#legend .swatch{display:inline-block;width:22px;height:16px;border-radius:3px;border:1px solid #999}
+#legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999;
+ background:linear-gradient(90deg,rgb(253,174,97),rgb(103,0,13))}
+#legend .failed-mark{outline:3px solid #111;outline-offset:-4px;background:#fff}
+#fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;max-width:28em}
+#fingerprints thead th{background:#eceff3}
+#fingerprints tr.differs th{color:#b2182b}
+#fingerprints td.diff{background:#fde0c5;font-weight:600}
+#fingerprints details summary{cursor:pointer;color:#2166ac}
+"""
+
+# Only one detail panel open at a time; Escape closes it.
+_JS = """
+document.addEventListener("toggle",function(e){var d=e.target;if(d.open&&d.closest("#matrix")){
+document.querySelectorAll("#matrix details[open]").forEach(function(o){if(o!==d)o.open=false;});}},true);
+document.addEventListener("keydown",function(e){if(e.key==="Escape"){
+document.querySelectorAll("#matrix details[open]").forEach(function(o){o.open=false;});}});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _mismatch_rgb(ulp: Any) -> tuple[tuple[int, int, int], float]:
+    """Colour of a mismatch on a log10 ULP scale, and its position 0..1 on that scale."""
+    if ulp is None:
+        t = 0.0
+    elif not _finite(ulp):
+        t = 1.0  # NaN/inf outputs: as bad as it gets
+    else:
+        t = min(max(math.log10(max(ulp, 1.0)) / _MISMATCH_DECADES, 0.0), 1.0)
+    rgb = tuple(round(lo + (hi - lo) * t) for lo, hi in zip(_MISMATCH_LOW, _MISMATCH_HIGH))
+    return rgb, t
+
+
+def _colour(verdict: str | None, ulp: Any) -> str:
+    if verdict == "mismatch":
+        return "#%02x%02x%02x" % _mismatch_rgb(ulp)[0]
+    return _COLOURS.get(verdict, "#999999")
+
+
+def _mismatch_style(cell: Cell) -> str:
+    if cell.get("verdict") != "mismatch":
+        return ""
+    _, t = _mismatch_rgb(cell.get("max_ulp_diff"))
+    return f' style="background:{_colour("mismatch", cell.get("max_ulp_diff"))};color:{"#fff" if t > 0.3 else "#222"}"'
+
+
+def _verdict_class(verdict: str | None) -> str:
+    return f"v-{verdict}" if verdict in _COLOURS else "v-none"
+
+
+def _sparkline(points: list[Mapping[str, Any]], width: int = 72, height: int = 18) -> str:
+    """Inline SVG: max ULP diff (log scale) over runs, one dot per run in its verdict colour."""
+    if len(points) < 2:
+        return ""
+    values = [math.log10(1 + p["max_ulp_diff"]) if _finite(p.get("max_ulp_diff")) else 0.0 for p in points]
+    top = max(values) or 1.0
+    step = (width - 6) / (len(points) - 1)
+    xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{_colour(p.get("verdict"), p.get("max_ulp_diff"))}"/>'
+                   for (x, y), p in zip(xy, points))
+    return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+            f'role="img" aria-label="max ulp trend over {len(points)} runs">'
+            f'<rect width="{width}" height="{height}" rx="3" fill="#fff" opacity=".85"/>'
+            f'<polyline points="{line}" fill="none" stroke="#555" stroke-width="1"/>{dots}</svg>')
+
+
+def _value_html(value: Any) -> str:
+    """A fingerprint value; long lists fold into a <details>."""
+    if isinstance(value, list) and len(value) > 6:
+        items = ", ".join(v if isinstance(v, str) else hist.format_value(v) for v in value)
+        return f"<details><summary>{len(value)} items</summary>{_e(items)}</details>"
+    return _e(hist.format_value(value, limit=300))
+
+
+def _dl(pairs: list[tuple[str, str]]) -> str:
+    """A <dl> of (label, already-escaped html) pairs."""
+    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+
+
+def _tooltip(cell: Cell) -> str:
+    parts = [f"{cell['scenario']}/{cell['format']} @ {cell['environment']}: {cell.get('verdict')}",
+             f"expected {cell.get('expected')}", f"max ulp {_ulp(cell.get('max_ulp_diff'))}",
+             f"max abs {_num(cell.get('max_abs_diff'))}"]
+    if _failed(cell):
+        parts.append("FAILED expectation")
+    if first := _first_line(cell.get("error")):
+        parts.append(first)
+    return "; ".join(parts)
+
+
+def _detail_html(cell: Cell) -> str:
+    """The click-to-open panel of a cell: facts, error, fingerprint differences, fingerprint."""
+    out = [f"<strong>{_e(cell['scenario'])}/{_e(cell['format'])} @ {_e(cell['environment'])}</strong>",
+           _dl([(k, _e(v)) for k, v in _facts(cell)])]
+    if cell.get("error"):
+        out.append(f"<pre>{_e(cell['error'])}</pre>")
+    diff = fingerprint_diff(cell)
+    if diff:
+        out.append("<p>Differs from the training worker:</p>")
+        pairs = [(k, " &rarr; ".join(map(_e, _diff_sides(t, r)))) for k, t, r in diff]
+        out.append(_dl(pairs))
+    fingerprint = hist.fingerprint_of(cell.get("fingerprint"))
+    if fingerprint:
+        pairs = [(k, _value_html(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]
+        out.append(f"<details><summary>fingerprint</summary>{_dl(pairs)}</details>")
+    return f'<div class="detail">{"".join(out)}</div>'
+
+
+def _cell_html(cell: Cell, trend: list[Mapping[str, Any]]) -> str:
+    verdict = cell.get("verdict")
+    classes = f"cell {_verdict_class(verdict)}" + (" failed" if _failed(cell) else "")
+    data = " ".join(f'data-{k}="{_e(cell[k])}"' for k in ("scenario", "format", "environment"))
+    return (f'<td class="{classes}" {data} data-verdict="{_e(verdict)}" title="{_e(_tooltip(cell))}"'
+            f'{_mismatch_style(cell)}><details><summary>{_e(_short(cell))}{_sparkline(trend)}</summary>'
+            f"{_detail_html(cell)}</details></td>")
+
+
+def _trend_with_current(trends: Mapping[Key, list], key: Key, cell: Cell) -> list[Mapping[str, Any]]:
+    """The cell's history, ending with the current run if the history does not have it yet."""
+    points = list(trends.get(key, []))
+    if cell.get("run_id") not in {p["run_id"] for p in points}:
+        points.append(hist.trend_point(cell))
+    return points
+
+
+def _matrix_html(lay: _Layout, history: pa.Table | None) -> str:
+    trends = hist.trends(history) if history is not None else {}
+    head = "".join(f"<th>{_e(e)}</th>" for e in lay.environments)
+    rows = []
+    for s, f in lay.rows:
+        save = _save_cell(lay.row_cells(s, f))
+        tds = [f'<th scope="row">{_e(s)}/{_e(f)}</th>',
+               f'<td class="save {_verdict_class(save["verdict"])}"{_mismatch_style(save)}>{_e(_short(save))}</td>']
+        for env in lay.environments:
+            cell = lay.cells.get((s, f, env))
+            tds.append(_cell_html(cell, _trend_with_current(trends, (s, f, env), cell) if trends else [])
+                       if cell is not None else '<td class="empty v-none">-</td>')
+        rows.append(f"<tr>{''.join(tds)}</tr>")
+    if not rows:
+        rows.append('<tr><td colspan="2">No cells: this run has no results.</td></tr>')
+    return (f'<table id="matrix"><thead><tr><th>scenario/format</th><th>save</th>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _legend_html() -> str:
+    items = [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
+             for v in ("bitwise", "within_tolerance")]
+    items.append(f'<span class="item">mismatch: 1 ulp <span class="ramp"></span> 1e{_MISMATCH_DECADES}+ ulp</span>')
+    items += [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
+              for v in ("error", "corrupt", "unschedulable")]
+    items.append('<span class="item"><span class="swatch failed-mark"></span>✗ failed expectation</span>')
+    items.append('<span class="item">click a cell for details</span>')
+    return f'<div id="legend">{"".join(items)}</div>'
+
+
+def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
+    """One fingerprint per column: the training worker's, then each environment's first."""
+    columns: dict[str, dict[str, Any]] = {}
+    for cell in lay.ordered():
+        for name, column in ((hist.TRAINING, "train_fingerprint"), (cell["environment"], "fingerprint")):
+            if not columns.get(name):
+                columns[name] = hist.fingerprint_of(cell.get(column))
+    order = [hist.TRAINING, *lay.environments]
+    return {name: columns[name] for name in order if columns.get(name)}
+
+
+def _fingerprint_row(key: str, values: list[Any]) -> str:
+    canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
+    common = Counter(canonical).most_common(1)[0][0]
+    differs = len(set(canonical)) > 1
+    tds = "".join(f'<td class="{"diff" if differs and c != common else ""}">{_value_html(v)}</td>'
+                  for v, c in zip(values, canonical))
+    return f'<tr class="{"differs" if differs else ""}"><th>{_e(key)}</th>{tds}</tr>'
+
+
+def _fingerprints_html(lay: _Layout) -> str:
+    columns = _environment_fingerprints(lay)
+    if not columns:
+        return '<table id="fingerprints"><tbody><tr><td>no fingerprints recorded</td></tr></tbody></table>'
+    head = "".join(f"<th>{_e(name)}</th>" for name in columns)
+    rows = "".join(_fingerprint_row(k, [fp.get(k) for fp in columns.values()])
+                   for k in _fingerprint_keys(*columns.values()))
+    return f'<table id="fingerprints"><thead><tr><th>key</th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None) -> str:
+    lay = _layout(table)
+    started = _started(lay.cells.values())
+    meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
+    if started is not None:
+        meta.append(f"Started: {started.astimezone(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    body = [f"<h1>{_e(_title(table, title))}</h1>", *(f'<p class="meta">{_e(m)}</p>' for m in meta),
+            f'<p class="summary">{_e(summary_line(table))}</p>', _legend_html()]
+    body.append(_matrix_html(lay, history))
+    body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
+    if changes is not None:
+        body += ['<h2>What changed</h2><section id="changes">',
+                 f"<pre>{_e(hist.render_changes_md(changes))}</pre></section>"]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{_e(_title(table, title))}</title><style>{_CSS}</style></head>"
+            f"<body>{''.join(body)}<script>{_JS}</script></body></html>\n")
+
+
+# -- JUnit XML ---------------------------------------------------------------------------
+def _xml_text(value: Any) -> str:
+    """Text XML 1.0 can carry: characters it forbids become U+FFFD."""
+    return _XML_INVALID.sub("\ufffd", str(value))
+
+
+def _element(parent: ET.Element | None, tag: str, text: str | None = None, **attrs: Any) -> ET.Element:
+    clean = {k: _xml_text(v) for k, v in attrs.items() if v is not None}
+    element = ET.Element(tag, clean) if parent is None else ET.SubElement(parent, tag, clean)
+    if text:
+        element.text = _xml_text(text)
+    return element
+
+
+def outcome(cell: Cell) -> str:
+    """``error`` (the cell did not produce numbers), ``failure`` (expectation missed) or ``ok``."""
+    if cell.get("verdict") not in NUMERIC_VERDICTS:
+        return "error"
+    return "failure" if _failed(cell) else "ok"
+
+
+def _seconds(cells: Iterable[Cell]) -> str:
+    return f"{sum(c['seconds'] for c in cells if _finite(c.get('seconds')) and c['seconds'] > 0):.3f}"
+
+
+def _failure_message(cell: Cell) -> str:
+    verdict, expected = cell.get("verdict"), cell.get("expected")
+    if expected in EXPECTATIONS and meets(verdict, expected):
+        return f"{verdict} meets expectation {expected!r} but the save round trip was {cell.get('save_verdict')}"
+    return (f"{verdict} does not meet expectation {expected!r} "
+            f"(max {_ulp(cell.get('max_ulp_diff'))} ulp, max abs diff {_num(cell.get('max_abs_diff'))})")
+
+
+def _error_message(cell: Cell) -> str:
+    first = _first_line(cell.get("error"))
+    return f"{cell.get('verdict')}: {first}" if first else str(cell.get("verdict"))
+
+
+def _testcase(suite: ET.Element, cell: Cell) -> None:
+    case = _element(suite, "testcase", classname=f"{cell['scenario']}.{cell['format']}",
+                    name=cell["environment"], time=_seconds([cell]))
+    kind = outcome(cell)
+    if kind == "failure":
+        body = "\n".join(filter(None, [_required_text(cell), cell.get("error")]))
+        _element(case, "failure", body, message=_failure_message(cell), type=cell["verdict"])
+    elif kind == "error":
+        _element(case, "error", cell.get("error"), message=_error_message(cell), type=str(cell.get("verdict")))
+    _element(case, "system-out", "\n".join(f"{k}: {v}" for k, v in _facts(cell)))
+
+
+def _timestamp(cells: list[Cell]) -> str | None:
+    started = _started(cells)
+    return f"{started.astimezone(_dt.timezone.utc):%Y-%m-%dT%H:%M:%S}" if started is not None else None
+
+
+def _counts(cells: list[Cell]) -> dict[str, str]:
+    kinds = Counter(outcome(c) for c in cells)
+    return {"tests": str(len(cells)), "failures": str(kinds["failure"]), "errors": str(kinds["error"])}
+
+
+def _junit(table: pa.Table, title: str | None) -> str:
+    cells = _layout(table).ordered()
+    name = title or "harness"
+    suites: dict[str, list[Cell]] = {}
+    for cell in cells:
+        suites.setdefault(cell.get("sweep") or name, []).append(cell)
+    root = _element(None, "testsuites", name=name, time=_seconds(cells), **_counts(cells))
+    for sweep, members in (suites or {name: []}).items():
+        suite = _element(root, "testsuite", name=sweep, skipped="0", time=_seconds(members),
+                         timestamp=_timestamp(members), **_counts(members))
+        for cell in members:
+            _testcase(suite, cell)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+# -- JSON ------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    """Strict-JSON value: NaN/inf -> None, datetimes -> ISO 8601, containers recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _json_cell(cell: Cell) -> dict[str, Any]:
+    decoded = {k: hist.decode_json(cell[k], cell[k]) for k in _JSON_COLUMNS if k in cell}
+    return {**cell, **decoded}
+
+
+def _json_environments(lay: _Layout) -> list[dict[str, Any]]:
+    fingerprints = _environment_fingerprints(lay)
+    out = []
+    for env in lay.environments:
+        cells = [c for c in lay.cells.values() if c["environment"] == env]
+        out.append({"name": env, "cells": len(cells), "passed": sum(c.get("passed") is True for c in cells),
+                    "failed": sum(_failed(c) for c in cells), "fingerprint": fingerprints.get(env)})
+    return out
+
+
+def _json(table: pa.Table, changes: hist.Changes | None, title: str | None) -> str:
+    lay = _layout(table)
+    started = _started(lay.cells.values())
+    doc = {
+        "title": _title(table, title),
+        "run_ids": _run_ids(table),
+        "started_at": started,
+        "summary": summarize(table),
+        "environments": _json_environments(lay),
+        "cells": [_json_cell(c) for c in lay.ordered()],
+        "changes": changes.to_dict() if changes is not None else None,
+    }
+    return json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n"
+
+
+# -- public entry points ----------------------------------------------------------------------
+def render(table: pa.Table, fmt: str, *, history: pa.Table | None = None,
+           changes: hist.Changes | None = None, title: str | None = None) -> str:
+    """Render a results table as text in one report format.
+
+    Args:
+        table: a results table (``harness.results.SCHEMA``).
+        fmt: ``md``, ``html``, ``junit`` or ``json``.
+        history: previous runs (``harness.history.load_history``); the HTML
+            report draws a trend sparkline per cell from it.
+        changes: ``harness.history.diff_runs`` against the previous run; adds a
+            "What changed" section (``changes`` in JSON).
+        title: report title (default: "Reproducibility report: <sweep>").
+
+    Raises:
+        ValueError: ``fmt`` is not one of the formats above.
+    """
+    if fmt == "md":
+        return _markdown(table, changes, title)
+    if fmt == "html":
+        return _html(table, history, changes, title)
+    if fmt == "junit":
+        return _junit(table, title)
+    if fmt == "json":
+        return _json(table, changes, title)
+    raise ValueError(f"unknown report format {fmt!r}; use one of {', '.join(FILES)}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8", errors="replace")  # lone surrogates from raw stderr
+    os.replace(tmp, path)
+
+
+def write_all(table: pa.Table, out_dir: str | os.PathLike, *, history: pa.Table | None = None,
+              changes: hist.Changes | None = None, title: str | None = None) -> dict[str, Path]:
+    """Write report.md, report.html, report.xml (JUnit) and report.json into ``out_dir``.
+
+    Each file is written atomically (temporary file + rename).
+
+    Returns:
+        ``{"md": path, "html": path, "junit": path, "json": path}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for fmt, name in FILES.items():
+        written[fmt] = out / name
+        _write_atomic(written[fmt], render(table, fmt, history=history, changes=changes, title=title))
+    return written
