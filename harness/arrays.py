@@ -48,6 +48,10 @@ def _column(a: np.ndarray, rows: bool) -> pa.Array:
         stored = stored.reshape((1,) + stored.shape)
     if stored.ndim == 1:  # a 0-d array in the one-row layout
         stored = stored.reshape(1, 1)
+    if stored.size == 0:  # from_numpy_ndarray rejects empty arrays; build the (empty) rows by hand
+        typ = pa.fixed_shape_tensor(pa.from_numpy_dtype(stored.dtype), stored.shape[1:])
+        lists = pa.array([[]] * stored.shape[0], pa.list_(typ.value_type, int(np.prod(stored.shape[1:]))))
+        return pa.ExtensionArray.from_storage(typ, lists)
     return pa.FixedShapeTensorArray.from_numpy_ndarray(stored)
 
 
@@ -77,12 +81,17 @@ def from_table(table: pa.Table) -> tuple[dict[str, np.ndarray], dict]:
     meta = json.loads(table.schema.metadata[b"harness"])
     out = {}
     for name, info in meta["arrays"].items():
-        col = table.column(name).combine_chunks()
+        chunked = table.column(name)
+        # combine_chunks() copies even a single chunk; take it as is to keep memory-mapped reads zero-copy
+        col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+        dtype = _dtype(info["dtype"])
+        if 0 in info["shape"]:
+            out[name] = np.empty(info["shape"], dtype)
+            continue
         if isinstance(col.type, pa.FixedShapeTensorType):
             stored = col.to_numpy_ndarray()
         else:
             stored = col.to_numpy(zero_copy_only=False)
-        dtype = _dtype(info["dtype"])
         arr = stored.view(dtype) if stored.dtype != dtype else stored
         out[name] = arr.reshape(info["shape"])
     return out, meta["user"]

@@ -163,6 +163,9 @@ def ulp_distance(ref: np.ndarray, obs: np.ndarray) -> np.ndarray:
     Both arrays must already have the same shape and dtype. NaN vs NaN is 0;
     NaN vs anything else is ``inf``.
     """
+    if ref.dtype.kind in "iub":  # exact even where float64 cannot hold the values (int64)
+        a, b = _ordered_int(ref), _ordered_int(obs)
+        return np.where(a > b, a - b, b - a).astype(np.float64)
     if not _is_float(ref.dtype):
         return np.abs(ref.astype(np.float64) - obs.astype(np.float64))
     a, b = ordered_bits(ref), ordered_bits(obs)
@@ -170,6 +173,16 @@ def ulp_distance(ref: np.ndarray, obs: np.ndarray) -> np.ndarray:
     ref_nan, obs_nan = _isnan(ref), _isnan(obs)
     dist = np.where(ref_nan & obs_nan, 0.0, dist)
     return np.where(ref_nan ^ obs_nan, np.inf, dist)
+
+
+def _ordered_int(a: np.ndarray) -> np.ndarray:
+    """Integers/bools as unsigned integers of the same width and order."""
+    a = np.ascontiguousarray(a)
+    utype = _UINT_OF_WIDTH[a.dtype.itemsize]
+    u = a.view(utype)
+    if a.dtype.kind == "i":
+        u = u ^ (utype(1) << utype(8 * a.dtype.itemsize - 1))
+    return u
 
 
 def _isnan(a: np.ndarray) -> np.ndarray:
@@ -230,6 +243,8 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
     finite = np.isfinite(ref64) & np.isfinite(obs64)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         absdiff = np.where(finite, np.abs(obs64 - ref64), np.where(agree_nonfinite, 0.0, np.inf))
+        if ref.dtype.kind in "iub":
+            absdiff = ulp  # exact integer distance (float64 rounding can hide int64 differences)
         absref = np.abs(np.where(finite, ref64, 0.0))
         reldiff = np.where(absdiff == 0, 0.0, absdiff / absref)
     # Bitwise mismatch per element: compare the raw bytes of each element.
@@ -242,7 +257,8 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
     else:
         differs = np.ones(ref.shape, bool)
 
-    within_close = agree_nonfinite & (absdiff <= atol + rtol * absref)
+    with np.errstate(invalid="ignore", over="ignore"):  # rtol=inf at ref=0 would give NaN, not 0
+        within_close = agree_nonfinite & (absdiff <= atol + np.where(absref > 0, rtol * absref, 0.0))
     within_ulp = agree_nonfinite & (ulp <= max_ulp)
     within = within_close | within_ulp
     all_within = bool(within.all())
@@ -250,6 +266,11 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
     if not all_within:
         first_bad = tuple(int(i) for i in np.unravel_index(int(np.argmin(within.ravel())), ref.shape))
     nonfinite_mismatch = int((~agree_nonfinite).sum())
+    # max(|d|/|ref|) can fall 1 ULP short of passing |d| <= rtol*|ref| after rounding; step up until it passes.
+    required_rtol = float(reldiff.max())
+    with np.errstate(over="ignore"):
+        while math.isfinite(required_rtol) and np.any(absdiff > required_rtol * absref):
+            required_rtol = float(np.nextafter(required_rtol, math.inf))
     verdict = "within_tolerance" if all_within and dtype_reason is None else "mismatch"
     reason = dtype_reason
     if verdict == "mismatch" and reason is None:
@@ -265,7 +286,7 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
         mismatch_fraction=float(differs.mean()),
         nonfinite_mismatch=nonfinite_mismatch,
         required_atol=float(absdiff.max()),
-        required_rtol=float(reldiff.max()),
+        required_rtol=required_rtol,
         required_ulp=float(ulp.max()),
         first_mismatch_index=first_bad,
         reason=reason,

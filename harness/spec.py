@@ -26,6 +26,8 @@ FORMATS = ("keras", "h5", "savedmodel", "tf-savedmodel", "weights")
 RUNTIME_ENV_KEYS = ("pip", "uv", "conda", "container", "image_uri", "env_vars", "py_modules",
                     "working_dir", "py_executable", "config")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# YAML 1.1 (PyYAML) reads `1e-6` (no dot) as a string; accept it as the number the user meant.
+_EXP_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class SpecError(ValueError):
@@ -82,9 +84,13 @@ def _pos_int(ctx: _Ctx, v: Any) -> int | None:
 def _nonneg_number(ctx: _Ctx, v: Any, *, what: str = "a number >= 0") -> float | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+    num = float(v) if isinstance(v, str) and _EXP_FLOAT_RE.match(v) else v
+    if isinstance(num, bool) or not isinstance(num, (int, float)) or num != num or num < 0:
         raise ctx.fail(f"expected {what}, got {v!r}")
-    return float(v)
+    try:
+        return float(num)
+    except OverflowError:  # an integer too large for a float
+        raise ctx.fail(f"expected {what}, got an integer too large for a number") from None
 
 
 def _choice(ctx: _Ctx, v: Any, choices: tuple[str, ...]) -> str:
@@ -364,9 +370,11 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         text = p.read_text()
     except OSError as exc:
         raise SpecError(source, "", f"cannot read sweep file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(source, "", f"not a UTF-8 text file (byte {exc.start}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int over 4300 digits
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

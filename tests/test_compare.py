@@ -1,0 +1,520 @@
+"""Unit and property tests for harness/compare.py (pure numpy)."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from harness.compare import (
+    DEFAULT_TOLERANCES,
+    Comparison,
+    Tolerance,
+    compare_arrays,
+    compare_digests,
+    compare_outputs,
+    ordered_bits,
+    ulp_distance,
+    worst,
+)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FLOATS = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+SETTINGS = settings(max_examples=60, deadline=None)
+RANK = {"bitwise": 0, "within_tolerance": 1, "mismatch": 2}
+EXACT = Tolerance(atol=0, rtol=0, max_ulp=0)
+
+
+def _float_elems(dtype, allow_nonfinite=True):
+    width = np.dtype(dtype).itemsize * 8
+    return st.floats(width=width, allow_nan=allow_nonfinite, allow_infinity=allow_nonfinite)
+
+
+@st.composite
+def float_pairs(draw, allow_nonfinite=True):
+    """(ref, obs) of one float dtype and shape; obs shares some elements with ref,
+    some are a few ULPs away, the rest are independent."""
+    dtype = draw(st.sampled_from(FLOATS))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, max_side=5))
+    ref = draw(hnp.arrays(dtype, shape, elements=_float_elems(dtype, allow_nonfinite)))
+    other = draw(hnp.arrays(dtype, shape, elements=_float_elems(dtype, allow_nonfinite)))
+    kind = draw(hnp.arrays(np.int8, shape, elements=st.integers(0, 2)))
+    steps = draw(hnp.arrays(np.int8, shape, elements=st.integers(-3, 3)))
+    utype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+    bumped = ref.copy()
+    for _ in range(3):  # walk a few representable values up or down
+        with np.errstate(over="ignore"):
+            up = np.nextafter(bumped, np.asarray(np.inf, dtype))
+            down = np.nextafter(bumped, np.asarray(-np.inf, dtype))
+        bumped = np.where(steps > 0, up, np.where(steps < 0, down, bumped))
+        steps = steps - np.sign(steps)
+    obs = np.where(kind == 0, ref, np.where(kind == 1, bumped, other)).astype(dtype)
+    # np.where may canonicalise nothing, but keep ref's exact bits where kind == 0.
+    obs.view(utype)[...] = np.where(kind == 0, ref.view(utype), obs.view(utype))
+    return ref, obs
+
+
+# ---------------------------------------------------------------- Tolerance
+
+def test_tolerance_for_dtype_defaults_and_overrides():
+    for name, (atol, rtol, ulp) in DEFAULT_TOLERANCES.items():
+        dtype = BF16 if name == "bfloat16" else np.dtype(name)
+        assert Tolerance().for_dtype(dtype) == (atol, rtol, ulp)
+    assert Tolerance().for_dtype(np.int32) == (0.0, 0.0, 0.0)
+    assert Tolerance().for_dtype(np.bool_) == (0.0, 0.0, 0.0)
+    assert Tolerance(atol=0.5).for_dtype(np.float32) == (0.5, DEFAULT_TOLERANCES["float32"][1], 0.0)
+    assert Tolerance(max_ulp=4).for_dtype(np.int8) == (0.0, 0.0, 4.0)
+    assert Tolerance(atol=0, rtol=0, max_ulp=0).for_dtype(np.float16) == (0.0, 0.0, 0.0)
+
+
+def test_tolerance_merged():
+    base = Tolerance(atol=1.0, rtol=2.0, max_ulp=3.0)
+    assert base.merged(None) is base
+    assert base.merged(Tolerance()) == base
+    assert base.merged(Tolerance(rtol=0.0)) == Tolerance(atol=1.0, rtol=0.0, max_ulp=3.0)
+    assert Tolerance(atol=1.0).merged(Tolerance(max_ulp=5)) == Tolerance(atol=1.0, rtol=None, max_ulp=5)
+
+
+# ---------------------------------------------------------------- ULP
+
+@pytest.mark.parametrize("dtype", FLOATS + [BF16], ids=str)
+def test_ulp_adjacent_values_known(dtype):
+    ref = np.array([1.0, -1.0, 1e-3, 3.0, -0.25], dtype)
+    up = np.nextafter(ref, np.full_like(ref, np.inf))
+    down = np.nextafter(ref, np.full_like(ref, -np.inf))
+    assert ulp_distance(ref, up).tolist() == [1.0] * 5
+    assert ulp_distance(ref, down).tolist() == [1.0] * 5
+    assert ulp_distance(down, up).tolist() == [2.0] * 5
+    # +0 and -0 are adjacent encodings (documented), so nextafter(+0, -inf) = -tiny
+    # skips -0 and is 2 encodings away, while +0 -> +tiny is 1.
+    zero = np.zeros(1, dtype)
+    assert ulp_distance(zero, -zero).tolist() == [1.0]
+    assert ulp_distance(zero, np.nextafter(zero, zero + 1)).tolist() == [1.0]
+    assert ulp_distance(zero, np.nextafter(zero, zero - 1)).tolist() == [2.0]
+    # smallest subnormals straddling zero are 3 apart (-tiny, -0, +0, +tiny)
+    tiny = np.nextafter(np.zeros(1, dtype), np.ones(1, dtype))
+    assert ulp_distance(tiny, -tiny).tolist() == [3.0]
+
+
+def test_ulp_nan_and_int():
+    nan = np.array([np.nan, np.nan, 1.0], np.float32)
+    obs = np.array([np.nan, 1.0, np.nan], np.float32)
+    assert ulp_distance(nan, obs).tolist() == [0.0, math.inf, math.inf]
+    assert ulp_distance(np.array([3, -5], np.int32), np.array([1, 5], np.int32)).tolist() == [2.0, 10.0]
+    assert ulp_distance(np.array([True, False]), np.array([False, False])).tolist() == [1.0, 0.0]
+
+
+def test_ordered_bits_matches_float_order():
+    vals = np.array([-np.inf, -1e30, -1.0, -1e-40, -0.0, 0.0, 1e-40, 1.0, 3e38, np.inf], np.float32)
+    bits = ordered_bits(vals)
+    assert (np.diff(bits.astype(np.float64)) > 0).all()
+
+
+@SETTINGS
+@given(st.sampled_from(FLOATS).flatmap(
+    lambda dt: hnp.arrays(dt, st.integers(1, 20), elements=_float_elems(dt, allow_nonfinite=False))))
+def test_ulp_nextafter_is_one(a):
+    big = np.finfo(a.dtype).max
+    # nextafter(max, inf) is inf; nextafter(+-0) skips the other zero (2 encodings, see above)
+    a = a[(np.abs(a) < big) & (a != 0)]
+    toward = np.full_like(a, np.inf)
+    assert (ulp_distance(a, np.nextafter(a, toward)) == 1).all()
+    assert (ulp_distance(a, np.nextafter(a, -toward)) == 1).all()
+
+
+@SETTINGS
+@given(float_pairs())
+def test_ulp_symmetric_and_zero_iff_same_bits(pair):
+    ref, obs = pair
+    d = ulp_distance(ref, obs)
+    assert np.array_equal(d, ulp_distance(obs, ref))
+    assert (d >= 0).all()
+    utype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[ref.dtype.itemsize]
+    same_bits = ref.view(utype) == obs.view(utype)
+    either_nan = np.isnan(ref) | np.isnan(obs)
+    both_nan = np.isnan(ref) & np.isnan(obs)
+    assert ((d == 0) == (same_bits | both_nan))[~either_nan | both_nan].all()
+    assert np.isinf(d[either_nan & ~both_nan]).all()
+
+
+@SETTINGS
+@given(st.sampled_from(FLOATS).flatmap(
+    lambda dt: hnp.arrays(dt, st.integers(2, 12), elements=_float_elems(dt, allow_nonfinite=False))))
+def test_ulp_monotone_and_additive(a):
+    a = np.sort(a + a.dtype.type(0))  # -0 -> +0 so the numeric order is the encoding order
+    d0 = ulp_distance(np.full_like(a, a[0]), a)
+    assert (np.diff(d0) >= 0).all()
+    # distances along the sorted line add up
+    steps = ulp_distance(a[:-1], a[1:])
+    if a.dtype != np.float64:  # float64 distances above 2**53 are not exact in float64
+        assert d0[-1] == steps.sum()
+
+
+# ---------------------------------------------------------------- compare_arrays: units
+
+def test_identical_is_bitwise_with_zero_metrics():
+    a = np.array([[1.5, np.nan], [-np.inf, -0.0]], np.float32)
+    r = compare_arrays("y", a, a.copy())
+    assert r.verdict == "bitwise"
+    assert (r.max_abs_diff, r.max_rel_diff, r.max_ulp_diff, r.mismatch_fraction) == (0, 0, 0, 0)
+    assert (r.required_atol, r.required_rtol, r.required_ulp) == (0, 0, 0)
+    assert r.first_mismatch_index is None and r.reason is None
+
+
+def test_docstring_example_and_metrics():
+    ref = np.float32([1, 2])
+    obs = np.float32([1, np.nextafter(2, 3, dtype=np.float32)])
+    r = compare_arrays("y", ref, obs)
+    assert (r.verdict, r.max_ulp_diff) == ("within_tolerance", 1.0)
+    assert r.max_abs_diff == pytest.approx(2.0 ** -22)
+    assert r.mismatch_fraction == 0.5
+    assert r.dtype_ref == r.dtype_obs == "float32"
+    assert (r.atol, r.rtol, r.max_ulp) == DEFAULT_TOLERANCES["float32"]
+
+
+def test_outside_tolerance_reason_and_first_index():
+    ref = np.zeros((2, 3), np.float64)
+    obs = ref.copy()
+    obs[1, 2] = 1.0
+    obs[1, 0] = 2.0
+    r = compare_arrays("out", ref, obs)
+    assert r.verdict == "mismatch"
+    assert r.first_mismatch_index == (1, 0)
+    assert "2 of 6 elements" in r.reason and "[1, 0]" in r.reason
+    assert r.required_atol == 2.0 and r.required_rtol == math.inf
+
+
+def test_shape_mismatch():
+    r = compare_arrays("y", np.zeros((2, 3), np.float32), np.zeros((3, 2), np.float32))
+    assert r.verdict == "mismatch"
+    assert r.shape_ref == (2, 3) and r.shape_obs == (3, 2)
+    assert "shape" in r.reason
+    # even a huge tolerance does not accept a shape mismatch
+    r = compare_arrays("y", np.zeros(3), np.zeros(4), Tolerance(atol=1e9, rtol=1e9, max_ulp=1e9))
+    assert r.verdict == "mismatch"
+
+
+def test_dtype_mismatch_even_if_values_agree():
+    ref = np.array([1.0, 2.0], np.float32)
+    r = compare_arrays("y", ref, ref.astype(np.float64), Tolerance(atol=1.0))
+    assert r.verdict == "mismatch"
+    assert "float64" in r.reason and "float32" in r.reason
+    assert r.mismatch_fraction == 1.0
+    r = compare_arrays("y", np.array([1, 2], np.int32), np.array([1, 2], np.int64))
+    assert r.verdict == "mismatch"
+
+
+def test_zero_size_arrays():
+    assert compare_arrays("y", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)).verdict == "bitwise"
+    r = compare_arrays("y", np.zeros((0,), np.float32), np.zeros((0,), np.float64))
+    assert r.verdict == "mismatch" and "dtype" in r.reason
+
+
+def test_zero_d_arrays():
+    assert compare_arrays("y", np.float32(1), np.float32(1)).verdict == "bitwise"
+    r = compare_arrays("y", np.float32(0), np.float32(1))
+    assert r.verdict == "mismatch" and r.first_mismatch_index == ()
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [BF16], ids=str)
+def test_signed_zero_within_tolerance_not_bitwise(dtype):
+    r = compare_arrays("y", np.array([0.0, 1.0], dtype), np.array([-0.0, 1.0], dtype), EXACT)
+    assert r.verdict == "within_tolerance"
+    assert r.max_abs_diff == 0.0 and r.max_ulp_diff == 1.0 and r.mismatch_fraction == 0.5
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [BF16], ids=str)
+def test_nan_inf_agreement(dtype):
+    ref = np.array([np.nan, np.inf, -np.inf, 1.0], dtype)
+    r = compare_arrays("y", ref, ref.copy(), EXACT)
+    assert r.verdict == "bitwise"
+    # a different NaN payload still matches NaN
+    if dtype != BF16:
+        utype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dtype).itemsize]
+        obs = ref.copy()
+        obs.view(utype)[0] ^= 1
+        assert np.isnan(obs[0])
+        r = compare_arrays("y", ref, obs, EXACT)
+        assert r.verdict == "within_tolerance" and r.nonfinite_mismatch == 0 and r.mismatch_fraction == 0.25
+
+
+@pytest.mark.parametrize("ref_val,obs_val", [
+    (np.nan, 1.0), (1.0, np.nan), (np.inf, -np.inf), (-np.inf, np.inf), (np.inf, 1.0), (1.0, np.inf),
+    (np.nan, np.inf), (np.inf, np.nan),
+])
+def test_nan_inf_disagreement_outside_every_tolerance(ref_val, obs_val):
+    huge = Tolerance(atol=np.inf, rtol=np.inf, max_ulp=np.inf)
+    r = compare_arrays("y", np.array([ref_val, 2.0], np.float32), np.array([obs_val, 2.0], np.float32), huge)
+    assert r.verdict == "mismatch"
+    assert r.nonfinite_mismatch == 1
+    assert r.first_mismatch_index == (0,)
+    assert "NaN/Inf" in r.reason
+    assert r.max_abs_diff == math.inf
+
+
+def test_infinite_rtol_accepts_signed_zero():
+    # rtol * |ref| at ref = 0 must be 0 (not inf * 0 = NaN): a bigger tolerance never rejects more
+    r = compare_arrays("y", np.float32([0.0, 1.0]), np.float32([-0.0, 5.0]), Tolerance(atol=0, rtol=np.inf, max_ulp=0))
+    assert r.verdict == "within_tolerance"
+    assert compare_arrays("y", np.float32([0.0]), np.float32([1.0]), Tolerance(atol=0, rtol=np.inf)).verdict == "mismatch"
+
+
+def test_inf_vs_largest_finite_is_not_one_ulp_accept():
+    big = np.finfo(np.float32).max
+    r = compare_arrays("y", np.float32([np.inf]), np.float32([big]), Tolerance(atol=0, rtol=0, max_ulp=10))
+    assert r.verdict == "mismatch"
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+                                   np.uint64, np.bool_])
+def test_int_and_bool_exact_only_by_default(dtype):
+    ref = np.array([0, 1, 1], dtype)
+    obs = np.array([0, 1, 0], dtype)
+    assert compare_arrays("y", ref, ref.copy()).verdict == "bitwise"
+    r = compare_arrays("y", ref, obs)
+    assert r.verdict == "mismatch"
+    assert (r.atol, r.rtol, r.max_ulp) == (0.0, 0.0, 0.0)
+    assert r.max_ulp_diff == 1.0 and r.mismatch_fraction == pytest.approx(1 / 3)
+    # an explicit tolerance can accept integer differences
+    assert compare_arrays("y", ref, obs, Tolerance(max_ulp=1)).verdict == "within_tolerance"
+    assert compare_arrays("y", ref, obs, Tolerance(atol=1)).verdict == "within_tolerance"
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_large_int64_differences_are_exact(dtype):
+    # float64 cannot tell 2**62 from 2**62 + 1; the comparison must still see the difference
+    ref = np.array([2 ** 62, 5], dtype)
+    obs = np.array([2 ** 62 + 1, 5], dtype)
+    r = compare_arrays("y", ref, obs)
+    assert r.verdict == "mismatch"
+    assert r.max_ulp_diff == 1.0 and r.required_ulp == 1.0 and r.required_atol == 1.0
+    assert compare_arrays("y", ref, obs, Tolerance(max_ulp=1)).verdict == "within_tolerance"
+
+
+def test_bfloat16():
+    ref = np.array([1.0, 2.0, -3.5], BF16)
+    assert compare_arrays("y", ref, ref.copy()).verdict == "bitwise"
+    one_up = np.nextafter(ref, np.full_like(ref, np.inf))
+    r = compare_arrays("y", ref, one_up)
+    assert r.dtype_ref == "bfloat16"
+    assert r.max_ulp_diff == 1.0
+    assert (r.atol, r.rtol, r.max_ulp) == DEFAULT_TOLERANCES["bfloat16"]
+    assert r.verdict == "within_tolerance"  # 1 ULP of bfloat16 at 2 is 2**-6 < 1e-2 + 1e-2*2
+    assert compare_arrays("y", ref, one_up, EXACT).verdict == "mismatch"
+    assert compare_arrays("y", ref, one_up, Tolerance(atol=0, rtol=0, max_ulp=1)).verdict == "within_tolerance"
+    # float32 observed against a bfloat16 reference is a dtype mismatch
+    assert compare_arrays("y", ref, ref.astype(np.float32)).verdict == "mismatch"
+
+
+def test_ulp_measured_on_reference_dtype():
+    ref = np.array([1.0], np.float16)
+    obs = np.array([np.nextafter(np.float16(1), np.float16(2))], np.float32)  # cast back: 1 ULP in float16
+    r = compare_arrays("y", ref, obs, Tolerance(max_ulp=1))
+    assert r.max_ulp_diff == 1.0
+    assert r.verdict == "mismatch" and "dtype" in r.reason
+
+
+def test_float16_defaults():
+    ref = np.array([1.0], np.float16)
+    obs = np.array([1.0009765625], np.float16)  # 1 ULP above 1.0
+    assert compare_arrays("y", ref, obs).verdict == "within_tolerance"
+    obs = np.array([1.0078125], np.float16)  # 8 ULP, |d| = 7.8e-3 > 1e-3 + 1e-3
+    assert compare_arrays("y", ref, obs).verdict == "mismatch"
+
+
+def test_rtol_is_relative_to_reference():
+    ref, obs = np.array([100.0]), np.array([101.0])
+    assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=0.01, max_ulp=0)).verdict == "within_tolerance"
+    # swapped: |d| = 1 > 0.01 * 101? no: 1 <= 1.01, so still within; use a tighter case
+    assert compare_arrays("y", obs, ref, Tolerance(atol=0, rtol=1 / 101, max_ulp=0)).verdict == "within_tolerance"
+    assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=1 / 101, max_ulp=0)).verdict == "mismatch"
+
+
+def test_to_dict_maps_nan_to_none():
+    r = compare_arrays("y", np.zeros(2), np.zeros(3))
+    d = r.to_dict()
+    assert d["max_abs_diff"] is None and d["verdict"] == "mismatch" and d["shape_obs"] == (3,)
+
+
+# ---------------------------------------------------------------- compare_arrays: properties
+
+@SETTINGS
+@given(float_pairs())
+def test_identical_arrays_bitwise(pair):
+    ref, _ = pair
+    r = compare_arrays("y", ref, ref.copy(), EXACT)
+    assert r.verdict == "bitwise"
+    assert (r.max_abs_diff, r.max_ulp_diff, r.mismatch_fraction, r.required_atol) == (0, 0, 0, 0)
+
+
+@SETTINGS
+@given(float_pairs())
+def test_mismatch_fraction_is_fraction_of_differing_bytes(pair):
+    ref, obs = pair
+    r = compare_arrays("y", ref, obs)
+    assert 0.0 <= r.mismatch_fraction <= 1.0
+    utype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[ref.dtype.itemsize]
+    expected = float(np.mean(ref.view(utype) != obs.view(utype))) if ref.size else 0.0
+    assert r.mismatch_fraction == pytest.approx(expected)
+    assert (r.verdict == "bitwise") == (expected == 0.0)
+
+
+def _check_required(ref, obs, attr, make):
+    r = compare_arrays("y", ref, obs, EXACT)
+    assume(r.verdict != "bitwise" and r.nonfinite_mismatch == 0)
+    req = getattr(r, attr)
+    assume(math.isfinite(req))
+    at = compare_arrays("y", ref, obs, make(req))
+    assert at.verdict == "within_tolerance", (attr, req, at)
+    return r, req
+
+
+@SETTINGS
+@given(float_pairs())
+def test_required_atol_is_tight(pair):
+    ref, obs = pair
+    r, req = _check_required(ref, obs, "required_atol", lambda t: Tolerance(atol=t, rtol=0, max_ulp=0))
+    if req > 0:
+        below = float(np.nextafter(req, 0.0))
+        assert compare_arrays("y", ref, obs, Tolerance(atol=below, rtol=0, max_ulp=0)).verdict == "mismatch"
+
+
+@SETTINGS
+@given(float_pairs())
+def test_required_rtol_is_tight(pair):
+    ref, obs = pair
+    r, req = _check_required(ref, obs, "required_rtol", lambda t: Tolerance(atol=0, rtol=t, max_ulp=0))
+    if req > 0:
+        below = req * (1 - 1e-9)  # well above float64 rounding, far below any float32 step
+        assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=below, max_ulp=0)).verdict == "mismatch"
+
+
+@SETTINGS
+@given(float_pairs())
+def test_required_ulp_is_tight(pair):
+    ref, obs = pair
+    r, req = _check_required(ref, obs, "required_ulp", lambda t: Tolerance(atol=0, rtol=0, max_ulp=t))
+    # +0 vs -0 is 1 ULP apart yet numerically equal, so 0 ULP accepts it; a real difference needs req
+    if req > 0 and r.required_atol > 0:
+        below = min(req - 1, float(np.nextafter(req, 0.0)))  # float64 distances > 2**53 are rounded
+        assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=0, max_ulp=below)).verdict == "mismatch"
+
+
+tol_values = st.one_of(st.just(0.0), st.floats(1e-12, 1e3), st.just(math.inf))
+
+
+@SETTINGS
+@given(float_pairs(), tol_values, tol_values, st.integers(0, 10),
+       *[st.one_of(st.just(0.0), st.just(1.0), st.floats(0, 1))] * 3)
+def test_verdict_monotone_in_tolerance(pair, atol, rtol, ulp, fa, fr, fu):
+    ref, obs = pair
+    def shrink(v, f):
+        return 0.0 if f == 0 else v * f  # inf * 0 would be NaN
+
+    big = compare_arrays("y", ref, obs, Tolerance(atol=atol, rtol=rtol, max_ulp=ulp))
+    small = compare_arrays("y", ref, obs, Tolerance(atol=shrink(atol, fa), rtol=shrink(rtol, fr),
+                                                    max_ulp=math.floor(ulp * fu)))
+    assert RANK[small.verdict] >= RANK[big.verdict]
+
+
+# ---------------------------------------------------------------- compare_outputs
+
+def test_compare_outputs_worst_verdict():
+    ref = {"a": np.float32([1, 2]), "b": np.float32([3, 4]), "c": np.int32([1])}
+    obs = {"a": ref["a"].copy(), "b": np.float32([3, np.nextafter(4, 5, dtype=np.float32)]), "c": np.int32([1])}
+    c = compare_outputs(ref, obs)
+    assert isinstance(c, Comparison)
+    assert c.verdict == "within_tolerance" and c.reason is None
+    assert [o.name for o in c.outputs] == ["a", "b", "c"]
+    assert [o.verdict for o in c.outputs] == ["bitwise", "within_tolerance", "bitwise"]
+    assert c.max_ulp_diff == 1.0
+    assert c.mismatch_fraction == pytest.approx(1 / 5)
+    obs["c"] = np.int32([2])
+    c = compare_outputs(ref, obs)
+    assert c.verdict == "mismatch" and c.reason.startswith("c: ")
+    assert compare_outputs(ref, ref).verdict == "bitwise"
+    assert compare_outputs({}, {}).verdict == "bitwise"
+
+
+def test_compare_outputs_missing_and_extra_are_named():
+    ref = {"a": np.zeros(2), "b": np.zeros(2)}
+    c = compare_outputs(ref, {"a": np.zeros(2), "z": np.zeros(2)})
+    assert c.verdict == "mismatch"
+    assert "'b'" in c.reason and "'z'" in c.reason
+    assert [o.name for o in c.outputs] == ["a"]
+    c = compare_outputs(ref, {"a": np.zeros(2)})
+    assert c.verdict == "mismatch" and "'b'" in c.reason
+
+
+def test_compare_outputs_per_output_override():
+    ref = {"a": np.array([1.0]), "b": np.array([1.0])}
+    obs = {"a": np.array([1.1]), "b": np.array([1.1])}
+    base = Tolerance(atol=0.0, rtol=0.0)
+    c = compare_outputs(ref, obs, base, per_output={"a": Tolerance(atol=0.2)})
+    assert [o.verdict for o in c.outputs] == ["within_tolerance", "mismatch"]
+    assert c.outputs[0].atol == 0.2 and c.outputs[0].rtol == 0.0
+    assert c.verdict == "mismatch" and c.reason.startswith("b: ")
+    c = compare_outputs(ref, obs, base, per_output={"a": Tolerance(atol=0.2), "b": Tolerance(rtol=0.2)})
+    assert c.verdict == "within_tolerance"
+    assert c.required[0] == pytest.approx(0.1) and c.applied[0] == 0.2
+
+
+def test_worst():
+    assert worst([]) == "bitwise"
+    assert worst(["bitwise", "within_tolerance"]) == "within_tolerance"
+    assert worst(["within_tolerance", "mismatch", "bitwise"]) == "mismatch"
+
+
+# ---------------------------------------------------------------- compare_digests
+
+def _d(sha="aa" * 32, shape=(2, 3), dtype="float32"):
+    return {"sha256": sha, "shape": list(shape), "dtype": dtype}
+
+
+def test_digests_exact():
+    ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
+    assert compare_digests(ref, dict(ref)) == (True, [])
+
+
+def test_digests_suffix_match_both_ways():
+    ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
+    obs = {"sequential/dense/bias": _d(shape=(3,)), "sequential/dense/kernel": _d()}
+    assert compare_digests(ref, obs) == (True, [])
+    assert compare_digests(obs, ref) == (True, [])
+
+
+def test_digests_positional_fallback():
+    ref = {"kernel": _d("11" * 32), "bias": _d("22" * 32, shape=(3,))}
+    obs = {"variable": _d("11" * 32), "variable_1": _d("22" * 32, shape=(3,))}
+    assert compare_digests(ref, obs) == (True, [])
+    # positional pairing still catches swapped content
+    obs_swapped = {"variable": _d("22" * 32, shape=(3,)), "variable_1": _d("11" * 32)}
+    ok, problems = compare_digests(ref, obs_swapped)
+    assert not ok and len(problems) == 2
+
+
+def test_digests_differing_bytes_shape_dtype():
+    ref = {"k": _d("11" * 32), "b": _d(shape=(3,)), "m": _d()}
+    obs = {"k": _d("99" * 32), "b": _d(shape=(4,)), "m": _d(dtype="float16")}
+    ok, problems = compare_digests(ref, obs)
+    assert not ok
+    text = "\n".join(problems)
+    assert len(problems) == 3
+    assert any(p.startswith("k:") and "bytes differ" in p and "999999999999" in p for p in problems)
+    assert any(p.startswith("b:") and "[4]" in p and "[3]" in p for p in problems)
+    assert any(p.startswith("m:") and "float16" in p and "float32" in p for p in problems)
+    assert "b:" in text
+
+
+def test_digests_missing_and_extra():
+    ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
+    ok, problems = compare_digests(ref, {"dense/kernel": _d()})
+    assert not ok and problems == ["dense/bias: not restored"]
+    ok, problems = compare_digests(ref, {**ref, "extra/var": _d()})
+    assert not ok and problems == ["extra/var: unexpected extra variable"]
+    ok, problems = compare_digests({}, {})
+    assert ok and problems == []
