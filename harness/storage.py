@@ -103,8 +103,11 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
     return manifest
 
 
-def verify_dir(local_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+def verify_dir(local_dir: str | os.PathLike, manifest: dict[str, Any], shown_as: str | None = None) -> None:
     """Check every file of ``manifest`` exists below ``local_dir`` with its digest.
+
+    ``shown_as`` replaces ``local_dir`` in messages (e.g. the storage URI of a
+    download being verified in a temporary directory).
 
     Raises:
         CorruptArtifact: naming the first file that is missing or differs.
@@ -112,13 +115,14 @@ def verify_dir(local_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
     root = Path(local_dir)
     for rel, meta in manifest["files"].items():
         p = root / rel
+        name = f"{shown_as.split('?', 1)[0].rstrip('/')}/{rel}" if shown_as else str(p)
         if not p.is_file():
-            raise CorruptArtifact(f"{p}: file listed in the manifest is missing")
+            raise CorruptArtifact(f"{name}: file listed in the manifest is missing")
         if p.stat().st_size != meta["size"]:
-            raise CorruptArtifact(f"{p}: size {p.stat().st_size} != manifest size {meta['size']}")
+            raise CorruptArtifact(f"{name}: size {p.stat().st_size} != manifest size {meta['size']}")
         digest = sha256_file(p)
         if digest != meta["sha256"]:
-            raise CorruptArtifact(f"{p}: sha256 {digest[:12]}... != manifest {meta['sha256'][:12]}...")
+            raise CorruptArtifact(f"{name}: sha256 {digest[:12]}... != manifest {meta['sha256'][:12]}...")
 
 
 @dataclass(frozen=True)
@@ -256,28 +260,42 @@ class Storage:
             verify_dir(self.path(rel), manifest)
             return self.path(rel), manifest
         cache_root = Path(cache_root or default_cache_dir())
-        key = hashlib.sha256(raw).hexdigest()[:24]
-        local = cache_root / key
-        if not local.exists():
-            cache_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_root))
+        local = cache_root / hashlib.sha256(raw).hexdigest()[:24]
+        if local.exists():
             try:
-                for relfile in manifest["files"]:
-                    dest = tmp / relfile
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with self.fs.open_input_stream(self.path(f"{rel}/{relfile}")) as src, open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out, _CHUNK)
-                verify_dir(tmp, manifest)
-                try:
-                    os.rename(tmp, local)
-                except OSError:  # another worker on this node won the race
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                verify_dir(local, manifest)
+                return str(local), manifest
+            except CorruptArtifact:
+                # A damaged cached copy is this node's problem, not the
+                # artifact's: drop it and fetch again from storage.
+                shutil.rmtree(local, ignore_errors=True)
+        self._download(rel, manifest, local)
         verify_dir(local, manifest)
         return str(local), manifest
 
+    def _download(self, rel: str, manifest: dict[str, Any], local: Path) -> None:
+        """Fetch every manifest file into ``local`` atomically, verified on the way."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
+        try:
+            for relfile in manifest["files"]:
+                dest = tmp / relfile
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    src = self.fs.open_input_stream(self.path(f"{rel}/{relfile}"))
+                except FileNotFoundError:
+                    raise CorruptArtifact(f"{self.uri_of(f'{rel}/{relfile}')}: file listed in the manifest "
+                                          "is missing") from None
+                with src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+            verify_dir(tmp, manifest, shown_as=self.uri_of(rel))
+            try:
+                os.rename(tmp, local)
+            except OSError:  # another worker on this node won the race
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 def default_cache_dir() -> str:
     """Where workers cache downloaded artifacts (``HARNESS_CACHE`` overrides)."""

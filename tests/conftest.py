@@ -1,0 +1,80 @@
+"""Shared pytest fixtures.
+
+``s3_server``: a moto S3 server on 127.0.0.1 for the whole session, so storage
+code can be tested against a real ``s3://`` endpoint without the network::
+
+    def test_x(s3_server):
+        s3_server.make_bucket("b")
+        st = Storage.open(s3_server.uri("b", "prefix"))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+
+_DUMMY_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Handle on the running moto server."""
+
+    endpoint: str  # "127.0.0.1:PORT"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.endpoint}"
+
+    def make_bucket(self, name: str) -> None:
+        """Create bucket ``name`` (no error if it already exists)."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
+        try:
+            client.create_bucket(Bucket=name)
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass
+
+    def uri(self, bucket: str, prefix: str = "") -> str:
+        """An ``s3://`` storage URI pointing at this server."""
+        return (f"s3://{bucket}/{prefix.strip('/')}"
+                f"?endpoint_override={self.endpoint}&scheme=http&region=us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Session-wide moto S3 server on 127.0.0.1 with dummy AWS credentials in ``os.environ``."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
+
+    saved = {k: os.environ.get(k) for k in _DUMMY_AWS_ENV}
+    os.environ.update(_DUMMY_AWS_ENV)
+    port = _free_port()
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    srv.start()
+    try:
+        yield S3Server(endpoint=f"127.0.0.1:{port}")
+    finally:
+        srv.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

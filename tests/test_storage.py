@@ -1,0 +1,330 @@
+"""Tests for harness/storage.py on a local directory and on S3 (moto, see conftest.s3_server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import pyarrow.fs as pafs
+import pytest
+
+from harness import storage as storage_mod
+from harness.storage import (
+    MANIFEST,
+    CorruptArtifact,
+    Storage,
+    StorageError,
+    build_manifest,
+    resolve,
+    sha256_file,
+    verify_dir,
+)
+
+BUCKET = "harness-test"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Storage:
+    """An empty storage root, once on local disk and once on S3."""
+    if request.param == "local":
+        return Storage.open(tmp_path / "store")
+    s3 = request.getfixturevalue("s3_server")
+    s3.make_bucket(BUCKET)
+    return Storage.open(s3.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
+
+
+def make_dir(root: Path, files: dict[str, bytes]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+FILES = {"model.keras": b"K" * 1000, "sub/weights.h5": b"\x00\x01" * 300, "sub/deeper/v.txt": b"v"}
+
+
+def flip_byte(store: Storage, rel: str) -> None:
+    data = bytearray(store.read_bytes(rel))
+    data[len(data) // 2] ^= 0xFF
+    if storage_mod.is_local(store.fs):
+        Path(store.path(rel)).write_bytes(bytes(data))
+    else:
+        store.write_bytes(rel, bytes(data))
+
+
+# ---------------------------------------------------------------- single files
+
+def test_write_read_bytes_and_overwrite(store):
+    store.write_bytes("runs/r1/hello.txt", b"hi")
+    assert store.read_bytes("runs/r1/hello.txt") == b"hi"
+    store.write_bytes("runs/r1/hello.txt", b"bye" * 1000)
+    assert store.read_bytes("runs/r1/hello.txt") == b"bye" * 1000
+    store.write_json("runs/r1/meta.json", {"b": [1, 2], "a": None})
+    assert store.read_json("runs/r1/meta.json") == {"a": None, "b": [1, 2]}
+    assert store.walk_files("runs") == ["runs/r1/hello.txt", "runs/r1/meta.json"]
+
+
+def test_local_write_leaves_no_temp_files(tmp_path):
+    st = Storage.open(tmp_path)
+    for i in range(5):
+        st.write_bytes("d/f.bin", bytes([i]) * 100)
+        st.write_bytes(f"d/g{i}.bin", b"x")
+    assert sorted(os.listdir(tmp_path / "d")) == ["f.bin"] + [f"g{i}.bin" for i in range(5)]
+    assert (tmp_path / "d" / "f.bin").read_bytes() == bytes([4]) * 100
+
+
+def test_read_missing_file_raises(store):
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nope/none.bin")
+
+
+def test_exists_listdir_walk_files(store):
+    assert not store.exists("a")
+    assert store.listdir("a") == []
+    assert store.walk_files("a") == []
+    store.write_bytes("a/x.txt", b"1")
+    store.write_bytes("a/b/y.txt", b"2")
+    store.write_bytes("a/b/c/z.txt", b"3")
+    store.write_bytes("other/w.txt", b"4")
+    assert store.exists("a") and store.exists("a/b") and store.exists("a/x.txt")
+    assert not store.exists("a/x")
+    assert store.listdir("a") == ["b", "x.txt"]
+    assert store.listdir("a/b") == ["c", "y.txt"]
+    assert store.walk_files("a") == ["a/b/c/z.txt", "a/b/y.txt", "a/x.txt"]
+    assert store.walk_files("") == ["a/b/c/z.txt", "a/b/y.txt", "a/x.txt", "other/w.txt"]
+    store.delete_dir("a/b")
+    assert store.walk_files("a") == ["a/x.txt"]
+    store.delete_dir("missing")  # no error
+
+
+# ---------------------------------------------------------------- directories with manifests
+
+def test_put_dir_get_dir_roundtrip(store, tmp_path):
+    src = make_dir(tmp_path / "src", FILES)
+    manifest = store.put_dir(src, "artifacts/mlp/abc", extra={"format": "keras"})
+    assert manifest["format"] == "keras"
+    assert set(manifest["files"]) == set(FILES)
+    assert manifest["files"]["model.keras"]["size"] == 1000
+    assert store.is_complete("artifacts/mlp/abc")
+    assert store.read_json(f"artifacts/mlp/abc/{MANIFEST}") == manifest
+    assert sorted(store.walk_files("artifacts")) == sorted(
+        [f"artifacts/mlp/abc/{k}" for k in FILES] + [f"artifacts/mlp/abc/{MANIFEST}"])
+    local, got = store.get_dir("artifacts/mlp/abc", cache_root=tmp_path / "cache")
+    assert got == manifest
+    for rel, data in FILES.items():
+        assert (Path(local) / rel).read_bytes() == data
+    if storage_mod.is_local(store.fs):
+        assert local == store.path("artifacts/mlp/abc")  # verified in place, no copy
+        assert not (tmp_path / "cache").exists()
+    else:
+        assert Path(local).parent == tmp_path / "cache"
+        assert os.listdir(tmp_path / "cache") == [Path(local).name]  # no temp dirs left
+        # second call reuses the cache (same path, still verified)
+        assert store.get_dir("artifacts/mlp/abc", cache_root=tmp_path / "cache")[0] == local
+
+
+def test_put_dir_is_idempotent(store, tmp_path):
+    first = store.put_dir(make_dir(tmp_path / "one", {"a.bin": b"first"}), "art/x")
+    second = store.put_dir(make_dir(tmp_path / "two", {"a.bin": b"second", "b.bin": b"new"}), "art/x")
+    assert second == first
+    assert store.read_bytes("art/x/a.bin") == b"first"
+    assert not store.exists("art/x/b.bin")
+    assert store.listdir("art") == ["x"]  # no staging leftovers
+
+
+def test_local_put_dir_manifest_last_and_directory_appears_whole(tmp_path, monkeypatch):
+    st = Storage.open(tmp_path / "store")
+    src = make_dir(tmp_path / "src", FILES)
+    real_rename = os.rename
+    seen = []
+
+    def spy_rename(a, b):
+        # the target is invisible until the rename, and the staged copy is complete, manifest included
+        assert not st.exists("art/y")
+        staged = {p.relative_to(a).as_posix() for p in Path(a).rglob("*") if p.is_file()}
+        seen.append(staged)
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", spy_rename)
+    st.put_dir(src, "art/y")
+    assert seen == [set(FILES) | {MANIFEST}]
+
+
+def test_s3_put_dir_writes_manifest_last(s3_server, tmp_path, monkeypatch):
+    s3_server.make_bucket(BUCKET)
+    st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
+    real = Storage.write_json
+    checked = []
+
+    def spy(self, rel, obj):
+        if rel.endswith(MANIFEST):
+            checked.append(rel)
+            for f in FILES:
+                assert self.exists(f"art/z/{f}"), f"{f} not uploaded before the manifest"
+        return real(self, rel, obj)
+
+    monkeypatch.setattr(Storage, "write_json", spy)
+    st.put_dir(make_dir(tmp_path / "src", FILES), "art/z")
+    assert checked == [f"art/z/{MANIFEST}"]
+
+
+def test_interrupted_upload_is_not_complete(store, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise OSError("network down")
+
+    monkeypatch.setattr(pafs, "copy_files", boom)
+    monkeypatch.setattr(storage_mod.shutil, "copytree", boom)
+    with pytest.raises(OSError, match="network down"):
+        store.put_dir(make_dir(tmp_path / "src", FILES), "art/i")
+    assert not store.is_complete("art/i")
+    with pytest.raises(CorruptArtifact, match="never fully written"):
+        store.get_dir("art/i", cache_root=tmp_path / "cache")
+
+
+def test_local_put_dir_race_loser_keeps_winner(tmp_path, monkeypatch):
+    st = Storage.open(tmp_path / "store")
+    first = st.put_dir(make_dir(tmp_path / "one", {"a.bin": b"winner"}), "art/r")
+    real = Storage.is_complete
+    calls = []
+
+    def stale_once(self, rel):  # the loser checked before the winner finished
+        calls.append(rel)
+        return False if len(calls) == 1 else real(self, rel)
+
+    monkeypatch.setattr(Storage, "is_complete", stale_once)
+    got = st.put_dir(make_dir(tmp_path / "two", {"a.bin": b"loser"}), "art/r")
+    assert got == first
+    assert st.read_bytes("art/r/a.bin") == b"winner"
+    assert st.listdir("art") == ["r"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_damaged_storage_is_corrupt_artifact(store, tmp_path, damage):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/d")
+    target = "art/d/sub/weights.h5"
+    if damage == "flip":
+        flip_byte(store, target)
+    else:
+        store.fs.delete_file(store.path(target))
+    with pytest.raises(CorruptArtifact) as info:
+        store.get_dir("art/d", cache_root=tmp_path / "cache")
+    assert "sub/weights.h5" in str(info.value)
+    assert ("missing" if damage == "delete" else "sha256") in str(info.value)
+    if (tmp_path / "cache").exists():
+        assert os.listdir(tmp_path / "cache") == []  # the failed download was cleaned up
+
+
+def test_missing_manifest_is_corrupt_artifact(store, tmp_path):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/m")
+    store.fs.delete_file(store.path(f"art/m/{MANIFEST}"))
+    with pytest.raises(CorruptArtifact, match=MANIFEST) as info:
+        store.get_dir("art/m", cache_root=tmp_path / "cache")
+    assert "art/m" in str(info.value)
+    with pytest.raises(CorruptArtifact):
+        store.get_dir("never/written", cache_root=tmp_path / "cache")
+
+
+def test_s3_damaged_cache_is_refetched_and_harness_cache_env(s3_server, tmp_path, monkeypatch):
+    s3_server.make_bucket(BUCKET)
+    st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
+    st.put_dir(make_dir(tmp_path / "src", FILES), "art/c")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "envcache"))
+    local, _ = st.get_dir("art/c")  # no cache_root: HARNESS_CACHE decides
+    assert Path(local).parent == tmp_path / "envcache"
+    cached = Path(local) / "model.keras"
+    good = cached.read_bytes()
+    cached.write_bytes(bytes([good[0] ^ 1]) + good[1:])
+    # A damaged cached copy is repaired from storage, not reported as corrupt.
+    assert st.get_dir("art/c")[0] == local and cached.read_bytes() == good
+    os.remove(cached)
+    assert st.get_dir("art/c")[0] == local and cached.read_bytes() == good
+    # Damage in storage itself is corrupt, named by its storage URI.
+    flip_byte(st, "art/c/model.keras")
+    cached.write_bytes(b"x")  # force a new download
+    with pytest.raises(CorruptArtifact, match=r"s3://.*/art/c/model.keras: sha256"):
+        st.get_dir("art/c")
+
+
+# ---------------------------------------------------------------- manifest helpers
+
+def test_build_and_verify_manifest(tmp_path):
+    d = make_dir(tmp_path / "d", {**FILES, MANIFEST: b"ignored"})
+    m = build_manifest(d, extra={"k": 1})
+    assert set(m["files"]) == set(FILES) and m["k"] == 1
+    assert m["files"]["sub/deeper/v.txt"] == {"sha256": sha256_file(d / "sub/deeper/v.txt"), "size": 1}
+    verify_dir(d, m)
+    (d / "model.keras").write_bytes(b"K" * 999 + b"X")  # same size, different bytes
+    with pytest.raises(CorruptArtifact, match="model.keras.*sha256"):
+        verify_dir(d, m)
+    (d / "model.keras").write_bytes(b"K")
+    with pytest.raises(CorruptArtifact, match="model.keras.*size"):
+        verify_dir(d, m)
+
+
+# ---------------------------------------------------------------- resolve
+
+def test_resolve_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fs, path = resolve("rel/store")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "rel" / "store")
+    fs, path = resolve(tmp_path / "p")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "p")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve("~/s")[1] == str(tmp_path / "s")
+    fs, path = resolve(f"file://{tmp_path}/f")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/f"
+    st = Storage.open(f"file://{tmp_path}/f")
+    st.write_bytes("x.txt", b"via file uri")
+    assert (tmp_path / "f" / "x.txt").read_bytes() == b"via file uri"
+    assert st.uri_of("x.txt") == f"file://{tmp_path}/f/x.txt"
+    assert Storage.open("rel/store").uri_of("a/b") == f"{tmp_path}/rel/store/a/b"
+
+
+def test_resolve_s3_with_query(s3_server):
+    s3_server.make_bucket(BUCKET)
+    uri = s3_server.uri(BUCKET, "q/prefix")
+    fs, path = resolve(uri)
+    assert isinstance(fs, pafs.S3FileSystem)
+    assert path == f"{BUCKET}/q/prefix"
+    assert fs.region == "us-east-1"
+    st = Storage.open(uri)
+    st.write_bytes("obj.bin", b"through the query endpoint")
+    body = boto3.client("s3", endpoint_url=f"http://{s3_server.endpoint}").get_object(
+        Bucket=BUCKET, Key="q/prefix/obj.bin")["Body"].read()
+    assert body == b"through the query endpoint"
+    assert st.uri_of("obj.bin") == (f"s3://{BUCKET}/q/prefix/obj.bin?endpoint_override={s3_server.endpoint}"
+                                    "&scheme=http&region=us-east-1")
+    assert Storage.open(st.uri_of("obj.bin")).read_bytes("") == b"through the query endpoint"
+
+
+@pytest.mark.parametrize("var", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"])
+def test_resolve_s3_endpoint_from_env(s3_server, monkeypatch, var):
+    s3_server.make_bucket(BUCKET)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv(var, f"http://{s3_server.endpoint}")
+    st = Storage.open(f"s3://{BUCKET}/env/{var}")
+    assert isinstance(st.fs, pafs.S3FileSystem) and st.root == f"{BUCKET}/env/{var}"
+    st.write_bytes("e.txt", var.encode())
+    body = boto3.client("s3", endpoint_url=f"http://{s3_server.endpoint}").get_object(
+        Bucket=BUCKET, Key=f"env/{var}/e.txt")["Body"].read()
+    assert body == var.encode()
+
+
+@pytest.mark.parametrize("uri", ["foo://bucket/x", "nosuchscheme://a", "s3://bkt/p?no_such_option=1"])
+def test_bad_uri_is_storage_error(uri):
+    with pytest.raises(StorageError, match="cannot open storage"):
+        resolve(uri)
+    with pytest.raises(StorageError):
+        Storage.open(uri)
+
+
+def test_manifest_is_json_with_sorted_files(store, tmp_path):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/j")
+    raw = store.read_bytes(f"art/j/{MANIFEST}")
+    assert list(json.loads(raw)["files"]) == sorted(FILES)
