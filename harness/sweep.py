@@ -151,9 +151,14 @@ def _replay_entry(tracker, key: str, scenario: Scenario, fmt: str, artifact_path
 def _mark_started(tracker, key: str) -> None:
     import ray
 
-    if tracker is not None:
-        # Fire and forget: the driver only needs to learn the cell left the queue.
-        tracker.start.remote(key, ray.get_runtime_context().get_node_id())
+    if tracker is None:
+        return
+    try:
+        # Wait for the record: attempts and start times must be known before
+        # the result can reach the driver, and before this node can die.
+        ray.get(tracker.start.remote(key, ray.get_runtime_context().get_node_id()), timeout=30)
+    except Exception:  # bookkeeping must never fail the cell itself
+        pass
 
 
 class _Tracker:
@@ -366,7 +371,13 @@ class _Driver:
         self.pending: dict[Any, _Pending] = {}
         self.queue: list[tuple[Cell, Mapping[str, Any]]] = []  # cells ready to dispatch
         self.dead_envs: dict[str, str] = {}
-        self.tracker = ray.remote(num_cpus=0)(_Tracker).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Keep the bookkeeping actor on the driver's node: losing a worker node
+        # must not lose the record of which cells started.
+        here = ray.get_runtime_context().get_node_id()
+        self.tracker = ray.remote(num_cpus=0)(_Tracker).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
         self.train_fn = ray.remote(_train_entry)
         self.replay_fn = ray.remote(_replay_entry)
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive"))

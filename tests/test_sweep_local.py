@@ -156,7 +156,7 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
     sweep = _sweep({
         "name": "timeouts", "scenarios": ["test-slow-build"], "formats": ["weights"], "precheck": False,
         "scenario_paths": [str(TESTS / "scenarios")],
-        "timeouts": {"schedule_timeout_s": 5, "cell_timeout_s": 8},
+        "timeouts": {"schedule_timeout_s": 15, "cell_timeout_s": 8},
         "environments": {
             "fast": {"expect": "bitwise"},
             "ghost": {"resources": {"ghost": 1}},
@@ -169,7 +169,7 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
     envs = _by_env(res.table)
     assert envs["fast"][0]["verdict"] == "bitwise" and envs["fast"][0]["passed"]
     ghost = envs["ghost"][0]
-    assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=5" in ghost["error"] and "ghost=1" in ghost["error"]
+    assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"] and "ghost=1" in ghost["error"]
     slow = envs["slow"][0]
     assert slow["verdict"] == "error" and "timed out after 8s" in slow["error"]
     assert elapsed < 90

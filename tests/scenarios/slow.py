@@ -16,6 +16,7 @@ from harness import Scenario
 def _build():
     import keras
 
+    _marker()
     time.sleep(float(os.environ.get("HARNESS_TEST_BUILD_SLEEP", "0")))
     return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
 
@@ -26,3 +27,14 @@ SCENARIO = Scenario(
     probe=lambda rng: rng.normal(size=(8, 2)).astype(np.float32),
     compile={"optimizer": "sgd", "loss": "mse"}, fit={"epochs": 1},
     description="build() sleeps HARNESS_TEST_BUILD_SLEEP seconds")
+
+
+def _marker():
+    """When HARNESS_TEST_MARKER_DIR is set, record which Ray node is building (for node-loss tests)."""
+    marker_dir = os.environ.get("HARNESS_TEST_MARKER_DIR")
+    if marker_dir:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "none"
+        with open(os.path.join(marker_dir, f"{node}.{os.getpid()}"), "w") as f:
+            f.write(str(time.time()))

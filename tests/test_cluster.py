@@ -1,0 +1,187 @@
+"""A heterogeneous multi-node Ray cluster on one machine (ray.cluster_utils.Cluster).
+
+Nodes: a head with no CPUs, a training node, two CPU nodes of different
+"families" (labels), and one node declaring a fake A10G GPU. Storage is S3
+(moto's server on 127.0.0.1), so artifacts really travel through shared
+storage and each worker verifies its cached copy.
+"""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+
+from harness.envs import survey
+from harness.scenario import discover
+from harness.spec import parse_sweep
+from harness.storage import Storage
+from harness.sweep import run_sweep
+
+pytestmark = pytest.mark.cluster
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    # Nodes inherit this environment: S3 credentials and a cache dir per test run.
+    os.environ["HARNESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HARNESS_TEST_MARKER_DIR"] = str(tmp_path_factory.mktemp("markers"))
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = {
+        "train": c.add_node(num_cpus=1, resources={"train": 1}, labels={"node-role": "train", "cpu-family": "intel"}),
+        "intel": c.add_node(num_cpus=1, labels={"node-role": "replay", "cpu-family": "intel"}),
+        "amd": c.add_node(num_cpus=1, labels={"node-role": "replay", "cpu-family": "amd"}),
+        "a10g": c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1},
+                           labels={"node-role": "replay", "gpu": "a10g"}),
+    }
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+    for k in ("HARNESS_CACHE", "HARNESS_TEST_MARKER_DIR"):
+        os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="module")
+def node_ids(cluster):
+    c, nodes = cluster
+    return {name: n.node_id for name, n in nodes.items()}
+
+
+@pytest.fixture(scope="module")
+def scenarios():
+    return discover([TESTS / "scenarios"])
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    s3_server.make_bucket("harness-cluster")
+    return s3_server
+
+
+def _sweep(doc):
+    return parse_sweep(yaml.safe_load(yaml.safe_dump(doc)), source="cluster-test.yaml")
+
+
+MATRIX = {
+    "name": "cluster-matrix",
+    "scenarios": ["seed-binary-classifier"],
+    "formats": ["keras", "savedmodel"],
+    "training": {"resources": {"train": 1}, "label_selector": {"node-role": "train"}},
+    "precheck": False,  # exercise the schedule timeout, as on an autoscaling cluster
+    "timeouts": {"schedule_timeout_s": 20, "cell_timeout_s": 180},
+    "environments": {
+        "intel": {"label_selector": {"cpu-family": "intel", "node-role": "replay"}, "expect": "bitwise"},
+        "amd": {"label_selector": {"cpu-family": "in(amd,arm)"}, "expect": "bitwise"},
+        "not-amd-cpu": {"label_selector": {"cpu-family": "!amd", "node-role": "replay", "gpu": "!a10g"}},
+        "a10g": {"num_gpus": 1, "accelerator_type": "A10G", "tf32": False},
+        "h100": {"num_gpus": 1, "accelerator_type": "H100"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def matrix_run(cluster, scenarios, bucket, tmp_path_factory):
+    c, _ = cluster
+    out = tmp_path_factory.mktemp("run")
+    storage = bucket.uri("harness-cluster", "store")
+    res = run_sweep(_sweep(MATRIX), scenarios, out_dir=out, storage=storage, address=c.address)
+    return res, storage
+
+
+def _rows(res, env):
+    return [r for r in res.table.to_pylist() if r["environment"] == env]
+
+
+def test_each_cell_ran_on_the_node_its_environment_selected(matrix_run, node_ids):
+    res, _ = matrix_run
+    assert res.table.num_rows == 2 * 5
+    for env, node in (("intel", "intel"), ("amd", "amd"), ("not-amd-cpu", "intel")):
+        for row in _rows(res, env):
+            assert row["verdict"] == "bitwise" and row["passed"], row["error"]
+            assert row["node_id"] == node_ids[node], f"{env} ran on the wrong node"
+            labels = json.loads(row["node_labels"])
+            assert labels["cpu-family"] == ("amd" if node == "amd" else "intel")
+    train_fp = json.loads(_rows(res, "intel")[0]["train_fingerprint"])
+    assert train_fp["ray_node_id"] == node_ids["train"]
+    assert train_fp["ray_node_labels"]["node-role"] == "train"
+
+
+def test_gpu_environment_on_a_node_without_cuda_is_a_clear_error(matrix_run, node_ids):
+    res, _ = matrix_run
+    for row in _rows(res, "a10g"):
+        assert row["verdict"] == "error" and not row["passed"]
+        assert row["node_id"] == node_ids["a10g"]
+        assert "asked for 1 GPU(s) but TensorFlow" in row["error"] and "CUDA_VISIBLE_DEVICES='0'" in row["error"]
+
+
+def test_environment_no_node_can_host_times_out_as_unschedulable(matrix_run):
+    res, _ = matrix_run
+    for row in _rows(res, "h100"):
+        assert row["verdict"] == "unschedulable"
+        assert "schedule_timeout_s=20" in row["error"] and "accelerator_type=H100" in row["error"]
+
+
+def test_artifacts_and_observations_live_in_s3(matrix_run):
+    res, storage = matrix_run
+    st = Storage.open(storage)
+    files = st.walk_files("")
+    assert any(f.startswith("artifacts/seed-binary-classifier/") and f.endswith("manifest.json") for f in files)
+    obs = [f for f in files if f.startswith(f"runs/{res.run_id}/observations/")]
+    assert len(obs) == 6  # intel, amd, not-amd-cpu x 2 formats; no observation for error/unschedulable
+    for row in _rows(res, "amd"):
+        assert row["artifact_uri"].startswith("s3://harness-cluster/store/artifacts/")
+    assert any(Path(os.environ["HARNESS_CACHE"]).iterdir()), "workers fetch into the local digest cache"
+
+
+def test_envs_lists_nodes_fingerprints_and_hostable_environments(cluster, matrix_run, node_ids):
+    if not ray.is_initialized():
+        ray.init(address=cluster[0].address, log_to_driver=False)
+    nodes = {n["node_id"]: n for n in survey(_sweep(MATRIX))}
+    assert set(node_ids.values()) <= set(nodes)
+    assert nodes[node_ids["amd"]]["labels"]["cpu-family"] == "amd"
+    assert nodes[node_ids["amd"]]["environments"] == ["amd"]
+    assert nodes[node_ids["train"]]["environments"] == ["training"]
+    assert nodes[node_ids["a10g"]]["environments"] == ["a10g"]
+    for n in nodes.values():
+        assert n["fingerprint"]["tf_version"] and n["fingerprint"]["ray_node_id"] == n["node_id"]
+
+
+def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids, scenarios, bucket, tmp_path):
+    c, nodes = cluster
+    marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
+    for f in marker_dir.iterdir():
+        f.unlink()
+    sweep = _sweep({
+        "name": "node-loss", "scenarios": ["test-slow-build"], "formats": ["weights"],
+        "training": {"resources": {"train": 1}}, "retries": 2,
+        "timeouts": {"schedule_timeout_s": 60, "cell_timeout_s": 120},
+        "environments": {"pool": {"label_selector": {"cpu-family": "in(intel,amd)", "node-role": "replay"},
+                                  "env": {"HARNESS_TEST_BUILD_SLEEP": "6"}, "expect": "bitwise"}},
+    })
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(res=run_sweep(
+        sweep, scenarios, out_dir=tmp_path, storage=bucket.uri("harness-cluster", "node-loss"), address=c.address)))
+    runner.start()
+    deadline = time.time() + 120
+    victim = None
+    while victim is None and time.time() < deadline:
+        started = [f.name.split(".")[0] for f in marker_dir.iterdir()]
+        victim = next((name for name, nid in node_ids.items() if nid in started and name in ("intel", "amd")), None)
+        time.sleep(0.2)
+    assert victim, "the replay cell never started"
+    c.remove_node(nodes[victim], allow_graceful=False)
+    runner.join(timeout=240)
+    assert not runner.is_alive()
+    rows = box["res"].table.to_pylist()
+    assert len(rows) == 1
+    row = rows[0]
+    survivor = "amd" if victim == "intel" else "intel"
+    assert row["verdict"] == "bitwise", row["error"]
+    assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2
