@@ -136,9 +136,7 @@ def append_run(table: pa.Table, history_uri: str) -> str:
     storage = Storage.open(history_uri)
     existing = [rel for rel, _, rid in _run_files(storage) if rid == run_id]
     rel = existing[0] if existing else f"date={_run_date(table)}/{run_id}.parquet"
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(rel, sink.getvalue().to_pybytes())
+    storage.write_bytes(rel, results.to_parquet_bytes(table))
     return rel
 
 

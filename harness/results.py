@@ -130,6 +130,13 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def to_parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as Parquet file bytes (for writing through ``harness.storage``)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 def read_table(path: str | os.PathLike) -> pa.Table:
     """Read a results table from a ``results.parquet`` file or a run directory.
 

@@ -181,6 +181,7 @@ class RunResult:
     run_id: str
     run_dir: Path
     table: Any  # pa.Table
+    results_uri: str | None = None  # copy of results.parquet in shared storage
 
     @property
     def passed(self) -> bool:
@@ -282,7 +283,17 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
         _run_ray(state, scenarios, todo, address, retrain, verbose)
     table = results.to_table(state.rows)
     results.write_table(table, run_dir / "results.parquet")
-    return RunResult(run_id=state.run_id, run_dir=run_dir, table=table)
+    # Also publish next to the observations in shared storage: on a cluster
+    # the driver's disk may not outlive the run.
+    results_uri = None
+    if not state.total or state.rows:
+        from .storage import Storage
+
+        st = Storage.open(state.storage_uri)
+        rel = f"runs/{state.run_id}/results.parquet"
+        st.write_bytes(rel, results.to_parquet_bytes(table))
+        results_uri = st.uri_of(rel)
+    return RunResult(run_id=state.run_id, run_dir=run_dir, table=table, results_uri=results_uri)
 
 
 def _replay_kwargs(sweep: Sweep, env: Environment, state: _State, cell: Cell) -> dict[str, Any]:
@@ -451,11 +462,16 @@ class _Driver:
             self.pending[ref] = _Pending("cell", cell.key, time.time(), cell.environment, (cell, art))
 
     def _collect(self, ref, p: _Pending, snapshot: dict) -> None:
-        started, _node, attempts = snapshot.get(p.key, (p.submitted, None, 1))
+        started, _node, attempts = snapshot.get(p.key, (p.submitted, None, 0))
         try:
             value, error = self.ray.get(ref), None
         except Exception as exc:  # task error after retries, cancelled, worker/node died
             value, error = None, _ray_error_text(exc, attempts)
+            if not attempts:
+                env = self.sweep.training if p.kind == "train" else self.sweep.environment(p.environment)
+                error = (f"the worker for environment {env.name!r} died before the harness code started: its "
+                         f"runtime_env {sorted(env.runtime_env) or '(none)'} probably cannot import the harness's "
+                         f"dependencies (numpy/pyarrow/TensorFlow versions); see the python-core-worker logs. {error}")
         if p.kind == "train":
             self._collect_train(p, value, error)
             return

@@ -12,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
@@ -134,6 +136,9 @@ def test_artifacts_and_observations_live_in_s3(matrix_run):
     files = st.walk_files("")
     assert any(f.startswith("artifacts/seed-binary-classifier/") and f.endswith("manifest.json") for f in files)
     obs = [f for f in files if f.startswith(f"runs/{res.run_id}/observations/")]
+    assert f"runs/{res.run_id}/results.parquet" in files
+    published = pq.read_table(pa.BufferReader(st.read_bytes(f"runs/{res.run_id}/results.parquet")))
+    assert published.num_rows == res.table.num_rows and res.results_uri.startswith("s3://harness-cluster/store/runs/")
     assert len(obs) == 6  # intel, amd, not-amd-cpu x 2 formats; no observation for error/unschedulable
     for row in _rows(res, "amd"):
         assert row["artifact_uri"].startswith("s3://harness-cluster/store/artifacts/")
