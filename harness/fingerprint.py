@@ -110,6 +110,8 @@ def collect(environment: str | None = None, jit_compile: bool = False) -> dict[s
         "xla_flags": os.environ.get("TF_XLA_FLAGS"),
         "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
         "executable": sys.executable,
+        # Where this worker's harness code came from: a Ray py_modules upload on clusters.
+        "harness_path": os.path.dirname(os.path.abspath(__file__)),
     }
     fp.update(cpu_info())
     fp.update(ray_info())

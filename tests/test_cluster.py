@@ -93,7 +93,14 @@ def matrix_run(cluster, scenarios, bucket, tmp_path_factory):
     c, _ = cluster
     out = tmp_path_factory.mktemp("run")
     storage = bucket.uri("harness-cluster", "store")
-    res = run_sweep(_sweep(MATRIX), scenarios, out_dir=out, storage=storage, address=c.address)
+    # Ray puts the driver's cwd first on workers' sys.path; drive from outside
+    # the checkout, as on a real cluster, so the py_modules upload is what runs.
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        res = run_sweep(_sweep(MATRIX), scenarios, out_dir=out, storage=storage, address=c.address)
+    finally:
+        os.chdir(cwd)
     return res, storage
 
 
@@ -109,6 +116,8 @@ def test_each_cell_ran_on_the_node_its_environment_selected(matrix_run, node_ids
             assert row["verdict"] == "bitwise" and row["passed"], row["error"]
             assert row["node_id"] == node_ids[node], f"{env} ran on the wrong node"
             labels = json.loads(row["node_labels"])
+            # The harness reached the worker through Ray (py_modules), not a local install.
+            assert "runtime_resources" in json.loads(row["fingerprint"])["harness_path"]
             assert labels["cpu-family"] == ("amd" if node == "amd" else "intel")
     train_fp = json.loads(_rows(res, "intel")[0]["train_fingerprint"])
     assert train_fp["ray_node_id"] == node_ids["train"]
