@@ -11,7 +11,6 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +38,16 @@ def _load(args) -> tuple[Any, dict]:
     return sweep, {s.name: s for s in chosen}
 
 
+def _plan(args, sweep) -> list:
+    """The sweep's cells filtered by ``--only``; an unknown name is a UsageError naming the file."""
+    from .sweep import plan
+
+    try:
+        return plan(sweep, args.only)
+    except ValueError as exc:
+        raise UsageError(f"{args.sweep}: {exc}") from None
+
+
 def _progress(done: int, total: int, row: dict) -> None:
     metric = ""
     if row.get("max_ulp_diff") is not None and row["verdict"] in ("within_tolerance", "mismatch"):
@@ -51,13 +60,10 @@ def _progress(done: int, total: int, row: dict) -> None:
 
 def cmd_run(args) -> int:
     from . import report
-    from .sweep import plan, run_sweep
+    from .sweep import run_sweep
 
     sweep, scenarios = _load(args)
-    try:
-        cells = plan(sweep, args.only)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    cells = _plan(args, sweep)
     out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
     print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
           f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
@@ -72,10 +78,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .sweep import plan
-
     sweep, _ = _load(args)
-    cells = plan(sweep, args.only)
+    cells = _plan(args, sweep)
     print(f"{args.sweep}: ok -- sweep {sweep.name!r}, {len(sweep.scenarios)} scenarios x {len(sweep.formats)} formats "
           f"x {len(sweep.environments)} environments = {len(cells)} cells; storage {sweep.storage}")
     return EXIT_OK
@@ -125,6 +129,7 @@ def cmd_nightly(args) -> int:
     from .sweep import run_sweep
 
     sweep, scenarios = _load(args)
+    _plan(args, sweep)  # an unknown --only name is invalid input (exit 2), before anything runs
     result = run_sweep(sweep, scenarios, out_dir=args.out or Path("runs") / "nightly" / sweep.name,
                        address=args.address, storage=args.storage, only=args.only, retrain=args.retrain,
                        progress=_progress, verbose=args.verbose)

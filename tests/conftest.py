@@ -1,5 +1,9 @@
 """Shared pytest fixtures.
 
+``scenarios``: the built-in scenarios plus the test-only ones in tests/scenarios.
+``store``: a local storage directory shared by one test module (artifacts are
+content-addressed, so tests reuse each other's training).
+
 ``s3_server``: a moto S3 server on 127.0.0.1 for the whole session, so storage
 code can be tested against a real ``s3://`` endpoint without the network::
 
@@ -14,8 +18,23 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+TEST_SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+@pytest.fixture(scope="session")
+def scenarios():
+    from harness.scenario import discover
+
+    return discover([TEST_SCENARIOS])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("store"))
 
 _DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

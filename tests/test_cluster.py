@@ -20,7 +20,6 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from harness.envs import survey
-from harness.scenario import discover
 from harness.spec import parse_sweep
 from harness.storage import Storage
 from harness.sweep import run_sweep
@@ -55,10 +54,6 @@ def node_ids(cluster):
     c, nodes = cluster
     return {name: n.node_id for name, n in nodes.items()}
 
-
-@pytest.fixture(scope="module")
-def scenarios():
-    return discover([TESTS / "scenarios"])
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ Run with `make test-slow`.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

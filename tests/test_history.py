@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
-import socket
 
+import boto3
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -244,45 +244,14 @@ def test_report_with_history_and_changes(local_history):
     assert html.count('class="spark"') == 12 and 'id="changes"' in html
 
 
-# -- S3 (moto) ---------------------------------------------------------------------------
-_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A moto S3 server with bucket ``bucket``; yields its ``host:port``."""
-    boto3 = pytest.importorskip("boto3")
-    server_mod = pytest.importorskip("moto.server")
-    saved = {k: os.environ.get(k) for k in _AWS_ENV}
-    os.environ.update(_AWS_ENV)
-    port = _free_port()
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="bucket")
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def test_history_on_s3(s3_bucket):
-    uri = f"s3://bucket/history?endpoint_override={s3_bucket}&scheme=http&region=us-east-1"
+# -- S3 (moto server from conftest) ---------------------------------------------------
+def test_history_on_s3(s3_server):
+    s3_server.make_bucket("bucket")
+    uri = s3_server.uri("bucket", "history")
     assert history.append_run(night(1), uri) == "date=2025-03-01/run-1.parquet"
     assert history.append_run(night(2), uri) == "date=2025-03-02/run-2.parquet"
     assert history.append_run(night(2), uri) == "date=2025-03-02/run-2.parquet"  # idempotent
-    keys = [o["Key"] for o in pytest.importorskip("boto3").client("s3", endpoint_url=f"http://{s3_bucket}")
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server.url)
             .list_objects_v2(Bucket="bucket", Prefix="history/")["Contents"]]
     assert sorted(k for k in keys if k.endswith(".parquet")) == \
         ["history/date=2025-03-01/run-1.parquet", "history/date=2025-03-02/run-2.parquet"]

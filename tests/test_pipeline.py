@@ -9,7 +9,6 @@ import pyarrow as pa
 import pytest
 
 from harness import arrays
-from harness.scenario import discover
 from harness.spec import FORMATS, Environment
 from harness.storage import Storage, build_manifest
 from harness.train import train
@@ -21,14 +20,6 @@ TRAINING = Environment(name="training")
 DEFAULT = Environment(name="cpu-default")
 
 
-@pytest.fixture(scope="module")
-def scenarios():
-    return discover([TESTS / "scenarios"])
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import ray
 import yaml
 
 from harness import results
-from harness.scenario import discover
 from harness.spec import parse_sweep
 from harness.sweep import plan, run_sweep
 
@@ -25,14 +24,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def scenarios():
-    return discover([TESTS / "scenarios"])
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("store"))
 
 
 def _sweep(doc: dict):
