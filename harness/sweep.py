@@ -479,12 +479,12 @@ class _Driver:
         row = value if value is not None else {"verdict": "error", "error": error}
         self.state.add(cell, {**row, "attempts": attempts, "started_at": started}, art)
 
-    def _collect_train(self, p: _Pending, value: dict | None, error: str | None) -> None:
+    def _collect_train(self, p: _Pending, value: dict | None, error: str | None, verdict: str = "error") -> None:
         name = p.payload
         cells = self._cells_of(name)
         if value is None:
             for cell in cells:
-                self.state.add(cell, {"verdict": "error", "error": f"training failed: {error}"})
+                self.state.add(cell, {"verdict": verdict, "error": f"training: {error}"})
             return
         self.state.train_fp[name] = value["fingerprint"]
         for cell in cells:
@@ -509,7 +509,7 @@ class _Driver:
                 self.ray.cancel(ref, force=True)
                 self.pending.pop(ref)
                 if p.kind == "train":
-                    self._collect_train(p, None, reason)
+                    self._collect_train(p, None, reason, verdict="unschedulable")
                 else:
                     self.dead_envs[p.environment] = reason
                     cell, art = p.payload

@@ -183,3 +183,16 @@ def test_plan_only_filters_each_dimension():
     assert {(c.format, c.environment) for c in cells} == {("keras", "cpu-xla")} and len(cells) == 2
     with pytest.raises(ValueError, match="'nope' is not a scenario, format or environment"):
         plan(sweep, ["nope"])
+
+
+def test_training_no_node_can_host_makes_every_cell_unschedulable(local_ray, scenarios, store, tmp_path):
+    sweep = _sweep({"name": "no-trainer", "scenarios": ["seed-linear-regression"], "formats": ["keras", "h5"],
+                    "training": {"resources": {"trainer": 1}}, "precheck": False,
+                    "timeouts": {"schedule_timeout_s": 3},
+                    "environments": {"cpu-default": {}, "cpu-xla": {"jit_compile": True}}})
+    res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store)
+    rows = res.table.to_pylist()
+    assert len(rows) == 4
+    for row in rows:
+        assert row["verdict"] == "unschedulable" and row["error"].startswith("training: still pending")
+        assert "trainer=1" in row["error"]
