@@ -138,6 +138,10 @@ class Comparison:
 
 
 _UINT_OF_WIDTH = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+#: Elements per chunk: temporaries stay a few MB whatever the array size, and
+#: small enough to stay in cache instead of faulting in fresh pages.
+CHUNK = 1 << 16
 
 
 def _is_float(dtype: np.dtype) -> bool:
@@ -149,30 +153,14 @@ def ordered_bits(a: np.ndarray) -> np.ndarray:
 
     Negative floats have their bits inverted, non-negative ones get the sign
     bit set, so adjacent representable floats map to adjacent integers.
+    Branch-free: an arithmetic shift of the sign bit builds the XOR mask.
     """
     a = np.ascontiguousarray(a)
-    utype = _UINT_OF_WIDTH[a.dtype.itemsize]
-    u = a.view(utype)
-    sign = utype(1) << utype(8 * a.dtype.itemsize - 1)
-    return np.where(u & sign, ~u, u | sign)
-
-
-def ulp_distance(ref: np.ndarray, obs: np.ndarray) -> np.ndarray:
-    """Element-wise ULP distance, on ``ref``'s dtype, as float64.
-
-    Both arrays must already have the same shape and dtype. NaN vs NaN is 0;
-    NaN vs anything else is ``inf``.
-    """
-    if ref.dtype.kind in "iub":  # exact even where float64 cannot hold the values (int64)
-        a, b = _ordered_int(ref), _ordered_int(obs)
-        return np.where(a > b, a - b, b - a).astype(np.float64)
-    if not _is_float(ref.dtype):
-        return np.abs(ref.astype(np.float64) - obs.astype(np.float64))
-    a, b = ordered_bits(ref), ordered_bits(obs)
-    dist = np.where(a > b, a - b, b - a).astype(np.float64)
-    ref_nan, obs_nan = _isnan(ref), _isnan(obs)
-    dist = np.where(ref_nan & obs_nan, 0.0, dist)
-    return np.where(ref_nan ^ obs_nan, np.inf, dist)
+    width = a.dtype.itemsize
+    utype = _UINT_OF_WIDTH[width]
+    sign = utype(1) << utype(8 * width - 1)
+    mask = (a.view(_INT_OF_WIDTH[width]) >> (8 * width - 1)).view(utype)  # all ones where negative
+    return a.view(utype) ^ (mask | sign)
 
 
 def _ordered_int(a: np.ndarray) -> np.ndarray:
@@ -186,15 +174,99 @@ def _ordered_int(a: np.ndarray) -> np.ndarray:
 
 
 def _isnan(a: np.ndarray) -> np.ndarray:
-    return np.isnan(a.astype(np.float64)) if _is_float(a.dtype) else np.zeros(a.shape, bool)
+    if a.dtype.name == "bfloat16":
+        return np.isnan(a.astype(np.float32))
+    return np.isnan(a) if _is_float(a.dtype) else np.zeros(a.shape, bool)
 
 
-def _nonfinite_agree(ref64: np.ndarray, obs64: np.ndarray) -> np.ndarray:
-    """Elements where NaN/Inf status and value agree (both finite counts as agree)."""
-    both_nan = np.isnan(ref64) & np.isnan(obs64)
-    same_inf = np.isinf(ref64) & (ref64 == obs64)
-    both_finite = np.isfinite(ref64) & np.isfinite(obs64)
-    return both_nan | same_inf | both_finite
+def ulp_distance(ref: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Element-wise ULP distance, on ``ref``'s dtype, as float64.
+
+    Both arrays must already have the same shape and dtype. NaN vs NaN is 0;
+    NaN vs anything else is ``inf``. Integers: the exact ``|obs - ref|``.
+    """
+    if ref.dtype.kind in "iub":  # exact even where float64 cannot hold the values (int64)
+        a, b = _ordered_int(ref), _ordered_int(obs)
+        return (np.maximum(a, b) - np.minimum(a, b)).astype(np.float64)
+    a, b = ordered_bits(ref), ordered_bits(obs)
+    dist = (np.maximum(a, b) - np.minimum(a, b)).astype(np.float64)
+    ref_nan, obs_nan = _isnan(ref), _isnan(obs)
+    if ref_nan.any() or obs_nan.any():
+        dist[ref_nan & obs_nan] = 0.0
+        dist[ref_nan ^ obs_nan] = np.inf
+    return dist
+
+
+def bits_equal(ref: np.ndarray, obs: np.ndarray) -> bool:
+    """Same shape, dtype and bytes, without copying contiguous arrays."""
+    if ref.shape != obs.shape or ref.dtype != obs.dtype:
+        return False
+    utype = _UINT_OF_WIDTH.get(ref.dtype.itemsize)
+    if utype is None:
+        return ref.tobytes() == obs.tobytes()
+    return bool(np.array_equal(np.ascontiguousarray(ref).view(utype), np.ascontiguousarray(obs).view(utype)))
+
+
+@dataclass
+class _Stats:
+    """Running maxima and counts over chunks."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    max_ulp: float = 0.0
+    required_rtol: float = 0.0
+    differs: int = 0
+    bad: int = 0
+    nonfinite: int = 0
+    first_bad: int | None = None
+
+
+def _chunk_stats(st: _Stats, ref: np.ndarray, obs: np.ndarray, offset: int, same_dtype: bool,
+                 atol: float, rtol: float, max_ulp: float) -> None:
+    """Fold one flat chunk (``obs`` already cast to ``ref``'s dtype) into ``st``."""
+    ulp = ulp_distance(ref, obs)
+    if ref.dtype.kind in "iub":
+        absdiff = ulp  # exact integer distance (float64 rounding can hide int64 differences)
+        absref = np.abs(ref.astype(np.float64))
+        agree = np.ones(ref.shape, bool)
+    else:
+        ref64, obs64 = ref.astype(np.float64), obs.astype(np.float64)
+        finite = np.isfinite(ref64) & np.isfinite(obs64)
+        if finite.all():
+            agree = finite
+            absdiff = np.abs(obs64 - ref64)
+            absref = np.abs(ref64)
+        else:
+            same_nonfinite = (np.isnan(ref64) & np.isnan(obs64)) | (np.isinf(ref64) & (ref64 == obs64))
+            agree = finite | same_nonfinite
+            with np.errstate(invalid="ignore"):
+                absdiff = np.where(finite, np.abs(obs64 - ref64), np.where(agree, 0.0, np.inf))
+            absref = np.abs(np.where(finite, ref64, 0.0))
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        reldiff = np.where(absdiff == 0, 0.0, absdiff / absref)
+        # rtol=inf at ref=0 would give NaN, not 0
+        within = agree & ((absdiff <= atol + np.where(absref > 0, rtol * absref, 0.0)) | (ulp <= max_ulp))
+    if same_dtype:
+        utype = _UINT_OF_WIDTH.get(ref.dtype.itemsize)
+        differs = int(np.count_nonzero(ref.view(utype) != obs.view(utype))) if utype else int(np.count_nonzero(ref != obs))
+    else:
+        differs = ref.size
+    # max(|d|/|ref|) can fall 1 ULP short of passing |d| <= rtol*|ref| after
+    # rounding; step it up until it passes (per chunk; the max over chunks is tight).
+    req_rtol = float(reldiff.max())
+    with np.errstate(over="ignore", invalid="ignore"):
+        while math.isfinite(req_rtol) and np.any(absdiff > req_rtol * absref):
+            req_rtol = float(np.nextafter(req_rtol, math.inf))
+    bad = ref.size - int(np.count_nonzero(within))
+    if bad and st.first_bad is None:
+        st.first_bad = offset + int(np.argmin(within))
+    st.max_abs = max(st.max_abs, float(absdiff.max()))
+    st.max_rel = max(st.max_rel, float(reldiff.max()))
+    st.max_ulp = max(st.max_ulp, float(ulp.max()))
+    st.required_rtol = max(st.required_rtol, req_rtol)
+    st.differs += differs
+    st.bad += bad
+    st.nonfinite += ref.size - int(np.count_nonzero(agree))
 
 
 def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Tolerance = Tolerance()) -> OutputComparison:
@@ -210,6 +282,8 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
     Returns:
         An ``OutputComparison`` whose ``verdict`` is ``bitwise``,
         ``within_tolerance`` or ``mismatch``, with every metric filled in.
+        Work proceeds in chunks of ``CHUNK`` elements, so extra memory stays
+        bounded whatever the array size.
 
     Example:
         >>> r = compare_arrays("y", np.float32([1, 2]), np.float32([1, np.nextafter(2, 3, dtype=np.float32)]))
@@ -222,72 +296,44 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
                   dtype_ref=ref.dtype.name, dtype_obs=obs.dtype.name, atol=atol, rtol=rtol, max_ulp=max_ulp)
     if ref.shape != obs.shape:
         return OutputComparison(verdict="mismatch", reason=f"shape {obs.shape} != reference {ref.shape}", **common)
-    dtype_reason = None
-    if ref.dtype != obs.dtype:
-        dtype_reason = f"dtype {obs.dtype.name} != reference {ref.dtype.name}"
-        obs_cast = obs.astype(ref.dtype)
-    else:
-        obs_cast = obs
-        if ref.tobytes() == obs.tobytes():
-            zeros = dict(max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0, mismatch_fraction=0.0,
-                         required_atol=0.0, required_rtol=0.0, required_ulp=0.0)
-            return OutputComparison(verdict="bitwise", **zeros, **common)
+    same_dtype = ref.dtype == obs.dtype
+    if same_dtype and bits_equal(ref, obs):
+        zeros = dict(max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0, mismatch_fraction=0.0,
+                     required_atol=0.0, required_rtol=0.0, required_ulp=0.0)
+        return OutputComparison(verdict="bitwise", **zeros, **common)
+    dtype_reason = None if same_dtype else f"dtype {obs.dtype.name} != reference {ref.dtype.name}"
     if ref.size == 0:
         return OutputComparison(verdict="mismatch" if dtype_reason else "bitwise", reason=dtype_reason,
                                 mismatch_fraction=0.0, **common)
+    if ref.dtype.kind not in "iub" and not _is_float(ref.dtype):
+        differs = float(np.mean(ref != obs))
+        return OutputComparison(verdict="mismatch", mismatch_fraction=differs, **common,
+                                reason=f"dtype {ref.dtype.name} is compared bit for bit only")
 
-    ref64 = ref.astype(np.float64)
-    obs64 = obs_cast.astype(np.float64)
-    ulp = ulp_distance(ref, obs_cast)
-    agree_nonfinite = _nonfinite_agree(ref64, obs64)
-    finite = np.isfinite(ref64) & np.isfinite(obs64)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        absdiff = np.where(finite, np.abs(obs64 - ref64), np.where(agree_nonfinite, 0.0, np.inf))
-        if ref.dtype.kind in "iub":
-            absdiff = ulp  # exact integer distance (float64 rounding can hide int64 differences)
-        absref = np.abs(np.where(finite, ref64, 0.0))
-        reldiff = np.where(absdiff == 0, 0.0, absdiff / absref)
-    # Bitwise mismatch per element: compare the raw bytes of each element.
-    if ref.dtype == obs.dtype:
-        utype = _UINT_OF_WIDTH.get(ref.dtype.itemsize)
-        if utype is not None:
-            differs = np.ascontiguousarray(ref).view(utype) != np.ascontiguousarray(obs).view(utype)
-        else:
-            differs = ref != obs
-    else:
-        differs = np.ones(ref.shape, bool)
-
-    with np.errstate(invalid="ignore", over="ignore"):  # rtol=inf at ref=0 would give NaN, not 0
-        within_close = agree_nonfinite & (absdiff <= atol + np.where(absref > 0, rtol * absref, 0.0))
-    within_ulp = agree_nonfinite & (ulp <= max_ulp)
-    within = within_close | within_ulp
-    all_within = bool(within.all())
-    first_bad = None
-    if not all_within:
-        first_bad = tuple(int(i) for i in np.unravel_index(int(np.argmin(within.ravel())), ref.shape))
-    nonfinite_mismatch = int((~agree_nonfinite).sum())
-    # max(|d|/|ref|) can fall 1 ULP short of passing |d| <= rtol*|ref| after rounding; step up until it passes.
-    required_rtol = float(reldiff.max())
-    with np.errstate(over="ignore"):
-        while math.isfinite(required_rtol) and np.any(absdiff > required_rtol * absref):
-            required_rtol = float(np.nextafter(required_rtol, math.inf))
-    verdict = "within_tolerance" if all_within and dtype_reason is None else "mismatch"
+    flat_ref = np.ascontiguousarray(ref).reshape(-1)
+    flat_obs = np.ascontiguousarray(obs).reshape(-1)
+    st = _Stats()
+    for start in range(0, flat_ref.size, CHUNK):
+        r = flat_ref[start:start + CHUNK]
+        o = flat_obs[start:start + CHUNK]
+        _chunk_stats(st, r, o if same_dtype else o.astype(ref.dtype), start, same_dtype, atol, rtol, max_ulp)
+    first_bad = None if st.first_bad is None else tuple(int(i) for i in np.unravel_index(st.first_bad, ref.shape))
+    verdict = "within_tolerance" if not st.bad and dtype_reason is None else "mismatch"
     reason = dtype_reason
     if verdict == "mismatch" and reason is None:
-        bad = int((~within).sum())
-        reason = f"{bad} of {ref.size} elements outside tolerance, first at index {list(first_bad)}"
-        if nonfinite_mismatch:
-            reason += f" ({nonfinite_mismatch} NaN/Inf disagreements)"
+        reason = f"{st.bad} of {ref.size} elements outside tolerance, first at index {list(first_bad)}"
+        if st.nonfinite:
+            reason += f" ({st.nonfinite} NaN/Inf disagreements)"
     return OutputComparison(
         verdict=verdict,
-        max_abs_diff=float(absdiff.max()),
-        max_rel_diff=float(reldiff.max()),
-        max_ulp_diff=float(ulp.max()),
-        mismatch_fraction=float(differs.mean()),
-        nonfinite_mismatch=nonfinite_mismatch,
-        required_atol=float(absdiff.max()),
-        required_rtol=required_rtol,
-        required_ulp=float(ulp.max()),
+        max_abs_diff=st.max_abs,
+        max_rel_diff=st.max_rel,
+        max_ulp_diff=st.max_ulp,
+        mismatch_fraction=st.differs / ref.size,
+        nonfinite_mismatch=st.nonfinite,
+        required_atol=st.max_abs,
+        required_rtol=st.required_rtol,
+        required_ulp=st.max_ulp,
         first_mismatch_index=first_bad,
         reason=reason,
         **common,
