@@ -209,6 +209,15 @@ class _State:
     done: set[str] = field(default_factory=set)
     train_fp: dict[str, dict] = field(default_factory=dict)
 
+    def table(self):
+        """Rows in the sweep's own order (scenario, format, environment), not completion
+        order, so reports of the same sweep always have the same layout."""
+        rank = {dim: {name: i for i, name in enumerate(names)} for dim, names in (
+            ("scenario", self.sweep.scenarios), ("format", self.sweep.formats),
+            ("environment", [e.name for e in self.sweep.environments]))}
+        key = lambda r: tuple(rank[d].get(r[d], len(rank[d])) for d in ("scenario", "format", "environment"))
+        return results.to_table(sorted(self.rows, key=key))
+
     def add(self, cell: Cell, values: dict[str, Any], artifact: Mapping[str, Any] | None = None) -> None:
         env = self.sweep.environment(cell.environment)
         expected = self.sweep.expectation(env)
@@ -220,6 +229,8 @@ class _State:
                        save_verdict=artifact.get("save_verdict"), save_max_abs_diff=artifact.get("save_max_abs_diff"),
                        save_max_ulp_diff=artifact.get("save_max_ulp_diff"))
         row.update({k: v for k, v in values.items() if k in results.COLUMN_NAMES})
+        # A cell that never started (unschedulable, failed save) is dated when it was decided.
+        row["started_at"] = row.get("started_at") or time.time()
         save_ok = row.get("save_verdict") is None or results.meets(row["save_verdict"], self.sweep.expect_save)
         row["passed"] = results.meets(row["verdict"], expected) and save_ok
         if not save_ok and row["verdict"] in results.NUMERIC_VERDICTS:
@@ -227,7 +238,7 @@ class _State:
             row["error"] = f"{note}; {row['error']}" if row.get("error") else note
         self.rows.append(row)
         self.done.add(cell.key)
-        results.write_table(results.to_table(self.rows), self.run_dir / "results.parquet")
+        results.write_table(self.table(), self.run_dir / "results.parquet")
         if self.progress:
             self.progress(len(self.done), self.total, row)
 
@@ -281,7 +292,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
         _run_inline(state, scenarios, todo, retrain)
     else:
         _run_ray(state, scenarios, todo, address, retrain, verbose)
-    table = results.to_table(state.rows)
+    table = state.table()
     results.write_table(table, run_dir / "results.parquet")
     # Also publish next to the observations in shared storage: on a cluster
     # the driver's disk may not outlive the run.
