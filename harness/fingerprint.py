@@ -102,8 +102,8 @@ def collect(environment: str | None = None, jit_compile: bool = False) -> dict[s
         "gpus": _gpus(tf),
         "gpu_driver": _nvidia_driver(),
         "onednn": _onednn_enabled(tf),
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "intra_op_threads": _threads(tf.config.threading.get_intra_op_parallelism_threads(), "TF_NUM_INTRAOP_THREADS"),
+        "inter_op_threads": _threads(tf.config.threading.get_inter_op_parallelism_threads(), "TF_NUM_INTEROP_THREADS"),
         "tf32": tf.config.experimental.tensor_float_32_execution_enabled(),
         "op_determinism": determinism,
         "jit_compile": jit_compile,
@@ -116,6 +116,20 @@ def collect(environment: str | None = None, jit_compile: bool = False) -> dict[s
     fp.update(cpu_info())
     fp.update(ray_info())
     return fp
+
+
+def _threads(api_value: int, env_var: str) -> int:
+    """Effective thread count: the API's value, else the env var TF read at start-up.
+
+    The API answers 0 ("TF's default") when the count came from the environment.
+    0 still means TF's default (about one thread per core).
+    """
+    if api_value:
+        return api_value
+    try:
+        return int(os.environ.get(env_var, "0"))
+    except ValueError:
+        return 0
 
 
 def _nvidia_driver() -> str | None:

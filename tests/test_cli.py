@@ -185,6 +185,9 @@ def test_run_all_expectations_met(good_run):
         r = rows[("seed-linear-regression", fmt, "cpu-default")]
         assert (r["verdict"], r["expected"], r["weights_equal"], r["save_verdict"]) == ("bitwise", "bitwise", True, "bitwise")
         assert r["node_id"], r  # ran on a Ray worker
+        single = json.loads(rows[("seed-linear-regression", fmt, "cpu-single-thread")]["fingerprint"])
+        assert (single["intra_op_threads"], single["inter_op_threads"]) == (1, 1)
+        assert single["env"]["TF_NUM_INTRAOP_THREADS"] == "1"
     report_md = (out / "report.md").read_text()
     assert "seed-linear-regression" in report_md and "4 passed, 0 failed expectations" in report_md
 
