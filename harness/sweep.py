@@ -395,11 +395,13 @@ class _Driver:
         self.dead_envs: dict[str, str] = {}
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # Keep the bookkeeping actor on the driver's node: losing a worker node
-        # must not lose the record of which cells started.
-        here = ray.get_runtime_context().get_node_id()
+        # Keep the bookkeeping actor on the head node (else the driver's): losing
+        # a worker node must not lose the record of which cells started.
+        home = next((n["NodeID"] for n in ray.nodes()
+                     if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
+                    ray.get_runtime_context().get_node_id())
         self.tracker = ray.remote(num_cpus=0)(_Tracker).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
+            scheduling_strategy=NodeAffinitySchedulingStrategy(home, soft=True)).remote()
         self.train_fn = ray.remote(_train_entry)
         self.replay_fn = ray.remote(_replay_entry)
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive"))

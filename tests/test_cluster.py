@@ -164,6 +164,12 @@ def test_envs_lists_nodes_fingerprints_and_hostable_environments(cluster, matrix
 
 def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids, scenarios, bucket, tmp_path):
     c, nodes = cluster
+    if not ray.is_initialized():
+        ray.init(address=c.address, log_to_driver=False)
+    # Nodes share one IP here, so the driver may sit on any node's raylet: never
+    # kill that one. Select the pool by Ray's default node-id label instead.
+    driver_node = ray.get_runtime_context().get_node_id()
+    pool = [name for name in ("intel", "amd", "a10g") if node_ids[name] != driver_node][:2]
     marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
     for f in marker_dir.iterdir():
         f.unlink()
@@ -171,8 +177,9 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
         "name": "node-loss", "scenarios": ["test-slow-build"], "formats": ["weights"],
         "training": {"resources": {"train": 1}}, "retries": 2,
         "timeouts": {"schedule_timeout_s": 60, "cell_timeout_s": 120},
-        "environments": {"pool": {"label_selector": {"cpu-family": "in(intel,amd)", "node-role": "replay"},
-                                  "env": {"HARNESS_TEST_BUILD_SLEEP": "6"}, "expect": "bitwise"}},
+        "environments": {"pool": {
+            "label_selector": {"ray.io/node-id": f"in({','.join(node_ids[n] for n in pool)})"},
+            "env": {"HARNESS_TEST_BUILD_SLEEP": "6"}, "expect": "bitwise"}},
     })
     box = {}
     runner = threading.Thread(target=lambda: box.update(res=run_sweep(
@@ -182,7 +189,7 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     victim = None
     while victim is None and time.time() < deadline:
         started = [f.name.split(".")[0] for f in marker_dir.iterdir()]
-        victim = next((name for name, nid in node_ids.items() if nid in started and name in ("intel", "amd")), None)
+        victim = next((name for name in pool if node_ids[name] in started), None)
         time.sleep(0.2)
     assert victim, "the replay cell never started"
     c.remove_node(nodes[victim], allow_graceful=False)
@@ -191,6 +198,6 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     rows = box["res"].table.to_pylist()
     assert len(rows) == 1
     row = rows[0]
-    survivor = "amd" if victim == "intel" else "intel"
+    survivor = next(name for name in pool if name != victim)
     assert row["verdict"] == "bitwise", row["error"]
     assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2
