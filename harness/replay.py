@@ -73,10 +73,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         observed = formats.predict(loaded.fn, inputs, batch_size, jit_compile=environment.jit_compile)
         observed_vars = formats.variable_digests(loaded.variables)
     except Exception as exc:
-        from .train import _error_text
-
         return _finish(row, start, verdict="error",
-                       error=f"load/predict of format {fmt!r} under TF {fp.get('tf_version')} failed: {_error_text(exc)}")
+                       error=f"load/predict of format {fmt!r} under TF {fp.get('tf_version')} failed: {runtime.error_text(exc)}")
     del loaded
 
     cmp = compare_outputs(reference, observed, tolerance, output_tolerances)

@@ -10,6 +10,8 @@ second cell of the same environment skips the work.
 from __future__ import annotations
 
 import os
+import traceback
+from pathlib import Path
 
 from .spec import Environment
 
@@ -67,3 +69,10 @@ def configure(env: Environment) -> None:
     if env.op_determinism:
         tf.config.experimental.enable_op_determinism()
     _configured["knobs"] = key
+
+
+def error_text(exc: BaseException) -> str:
+    """One line: exception type, first line of its message, and where it was raised."""
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{where}"

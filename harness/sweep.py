@@ -296,15 +296,12 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     results.write_table(table, run_dir / "results.parquet")
     # Also publish next to the observations in shared storage: on a cluster
     # the driver's disk may not outlive the run.
-    results_uri = None
-    if not state.total or state.rows:
-        from .storage import Storage
+    from .storage import Storage
 
-        st = Storage.open(state.storage_uri)
-        rel = f"runs/{state.run_id}/results.parquet"
-        st.write_bytes(rel, results.to_parquet_bytes(table))
-        results_uri = st.uri_of(rel)
-    return RunResult(run_id=state.run_id, run_dir=run_dir, table=table, results_uri=results_uri)
+    st = Storage.open(state.storage_uri)
+    rel = f"runs/{state.run_id}/results.parquet"
+    st.write_bytes(rel, results.to_parquet_bytes(table))
+    return RunResult(run_id=state.run_id, run_dir=run_dir, table=table, results_uri=st.uri_of(rel))
 
 
 def _replay_kwargs(sweep: Sweep, env: Environment, state: _State, cell: Cell) -> dict[str, Any]:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import tempfile
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,12 +89,6 @@ def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
     return model, probe
 
 
-def _error_text(exc: BaseException) -> str:
-    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{where}"
-
-
 def _reference_from_storage(storage: Storage, rel: str, fmt: str, digest: str) -> ArtifactInfo:
     info = storage.read_json(f"{rel}/reference.json")
     save = info.get("save", {})
@@ -121,6 +114,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
         its ``ArtifactInfo`` instead of raising, so other formats still run.
     """
     from . import fingerprint, runtime
+    from .runtime import error_text
 
     start = time.time()
     runtime.configure(training)
@@ -156,7 +150,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
             try:
                 formats.get(f).save(model, str(model_dir), probe)
             except Exception as exc:
-                info.error = f"save in format {f!r} failed: {_error_text(exc)}"
+                info.error = f"save in format {f!r} failed: {error_text(exc)}"
                 continue
             save: dict[str, Any]
             reload_outputs = None
@@ -171,7 +165,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
                         "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}
                 del loaded
             except Exception as exc:
-                save = {"verdict": "error", "error": f"reload in the training environment failed: {_error_text(exc)}"}
+                save = {"verdict": "error", "error": f"reload in the training environment failed: {error_text(exc)}"}
             info.save_verdict, info.save_error = save["verdict"], save.get("error")
             info.save_max_abs_diff, info.save_max_ulp_diff = save.get("max_abs_diff"), save.get("max_ulp_diff")
             # The environment reference is the reload here; if that failed, fall
