@@ -223,6 +223,11 @@ def _short(cell: Cell | None) -> str:
     return text + (" ✗" if _failed(cell) else "")
 
 
+MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp = within tolerance, at most N ULP from the "
+                 "reference; MISMATCH Nulp = outside tolerance; ✗ = missed its expectation; save = in-memory "
+                 "model vs its reload in the training environment")
+
+
 def matrix_text(table: pa.Table) -> str:
     """The results as a console matrix (tabulate) followed by a one-line summary.
 
@@ -235,7 +240,7 @@ def matrix_text(table: pa.Table) -> str:
     body = [[f"{s}/{f}", _short(_save_cell(lay.row_cells(s, f))),
              *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
     grid = tabulate(body, headers=["scenario/format", "save", *lay.environments], tablefmt="simple")
-    return f"{grid}\n{summary_line(table)}"
+    return f"{grid}\n{summary_line(table)}\n{MATRIX_LEGEND}"
 
 
 # -- Markdown ------------------------------------------------------------------------

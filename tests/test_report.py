@@ -68,8 +68,9 @@ def test_matrix_text_shows_every_verdict_compactly(table):
     for expected in ("bitwise", "tol 14ulp", "tol 14ulp ✗", "MISMATCH 2.1e+03ulp ✗", "ERROR ✗", "CORRUPT ✗", "UNSCHED ✗"):
         assert expected in text
     assert "✓" not in text
-    assert text.splitlines()[-1] == ("8 cells: 2 bitwise, 2 within tolerance, 1 mismatch, 1 corrupt, 1 error, "
+    assert text.splitlines()[-2] == ("8 cells: 2 bitwise, 2 within tolerance, 1 mismatch, 1 corrupt, 1 error, "
                                      "1 unschedulable; 3 passed, 5 failed expectations")
+    assert text.splitlines()[-1] == report.MATRIX_LEGEND
 
 
 def test_matrix_text_orders_rows_and_columns_by_first_appearance(table):
@@ -121,7 +122,7 @@ def test_thousand_cells_render_in_every_format(schema):
     assert len(list(junit_tree(big, schema).iter("testcase"))) == 1000
     assert len(json.loads(report.render(big, "json"))["cells"]) == 1000
     assert len(html_doc(big).find_class("cell")) == 1000
-    assert len(report.matrix_text(big).splitlines()) == 2 + 40 + 1
+    assert len(report.matrix_text(big).splitlines()) == 2 + 40 + 2  # header, rows, summary, legend
 
 
 # -- Markdown ------------------------------------------------------------------------
