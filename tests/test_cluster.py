@@ -200,4 +200,4 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     row = rows[0]
     survivor = next(name for name in pool if name != victim)
     assert row["verdict"] == "bitwise", row["error"]
-    assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2
+    assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2, (victim, survivor, row["attempts"], row["started_at"])
