@@ -299,8 +299,9 @@ def _status_change(key, old, new) -> dict[str, Any]:
             "old_passed": old["passed"], "new_passed": new["passed"], "error": new["error"]}
 
 
-def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(value)
+def is_finite(value: Any) -> bool:
+    """A real, finite number (not None, bool, NaN or inf): a metric worth showing or comparing."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _metric_changed(old: float, new: float, factor: float) -> bool:
@@ -311,7 +312,7 @@ def _metric_changed(old: float, new: float, factor: float) -> bool:
 
 def _diff_change(key, metric: str, old: Mapping[str, Any], new: Mapping[str, Any], factor: float):
     before, after = old[metric], new[metric]
-    if not (_finite(before) and _finite(after)) or not _metric_changed(before, after, factor):
+    if not (is_finite(before) and is_finite(after)) or not _metric_changed(before, after, factor):
         return None
     return {**_cell_id(key), "metric": metric, "old": before, "new": after,
             "ratio": after / before if before else None}

@@ -80,10 +80,6 @@ def _failed(cell: Cell) -> bool:
     return cell.get("passed") is False
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _num(value: Any) -> str:
     """A metric for humans: 3 significant digits, or n/a."""
     if value is None:
@@ -383,7 +379,7 @@ def _mismatch_rgb(ulp: Any) -> tuple[tuple[int, int, int], float]:
     """Colour of a mismatch on a log10 ULP scale, and its position 0..1 on that scale."""
     if ulp is None:
         t = 0.0
-    elif not _finite(ulp):
+    elif not hist.is_finite(ulp):
         t = 1.0  # NaN/inf outputs: as bad as it gets
     else:
         t = min(max(math.log10(max(ulp, 1.0)) / _MISMATCH_DECADES, 0.0), 1.0)
@@ -412,7 +408,7 @@ def _sparkline(points: list[Mapping[str, Any]], width: int = 72, height: int = 1
     """Inline SVG: max ULP diff (log scale) over runs, one dot per run in its verdict colour."""
     if len(points) < 2:
         return ""
-    values = [math.log10(1 + p["max_ulp_diff"]) if _finite(p.get("max_ulp_diff")) else 0.0 for p in points]
+    values = [math.log10(1 + p["max_ulp_diff"]) if hist.is_finite(p.get("max_ulp_diff")) else 0.0 for p in points]
     top = max(values) or 1.0
     step = (width - 6) / (len(points) - 1)
     xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
@@ -585,7 +581,7 @@ def outcome(cell: Cell) -> str:
 
 
 def _seconds(cells: Iterable[Cell]) -> str:
-    return f"{sum(c['seconds'] for c in cells if _finite(c.get('seconds')) and c['seconds'] > 0):.3f}"
+    return f"{sum(c['seconds'] for c in cells if hist.is_finite(c.get('seconds')) and c['seconds'] > 0):.3f}"
 
 
 def _failure_message(cell: Cell) -> str:

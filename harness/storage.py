@@ -269,8 +269,7 @@ class Storage:
                 # A damaged cached copy is this node's problem, not the
                 # artifact's: drop it and fetch again from storage.
                 shutil.rmtree(local, ignore_errors=True)
-        self._download(rel, manifest, local)
-        verify_dir(local, manifest)
+        self._download(rel, manifest, local)  # verified before it is renamed into place
         return str(local), manifest
 
     def _download(self, rel: str, manifest: dict[str, Any], local: Path) -> None:

@@ -397,14 +397,14 @@ class _Driver:
         # cluster: losing a worker node must not lose the record of which cells
         # started. Hard affinity: a soft one is only a preference (measured: 2
         # of 3 zero-CPU actors landed elsewhere). No head visible: the driver's node.
-        head = next((n["NodeID"] for n in ray.nodes()
-                     if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})), None)
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        head = next((n["NodeID"] for n in alive if "node:__internal_head__" in n.get("Resources", {})), None)
         home = head or ray.get_runtime_context().get_node_id()
         self.tracker = ray.remote(num_cpus=0)(_Tracker).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(home, soft=head is None)).remote()
         self.train_fn = ray.remote(_train_entry)
         self.replay_fn = ray.remote(_replay_entry)
-        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive"))
+        cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in alive)
         # Cap tasks in flight so a submitted task starts soon if it can run at
         # all: the schedule timeout then measures infeasibility, not queueing.
         self.max_in_flight = max(4, int(cpus) + 2)
@@ -484,7 +484,7 @@ class _Driver:
             value, error = self.ray.get(ref), None
         except Exception as exc:  # task error after retries, cancelled, worker/node died
             value, error = None, _ray_error_text(exc, attempts)
-            if not attempts:
+            if not attempts and not self.tracker_lost:
                 env = self.sweep.training if p.kind == "train" else self.sweep.environment(p.environment)
                 error = (f"the worker for environment {env.name!r} died before the harness code started: its "
                          f"runtime_env {sorted(env.runtime_env) or '(none)'} probably cannot import the harness's "

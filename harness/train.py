@@ -114,7 +114,6 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
         its ``ArtifactInfo`` instead of raising, so other formats still run.
     """
     from . import fingerprint, runtime
-    from .runtime import error_text
 
     start = time.time()
     runtime.configure(training)
@@ -150,7 +149,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
             try:
                 formats.get(f).save(model, str(model_dir), probe)
             except Exception as exc:
-                info.error = f"save in format {f!r} failed: {error_text(exc)}"
+                info.error = f"save in format {f!r} failed: {runtime.error_text(exc)}"
                 continue
             save: dict[str, Any]
             reload_outputs = None
@@ -165,7 +164,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
                         "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}
                 del loaded
             except Exception as exc:
-                save = {"verdict": "error", "error": f"reload in the training environment failed: {error_text(exc)}"}
+                save = {"verdict": "error", "error": f"reload in the training environment failed: {runtime.error_text(exc)}"}
             info.save_verdict, info.save_error = save["verdict"], save.get("error")
             info.save_max_abs_diff, info.save_max_ulp_diff = save.get("max_abs_diff"), save.get("max_ulp_diff")
             # The environment reference is the reload here; if that failed, fall
