@@ -12,9 +12,11 @@ import socket
 import sys
 from typing import Any
 
+from . import isa
+
 # CPU flags that change which kernels TF/oneDNN/XLA pick; the full list is noise.
-_INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                      "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+_INTERESTING_FLAGS = tuple(sorted({"sse4_2", "f16c", "asimd", "sve", *(f for level in isa.ISA_LEVELS
+                                                                        for f in isa.required_flags(level))}))
 _ENV_KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS",
              "TF_XLA_FLAGS", "TF_USE_LEGACY_KERAS", "CUDA_VISIBLE_DEVICES", "TF_DETERMINISTIC_OPS",
              "NVIDIA_TF32_OVERRIDE", "TF_CPP_MIN_LOG_LEVEL")
