@@ -20,6 +20,7 @@ No TensorFlow, no Ray. Semantics (also in the README):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
@@ -214,6 +215,7 @@ class _Stats:
     max_abs: float = 0.0
     max_rel: float = 0.0
     max_ulp: float = 0.0
+    required_atol: float = 0.0
     required_rtol: float = 0.0
     differs: int = 0
     bad: int = 0
@@ -221,48 +223,109 @@ class _Stats:
     first_bad: int | None = None
 
 
+def _exact_within(ref: float, obs: float, atol: float, rtol: float) -> bool:
+    """``|obs - ref| <= atol + rtol * |ref|`` in exact rational arithmetic (finite ref and obs)."""
+    if math.isinf(atol) or (math.isinf(rtol) and ref != 0):
+        return True
+    rhs = Fraction(atol) + (Fraction(rtol) * abs(Fraction(ref)) if ref != 0 else 0)
+    return abs(Fraction(obs) - Fraction(ref)) <= rhs
+
+
+def _exact_diff(ref64: np.ndarray, obs64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(|obs - ref| rounded to nearest, the smallest double >= the exact |obs - ref|)``.
+
+    Knuth's TwoSum recovers the rounding error of the subtraction exactly, so
+    float64 references get a required atol that really passes; for narrower
+    dtypes (exact in float64) both are the same.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = obs64 - ref64
+        bv = s - obs64
+        err = (obs64 - (s - bv)) + (-ref64 - bv)
+        absdiff = np.abs(s)
+        short = np.isfinite(s) & (err != 0) & (np.signbit(err) == np.signbit(s))  # rounded towards zero
+        return absdiff, np.where(short, np.nextafter(absdiff, np.inf), absdiff)
+
+
+def _required_rtol(absdiff: np.ndarray, reldiff: np.ndarray, ref64: np.ndarray, obs64: np.ndarray) -> float:
+    """The smallest double ``q`` with ``|obs - ref| <= q * |ref|`` exactly, for every element.
+
+    ``max(|d| / |ref|)`` is rounded to nearest, so it can fall one step short
+    (always so when the product is subnormal); the few elements near the
+    maximum are settled exactly.
+    """
+    top = float(reldiff.max()) if reldiff.size else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return top
+    near = np.flatnonzero(reldiff >= np.nextafter(np.nextafter(top, 0.0), 0.0))
+    for i in near:
+        r, o = float(ref64[i]), float(obs64[i])
+        while math.isfinite(top) and not _exact_within(r, o, 0.0, top):
+            top = math.nextafter(top, math.inf)
+    return top
+
+
 def _chunk_stats(st: _Stats, ref: np.ndarray, obs: np.ndarray, offset: int, same_dtype: bool,
                  atol: float, rtol: float, max_ulp: float) -> None:
-    """Fold one flat chunk (``obs`` already cast to ``ref``'s dtype) into ``st``."""
+    """Fold one flat chunk (``obs`` already cast to ``ref``'s dtype) into ``st``.
+
+    The tolerance test is decided in exact arithmetic: float64 is used where its
+    rounding cannot change the answer, and the rare elements where it could
+    (subnormal products, float64 references) are re-checked with fractions.
+    """
     ulp = ulp_distance(ref, obs)
     if ref.dtype.kind in "iub":
-        absdiff = ulp  # exact integer distance (float64 rounding can hide int64 differences)
+        absdiff = needed = ulp  # exact integer distance (float64 rounding can hide int64 differences)
         absref = np.abs(ref.astype(np.float64))
         agree = np.ones(ref.shape, bool)
+        ref64 = obs64 = None
     else:
         ref64, obs64 = ref.astype(np.float64), obs.astype(np.float64)
         finite = np.isfinite(ref64) & np.isfinite(obs64)
         if finite.all():
             agree = finite
-            absdiff = np.abs(obs64 - ref64)
+            absdiff, needed = _exact_diff(ref64, obs64)
             absref = np.abs(ref64)
         else:
             same_nonfinite = (np.isnan(ref64) & np.isnan(obs64)) | (np.isinf(ref64) & (ref64 == obs64))
             agree = finite | same_nonfinite
-            with np.errstate(invalid="ignore"):
-                absdiff = np.where(finite, np.abs(obs64 - ref64), np.where(agree, 0.0, np.inf))
-            absref = np.abs(np.where(finite, ref64, 0.0))
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            r0, o0 = np.where(finite, ref64, 0.0), np.where(finite, obs64, 0.0)
+            d, up = _exact_diff(r0, o0)
+            absdiff = np.where(finite, d, np.where(agree, 0.0, np.inf))
+            needed = np.where(finite, up, np.where(agree, 0.0, np.inf))
+            absref = np.abs(r0)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
         reldiff = np.where(absdiff == 0, 0.0, absdiff / absref)
         # rtol=inf at ref=0 would give NaN, not 0
-        within = agree & ((absdiff <= atol + np.where(absref > 0, rtol * absref, 0.0)) | (ulp <= max_ulp))
+        threshold = atol + np.where(absref > 0, rtol * absref, 0.0)
+        within_tol = agree & (absdiff <= threshold)
+        if ref64 is not None:
+            # Within a few ulps of the threshold float64 may round either way: decide exactly.
+            near = agree & np.isfinite(threshold) & np.isfinite(absdiff) & (
+                np.abs(absdiff - threshold) <= 2.0 ** -50 * np.maximum(absdiff, threshold) + 2.0 ** -1070)
+            near &= np.isfinite(ref64) & np.isfinite(obs64)
+            for i in np.flatnonzero(near):
+                within_tol[i] = _exact_within(float(ref64[i]), float(obs64[i]), atol, rtol)
+        within = within_tol | (agree & (ulp <= max_ulp))
     if same_dtype:
         utype = _UINT_OF_WIDTH.get(ref.dtype.itemsize)
         differs = int(np.count_nonzero(ref.view(utype) != obs.view(utype))) if utype else int(np.count_nonzero(ref != obs))
     else:
         differs = ref.size
-    # max(|d|/|ref|) can fall 1 ULP short of passing |d| <= rtol*|ref| after
-    # rounding; step it up until it passes (per chunk; the max over chunks is tight).
-    req_rtol = float(reldiff.max())
-    with np.errstate(over="ignore", invalid="ignore"):
-        while math.isfinite(req_rtol) and np.any(absdiff > req_rtol * absref):
-            req_rtol = float(np.nextafter(req_rtol, math.inf))
+    if ref64 is None:
+        req_rtol = float(reldiff.max())
+    else:
+        fin = agree & np.isfinite(ref64)
+        req_rtol = _required_rtol(np.where(fin, absdiff, 0.0), np.where(fin, reldiff, 0.0), ref64, obs64)
+        if not agree.all():
+            req_rtol = math.inf
     bad = ref.size - int(np.count_nonzero(within))
     if bad and st.first_bad is None:
         st.first_bad = offset + int(np.argmin(within))
     st.max_abs = max(st.max_abs, float(absdiff.max()))
     st.max_rel = max(st.max_rel, float(reldiff.max()))
     st.max_ulp = max(st.max_ulp, float(ulp.max()))
+    st.required_atol = max(st.required_atol, float(needed.max()))
     st.required_rtol = max(st.required_rtol, req_rtol)
     st.differs += differs
     st.bad += bad
@@ -331,7 +394,7 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
         max_ulp_diff=st.max_ulp,
         mismatch_fraction=st.differs / ref.size,
         nonfinite_mismatch=st.nonfinite,
-        required_atol=st.max_abs,
+        required_atol=st.required_atol,
         required_rtol=st.required_rtol,
         required_ulp=st.max_ulp,
         first_mismatch_index=first_bad,

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -581,7 +582,16 @@ def outcome(cell: Cell) -> str:
 
 
 def _seconds(cells: Iterable[Cell]) -> str:
-    return f"{sum(c['seconds'] for c in cells if hist.is_finite(c.get('seconds')) and c['seconds'] > 0):.3f}"
+    """JUnit ``time``: the sum of the cells' finite, positive seconds, as a plain decimal.
+
+    A sum past the largest float (only from corrupt rows) is capped there, never ``inf``.
+    """
+    values = [c["seconds"] for c in cells if hist.is_finite(c.get("seconds")) and c["seconds"] > 0]
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        total = sys.float_info.max
+    return f"{min(total, sys.float_info.max):.3f}"
 
 
 def _failure_message(cell: Cell) -> str:

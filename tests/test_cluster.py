@@ -122,8 +122,12 @@ def test_each_cell_ran_on_the_node_its_environment_selected(matrix_run, node_ids
 def test_gpu_environment_on_a_node_without_cuda_is_a_clear_error(matrix_run, node_ids):
     res, _ = matrix_run
     for row in _rows(res, "a10g"):
-        assert row["verdict"] == "error" and not row["passed"]
         assert row["node_id"] == node_ids["a10g"]
+        fp = json.loads(row["fingerprint"])
+        assert fp["env"]["CUDA_VISIBLE_DEVICES"] == "0"  # Ray assigned the fake node's GPU 0
+        if fp["tf_cuda_build"] and fp["gpus"]:
+            continue  # a real GPU behind the fake node: the cell really ran on it
+        assert row["verdict"] == "error" and not row["passed"]
         assert "asked for 1 GPU(s) but TensorFlow" in row["error"] and "CUDA_VISIBLE_DEVICES='0'" in row["error"]
 
 
@@ -173,13 +177,14 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
     for f in marker_dir.iterdir():
         f.unlink()
+    gate = tmp_path / "release"  # the replay cell waits in build() until this file exists
     sweep = _sweep({
         "name": "node-loss", "scenarios": ["test-slow-build"], "formats": ["weights"],
         "training": {"resources": {"train": 1}}, "retries": 2,
         "timeouts": {"schedule_timeout_s": 60, "cell_timeout_s": 120},
         "environments": {"pool": {
             "label_selector": {"ray.io/node-id": f"in({','.join(node_ids[n] for n in pool)})"},
-            "env": {"HARNESS_TEST_BUILD_SLEEP": "6"}, "expect": "bitwise"}},
+            "env": {"HARNESS_TEST_BUILD_GATE": str(gate)}, "expect": "bitwise"}},
     })
     box = {}
     runner = threading.Thread(target=lambda: box.update(res=run_sweep(
@@ -192,7 +197,8 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
         victim = next((name for name in pool if node_ids[name] in started), None)
         time.sleep(0.2)
     assert victim, "the replay cell never started"
-    c.remove_node(nodes[victim], allow_graceful=False)
+    c.remove_node(nodes[victim], allow_graceful=False)  # the cell is still waiting at the gate there
+    gate.write_text("go")  # the retry on the surviving node passes straight through
     runner.join(timeout=240)
     assert not runner.is_alive()
     rows = box["res"].table.to_pylist()

@@ -7,7 +7,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import example, assume, given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from harness.compare import (
@@ -373,8 +373,24 @@ def _check_required(ref, obs, attr, make):
     return r, req
 
 
+def _one_step_up(values):
+    ref = np.array(values)
+    obs = ref.copy()
+    obs[0] = np.nextafter(ref[0], np.inf)
+    return ref, obs
+
+
+# Found by Hypothesis: |d| and rtol*|ref| both subnormal, so float64 products
+# could not tell req from req*(1-1e-9); the comparison is now exact.
+SUBNORMAL_PRODUCT = _one_step_up([2.67633062e-303, 0.0])
+# Found by Hypothesis: obs - ref rounds down in float64 (and err*s underflows).
+ROUNDED_DIFFERENCE = (np.array([-1.40939767e-282, -1.40939767e-282]), np.array([1.52649046e-165, 0.0]))
+
+
 @SETTINGS
 @given(float_pairs())
+@example(SUBNORMAL_PRODUCT)
+@example(ROUNDED_DIFFERENCE)
 def test_required_atol_is_tight(pair):
     ref, obs = pair
     r, req = _check_required(ref, obs, "required_atol", lambda t: Tolerance(atol=t, rtol=0, max_ulp=0))
@@ -385,14 +401,13 @@ def test_required_atol_is_tight(pair):
 
 @SETTINGS
 @given(float_pairs())
+@example(SUBNORMAL_PRODUCT)
+@example(ROUNDED_DIFFERENCE)
 def test_required_rtol_is_tight(pair):
     ref, obs = pair
     r, req = _check_required(ref, obs, "required_rtol", lambda t: Tolerance(atol=0, rtol=t, max_ulp=0))
-    # rtol*|ref| is computed in float64: for a subnormal float64 reference the
-    # product rounds to the same value for req and req*(1-1e-9), so skip those.
-    r64 = np.abs(ref.astype(np.float64))
-    if req > 0 and not np.any((r64 > 0) & (r64 < np.finfo(np.float64).tiny)):
-        below = req * (1 - 1e-9)  # well above float64 rounding, far below any float32 step
+    if req > 0:
+        below = req * (1 - 1e-9)  # far below any float32 step; the comparison is exact
         assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=below, max_ulp=0)).verdict == "mismatch"
 
 

@@ -27,7 +27,8 @@ def test_artifacts_saved_by_this_tf_reload_under_tf_2_20(tmp_path):
     res = run_sweep(sweep, discover(), out_dir=tmp_path / "run", storage=str(tmp_path / "store"))
     rows = res.table.to_pylist()
     assert len(rows) == 2 * len(FORMATS)
-    ours = md.version("tensorflow-cpu")
+    # Whichever distribution provides `tensorflow` here: tensorflow-cpu (the `cpu` extra) or tensorflow (`gpu`).
+    ours = md.version(md.packages_distributions()["tensorflow"][0])
     for row in rows:
         fp = json.loads(row["fingerprint"])
         train_fp = json.loads(row["train_fingerprint"])

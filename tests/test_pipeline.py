@@ -1,6 +1,7 @@
 """train() and replay() as plain functions: real TensorFlow, real files, no Ray."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -160,8 +161,10 @@ def test_gpu_environment_without_gpu_is_a_clear_error(scenarios, store, trained)
 
 
 def test_import_time_knobs_cannot_be_faked_in_process(scenarios, store, trained):
+    # The opposite of whatever this shell has, so the variable really differs from this process's.
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0"
     row = _replay(scenarios, store, trained, "seed-linear-regression", "keras",
-                  env=Environment(name="cpu-onednn-off", onednn=False))
+                  env=Environment(name="cpu-onednn-flipped", onednn=onednn))
     assert row["verdict"] == "error" and "TF_ENABLE_ONEDNN_OPTS" in row["error"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest_report_helpers import NIGHT_ONE, make_row, verdict_rows, verdict_table
@@ -209,22 +209,32 @@ def test_junit_passing_cells_have_no_failure(table, schema):
     assert "max_ulp_diff 14" in case.find("system-out").text
 
 
+# Metrics may be anything a float holds (NaN/inf from broken outputs); wall times
+# are what a clock gives, with a few broken values (null, NaN, negative).
+_seconds_strategy = st.floats(0, 1e5) | st.sampled_from([None, math.nan, -1.0])
 rows_strategy = st.lists(
     st.tuples(st.sampled_from(results.VERDICTS + (None,)), st.sampled_from(results.EXPECTATIONS),
               st.sampled_from([True, False, None]), st.text(max_size=40),
-              st.floats(allow_nan=True, allow_infinity=True) | st.none()),
+              st.floats(allow_nan=True, allow_infinity=True) | st.none(), _seconds_strategy),
     max_size=25)
 
 
 def _random_table(draw):
     rows = [{**make_row("bitwise", f"s{i % 3}", "keras", f"env{i}"), "verdict": v, "expected": x, "passed": p,
-             "error": err, "max_ulp_diff": ulp, "max_abs_diff": ulp, "seconds": ulp}
-            for i, (v, x, p, err, ulp) in enumerate(draw)]
+             "error": err, "max_ulp_diff": ulp, "max_abs_diff": ulp, "seconds": secs}
+            for i, (v, x, p, err, ulp, secs) in enumerate(draw)]
     return results.to_table(rows)
+
+
+# Found by Hypothesis when seconds were drawn from every float: the JUnit time
+# sum (1.8e308 + 1e292) overflowed to inf and failed the schema. Huge values stay valid decimals.
+HUGE_SECONDS = [("bitwise", "bitwise", True, "", 0.0, 1.7976931348623157e308), ("bitwise", "bitwise", True, "", 0.0, 1e292),
+                ("error", "any", False, "x", math.inf, math.inf)]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows_strategy)
+@example(HUGE_SECONDS)
 def test_junit_counts_match_any_verdict_mix(schema, drawn):
     table = _random_table(drawn)
     suite = junit_tree(table, schema).find("testsuite")

@@ -1,6 +1,7 @@
 """Whole sweeps on a real embedded Ray (one node): verdicts, placement, timeouts, resume."""
 
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,8 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", include_dashboard=False, num_cpus=2, num_gpus=0, log_to_driver=False,
+             logging_level="ERROR")
     yield ray.get_runtime_context().get_node_id()
     ray.shutdown()
 
@@ -71,33 +73,42 @@ def test_one_row_per_cell_and_progress(main_run):
     assert on_disk.schema == results.SCHEMA and on_disk.num_rows == 30
 
 
+# Fingerprint keys that decide the numerics of a CPU reload (besides the probe batch size).
+NUMERIC_KEYS = ("tf_version", "onednn", "intra_op_threads", "inter_op_threads", "jit_compile", "cpu_model")
+
+
 def test_same_settings_reload_is_bitwise(main_run, local_ray):
     res, _, _ = main_run
     for row in _by_env(res.table)["cpu-default"]:
         assert row["verdict"] == "bitwise" and row["passed"] and row["weights_equal"]
         assert row["save_verdict"] == "bitwise"
         assert row["node_id"] == local_ray
-        fp = json.loads(row["fingerprint"])
-        assert fp["environment"] == "cpu-default" and fp["onednn"] is True
+        fp, train_fp = json.loads(row["fingerprint"]), json.loads(row["train_fingerprint"])
+        assert fp["environment"] == "cpu-default" and fp["pid"] != train_fp["pid"]
+        # Whatever this CPU's defaults are (oneDNN is on by default only with AVX-512),
+        # cpu-default ran with exactly the training worker's settings.
+        assert {k: fp[k] for k in NUMERIC_KEYS} == {k: train_fp[k] for k in NUMERIC_KEYS}
 
 
 def test_environment_knobs_reach_the_worker_and_differences_are_surfaced(main_run):
     res, _, _ = main_run
     envs = _by_env(res.table)
     for row in envs["cpu-onednn-off"]:
-        fp = json.loads(row["fingerprint"])
+        fp, train_fp = json.loads(row["fingerprint"]), json.loads(row["train_fingerprint"])
         assert fp["onednn"] is False and fp["env"]["TF_ENABLE_ONEDNN_OPTS"] == "0"
         assert row["verdict"] in ("bitwise", "within_tolerance") and row["passed"]
+        if train_fp["onednn"] is False:
+            # oneDNN was already off for training (e.g. an AVX2-only CPU): same settings, same bits.
+            assert row["verdict"] == "bitwise", row
     for row in envs["cpu-xla"]:
         assert json.loads(row["fingerprint"])["jit_compile"] is True
-    # On this hardware both change the last bits of real outputs; the harness
-    # must report how many ULPs, not hide them behind "passed".
-    ulps = [r["max_ulp_diff"] for e in ("cpu-onednn-off", "cpu-xla") for r in envs[e]]
-    assert max(ulps) >= 1
+    # Whether a knob moves the last bits depends on the CPU; what must hold
+    # everywhere is that a difference is reported exactly, never hidden.
     for e in ("cpu-onednn-off", "cpu-xla"):
         for r in envs[e]:
+            assert (r["verdict"] == "bitwise") == (r["max_ulp_diff"] == 0 == r["mismatch_fraction"])
             if r["verdict"] == "within_tolerance":
-                assert r["mismatch_fraction"] > 0 and r["required_ulp"] == r["max_ulp_diff"]
+                assert r["mismatch_fraction"] > 0 and r["required_ulp"] == r["max_ulp_diff"] >= 1
 
 
 def test_workers_are_reused_within_an_environment(main_run):
@@ -109,14 +120,17 @@ def test_workers_are_reused_within_an_environment(main_run):
 
 
 def test_environments_no_node_can_host_are_unschedulable_at_once(main_run):
-    res, _, elapsed = main_run
+    res, _, _ = main_run
     envs = _by_env(res.table)
-    for row in envs["needs-h100"]:
-        assert row["verdict"] == "unschedulable" and not row["passed"]
-        assert "accelerator_type:H100" in row["error"]
-    for row in envs["needs-gpu"]:
-        assert row["verdict"] == "unschedulable" and "GPU" in row["error"]
-    assert elapsed < 60, "precheck must not wait for the schedule timeout"
+    for env in ("needs-h100", "needs-gpu"):
+        for row in envs[env]:
+            # Decided by the precheck against the cluster's nodes, not by waiting
+            # for the schedule timeout (whose message says "still pending after").
+            assert row["verdict"] == "unschedulable" and not row["passed"]
+            assert row["error"].startswith("no node of the cluster"), row["error"]
+            assert not row["attempts"]
+    assert all("accelerator_type:H100" in r["error"] for r in envs["needs-h100"])
+    assert all("GPU" in r["error"] for r in envs["needs-gpu"])
 
 
 def test_observations_and_artifacts_are_in_storage(main_run, store):
@@ -154,21 +168,21 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
             "slow": {"env": {"HARNESS_TEST_BUILD_SLEEP": "120"}},
         },
     })
-    start = time.time()
     res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store)
-    elapsed = time.time() - start
     envs = _by_env(res.table)
     assert envs["fast"][0]["verdict"] == "bitwise" and envs["fast"][0]["passed"]
     ghost = envs["ghost"][0]
     assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"] and "ghost=1" in ghost["error"]
     slow = envs["slow"][0]
+    # The cell sleeps 120 s: only the cell timeout can have ended it as an error.
     assert slow["verdict"] == "error" and "timed out after 8s" in slow["error"]
-    assert elapsed < 90
 
 
 def test_inline_mode_runs_without_ray_and_refuses_to_fake_env_vars(scenarios, store, tmp_path):
+    # The opposite of whatever this shell has, so the variable really differs from this process's.
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0"
     sweep = _sweep({"name": "inline", "scenarios": ["seed-linear-regression"], "formats": ["keras"],
-                    "environments": {"cpu-default": {"expect": "bitwise"}, "cpu-onednn-off": {"onednn": False}}})
+                    "environments": {"cpu-default": {"expect": "bitwise"}, "cpu-onednn-off": {"onednn": onednn}}})
     res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store, inline=True)
     envs = _by_env(res.table)
     assert envs["cpu-default"][0]["verdict"] == "bitwise"

@@ -1,8 +1,10 @@
-"""A scenario whose build() sleeps when HARNESS_TEST_BUILD_SLEEP is set.
+"""A scenario whose build() sleeps or waits when told to.
 
 Replaying the ``weights`` format calls build(), so an environment that sets
-the variable (through its ``env``) makes that cell slow: material for cell
-timeouts and for killing a node while a cell runs.
+``HARNESS_TEST_BUILD_SLEEP`` (seconds) or ``HARNESS_TEST_BUILD_GATE`` (a file
+path: build() waits until that file exists) through its ``env`` makes that
+cell slow: material for cell timeouts and for killing a node while a cell
+runs, without racing a clock.
 """
 
 import os
@@ -18,6 +20,10 @@ def _build():
 
     _marker()
     time.sleep(float(os.environ.get("HARNESS_TEST_BUILD_SLEEP", "0")))
+    gate = os.environ.get("HARNESS_TEST_BUILD_GATE")
+    deadline = time.time() + 600
+    while gate and not os.path.exists(gate) and time.time() < deadline:
+        time.sleep(0.05)
     return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
 
 
