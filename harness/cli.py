@@ -48,14 +48,15 @@ def _plan(args, sweep) -> list:
         raise UsageError(f"{args.sweep}: {exc}") from None
 
 
-def _progress(done: int, total: int, row: dict) -> None:
+def _progress(done: int, total: int, cell) -> None:
+    """One stderr line per finished cell (``cell`` is a ``harness.records.CellResult``)."""
     metric = ""
-    if row.get("max_ulp_diff") is not None and row["verdict"] in ("within_tolerance", "mismatch"):
-        metric = f" max {row['max_ulp_diff']:.3g} ulp, {row.get('max_abs_diff') or 0:.3g} abs"
-    mark = "" if row["passed"] else "  ✗ expected " + row["expected"]
-    err = f" -- {row['error'][:160]}" if row.get("error") and not row["passed"] else ""
-    print(f"[{done:>{len(str(total))}}/{total}] {row['scenario']}/{row['format']} @ {row['environment']}: "
-          f"{row['verdict']}{metric}{mark}{err}", file=sys.stderr, flush=True)
+    if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
+        metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
+    mark = "" if cell.passed else "  ✗ expected " + cell.expected
+    err = f" -- {cell.error[:160]}" if cell.error and not cell.passed else ""
+    print(f"[{done:>{len(str(total))}}/{total}] {cell.scenario}/{cell.format} @ {cell.environment}: "
+          f"{cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args) -> int:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import socket
@@ -78,8 +79,22 @@ def _gpus(tf) -> list[dict[str, Any]]:
     return out
 
 
+_cache: dict[tuple[str | None, bool], dict[str, Any]] = {}
+
+
 def collect(environment: str | None = None, jit_compile: bool = False) -> dict[str, Any]:
-    """Fingerprint this process: versions, build, CPU, GPUs, TF settings, Ray node."""
+    """Fingerprint this process: versions, build, CPU, GPUs, TF settings, Ray node.
+
+    Measured once per process and environment (a worker serves many cells; what
+    it is does not change between them); each call returns a fresh copy.
+    """
+    key = (environment, jit_compile)
+    if key not in _cache:
+        _cache[key] = _measure(environment, jit_compile)
+    return copy.deepcopy(_cache[key])
+
+
+def _measure(environment: str | None, jit_compile: bool) -> dict[str, Any]:
     import keras
     import numpy
     import tensorflow as tf

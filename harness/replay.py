@@ -1,8 +1,8 @@
 """Reload one artifact in one environment and compare it with the reference.
 
-A plain function (no Ray inside): ``sweep`` runs it as a Ray task in the
-environment's worker; tests and ``--inline`` call it directly. It never
-raises for a problem with the cell: every outcome becomes a verdict.
+A plain function (no Ray inside): the engine runs it in the environment's
+long-lived worker; tests and ``--inline`` call it directly. It never raises
+for a problem with the cell: every outcome becomes a verdict.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from . import arrays, formats
 from .compare import Tolerance, compare_digests, compare_outputs
+from .records import CellResult
 from .scenario import Scenario
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
@@ -26,7 +27,7 @@ def _nan_to_none(x: float | None) -> float | None:
 def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, environment: Environment,
            *, batch_size: int, tolerance: Tolerance = Tolerance(),
            output_tolerances: Mapping[str, Tolerance] | None = None,
-           observation_path: str | None = None) -> dict[str, Any]:
+           observation_path: str | None = None, manifest_sha256: str | None = None) -> CellResult:
     """Reload ``artifact_path`` in this process as ``environment`` and compare.
 
     Args:
@@ -40,29 +41,31 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         output_tolerances: per-output overrides.
         observation_path: where to write this cell's outputs (Arrow IPC),
             relative to the storage root; skipped if ``None``.
+        manifest_sha256: the manifest digest the training step returned; an
+            artifact whose manifest was rewritten since is ``corrupt``.
 
     Returns:
-        A dict of result columns (see ``harness.results.COLUMNS``): verdict,
-        metrics, weights_equal, error, detail, fingerprint, node, timings.
+        The cell's ``CellResult`` (its own columns: verdict, metrics,
+        weights_equal, error, detail, fingerprint, node, timings); the run's
+        columns are the driver's to fill.
     """
     from . import fingerprint, runtime
 
     start = time.time()
-    row: dict[str, Any] = {"scenario": scenario.name, "format": fmt, "environment": environment.name}
+    cell = CellResult(scenario=scenario.name, format=fmt, environment=environment.name, started_at=start)
     try:
         runtime.configure(environment)
     except runtime.EnvironmentMismatch as exc:
-        return _finish(row, start, verdict="error", error=str(exc), fp=_safe_fingerprint(environment))
+        return _finish(cell, start, _safe_fingerprint(environment), verdict="error", error=str(exc))
     fp = fingerprint.collect(environment.name, jit_compile=environment.jit_compile)
-    row.update(fingerprint=fp, node_id=fp.get("ray_node_id"), node_labels=fp.get("ray_node_labels"),
-               tf_version=fp.get("tf_version"))
     storage = Storage.open(storage_uri)
     try:
-        local, _manifest = storage.get_dir(artifact_path)
+        local, _manifest = storage.get_dir(artifact_path, expected_manifest_sha256=manifest_sha256)
     except CorruptArtifact as exc:
-        return _finish(row, start, verdict="corrupt", error=f"artifact failed verification: {exc}")
+        return _finish(cell, start, fp, verdict="corrupt", error=f"artifact failed verification: {exc}")
     except Exception as exc:  # storage unreachable, permissions...
-        return _finish(row, start, verdict="error", error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
+        return _finish(cell, start, fp, verdict="error",
+                       error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
 
     ref_arrays, meta = arrays.read_ipc(f"{local}/reference.arrow")
     info = json.loads(open(f"{local}/reference.json").read())
@@ -73,7 +76,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         observed = formats.predict(loaded.fn, inputs, batch_size, jit_compile=environment.jit_compile)
         observed_vars = formats.variable_digests(loaded.variables)
     except Exception as exc:
-        return _finish(row, start, verdict="error",
+        return _finish(cell, start, fp, verdict="error",
                        error=f"load/predict of format {fmt!r} under TF {fp.get('tf_version')} failed: {runtime.error_text(exc)}")
     del loaded
 
@@ -87,16 +90,17 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         # A restored variable that differs is a broken save, whatever the outputs say.
         verdict = "mismatch"
         error = "; ".join(filter(None, [f"{len(problems)} variable(s) not restored exactly: " + "; ".join(problems[:5]), error]))
+    observation_uri = None
     if observation_path:
         storage.write_bytes(observation_path, arrays.to_ipc_bytes(observed, {
             "scenario": scenario.name, "format": fmt, "environment": environment.name, "verdict": verdict}))
-        row["observation_uri"] = storage.uri_of(observation_path)
+        observation_uri = storage.uri_of(observation_path)
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
     detail = {"outputs": [o.to_dict() for o in cmp.outputs], "weight_problems": problems,
               "variables_checked": len(info["variables"]), "reference_kind": meta.get("reference_kind"),
               "batch_size": batch_size}
-    return _finish(row, start, verdict=verdict, error=error,
+    return _finish(cell, start, fp, verdict=verdict, error=error, observation_uri=observation_uri,
                    max_abs_diff=_nan_to_none(cmp.max_abs_diff), max_rel_diff=_nan_to_none(cmp.max_rel_diff),
                    max_ulp_diff=_nan_to_none(cmp.max_ulp_diff), mismatch_fraction=_nan_to_none(cmp.mismatch_fraction),
                    weights_equal=weights_equal, atol=_nan_to_none(atol), rtol=_nan_to_none(rtol),
@@ -113,10 +117,6 @@ def _safe_fingerprint(environment: Environment) -> dict[str, Any]:
         return {"environment": environment.name, **fingerprint.cpu_info(), **fingerprint.ray_info()}
 
 
-def _finish(row: dict[str, Any], start: float, *, fp: dict | None = None, **values: Any) -> dict[str, Any]:
-    if fp is not None:
-        row.update(fingerprint=fp, node_id=fp.get("ray_node_id"), node_labels=fp.get("ray_node_labels"),
-                   tf_version=fp.get("tf_version"))
-    row.update(values)
-    row["seconds"] = time.time() - start
-    return row
+def _finish(cell: CellResult, start: float, fp: dict[str, Any], **values: Any) -> CellResult:
+    return cell.replace(fingerprint=fp, node_id=fp.get("ray_node_id"), node_labels=fp.get("ray_node_labels"),
+                        tf_version=fp.get("tf_version"), seconds=time.time() - start, **values)

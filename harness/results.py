@@ -16,73 +16,13 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: Verdicts, from best to worst. ``compare`` produces the first three,
-#: ``replay`` produces ``error``/``corrupt``, ``sweep`` produces ``unschedulable``.
-VERDICTS = ("bitwise", "within_tolerance", "mismatch", "corrupt", "error", "unschedulable")
+# The verdict vocabulary lives with the records; re-exported here for readers of results.
+from .records import EXPECTATIONS, FIELDS, NUMERIC_VERDICTS, VERDICTS, CellResult, meets  # noqa: F401
 
-#: Expectations a sweep may state per environment.
-EXPECTATIONS = ("bitwise", "tolerance", "any")
-
-#: Verdicts that mean "the numbers were compared" (as opposed to a failure to run).
-NUMERIC_VERDICTS = ("bitwise", "within_tolerance", "mismatch")
-
-
-def meets(verdict: str, expected: str) -> bool:
-    """Whether a verdict satisfies an expectation.
-
-    ``bitwise`` accepts only ``bitwise``; ``tolerance`` accepts ``bitwise`` and
-    ``within_tolerance``; ``any`` accepts every numeric verdict (including
-    ``mismatch``) but never ``error``, ``corrupt`` or ``unschedulable``: a cell
-    that did not run cannot pass.
-    """
-    if expected == "bitwise":
-        return verdict == "bitwise"
-    if expected == "tolerance":
-        return verdict in ("bitwise", "within_tolerance")
-    if expected == "any":
-        return verdict in NUMERIC_VERDICTS
-    raise ValueError(f"unknown expectation {expected!r}; use one of {', '.join(EXPECTATIONS)}")
-
-
-# (name, type, description) -- the README's results schema table is generated
-# from the same list, so code and docs cannot drift.
-COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
-    ("run_id", pa.string(), "identifier of the run (UTC timestamp + short random suffix)"),
-    ("sweep", pa.string(), "sweep name"),
-    ("scenario", pa.string(), "scenario name"),
-    ("format", pa.string(), "save format"),
-    ("environment", pa.string(), "environment name"),
-    ("verdict", pa.string(), "bitwise | within_tolerance | mismatch | corrupt | error | unschedulable"),
-    ("expected", pa.string(), "expectation for this environment: bitwise | tolerance | any"),
-    ("passed", pa.bool_(), "verdict meets `expected` and the save round trip meets `expect_save`"),
-    ("max_abs_diff", pa.float64(), "max |observed - reference| over all outputs (null if not compared)"),
-    ("max_rel_diff", pa.float64(), "max |observed - reference| / |reference|"),
-    ("max_ulp_diff", pa.float64(), "max distance in units in the last place of the reference dtype"),
-    ("mismatch_fraction", pa.float64(), "fraction of output elements whose bits differ"),
-    ("weights_equal", pa.bool_(), "every restored variable has the original's bytes (null if not checked)"),
-    ("save_verdict", pa.string(), "in-memory model vs reload in the training environment"),
-    ("save_max_abs_diff", pa.float64(), "max abs diff of that save round trip"),
-    ("save_max_ulp_diff", pa.float64(), "max ULP diff of that save round trip"),
-    ("atol", pa.float64(), "absolute tolerance applied (largest over outputs)"),
-    ("rtol", pa.float64(), "relative tolerance applied"),
-    ("max_ulp", pa.float64(), "ULP tolerance applied"),
-    ("required_atol", pa.float64(), "smallest atol (rtol=0) that would have passed every element"),
-    ("required_rtol", pa.float64(), "smallest rtol (atol=0) that would have passed every element"),
-    ("required_ulp", pa.float64(), "smallest max_ulp that would have passed every element"),
-    ("error", pa.string(), "what went wrong, for error / corrupt / unschedulable / weight mismatches"),
-    ("detail", pa.string(), "JSON: per-output metrics and per-variable weight mismatches"),
-    ("fingerprint", pa.string(), "JSON fingerprint of the worker that ran the reload"),
-    ("train_fingerprint", pa.string(), "JSON fingerprint of the training worker"),
-    ("node_id", pa.string(), "Ray node id the reload ran on"),
-    ("node_labels", pa.string(), "JSON Ray node labels of that node"),
-    ("tf_version", pa.string(), "TensorFlow version of the reload worker"),
-    ("artifact_digest", pa.string(), "content address of the artifact"),
-    ("artifact_uri", pa.string(), "where the artifact lives in storage"),
-    ("observation_uri", pa.string(), "Arrow IPC file with this cell's outputs"),
-    ("attempts", pa.int32(), "how many times the cell was dispatched"),
-    ("started_at", pa.timestamp("us", tz="UTC"), "when the cell started (driver clock)"),
-    ("seconds", pa.float64(), "wall time of the cell"),
-)
+# (name, type, description) of every column, from CellResult's fields: the README's
+# results schema table is generated from the same list, so code and docs cannot drift.
+COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = tuple(
+    (f.name, f.metadata["arrow"], f.metadata["doc"]) for f in FIELDS)
 
 SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in COLUMNS])
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
@@ -102,21 +42,30 @@ def empty_row(**values: Any) -> dict[str, Any]:
     return row
 
 
-def _coerce(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = empty_row()
+def _coerce(row: Mapping[str, Any] | CellResult) -> dict[str, Any]:
+    if isinstance(row, CellResult):
+        return row.to_row()
+    out = empty_row()  # raises KeyError on an unknown column: nothing is dropped silently
     for key, value in row.items():
         if key not in out:
             raise KeyError(f"unknown result column {key!r}")
-        if isinstance(value, (dict, list)) and key in ("detail", "fingerprint", "train_fingerprint", "node_labels"):
+        if isinstance(value, (dict, list)) and key in _JSON_COLUMNS:
             value = json.dumps(value, sort_keys=True, default=str)
-        if key == "started_at" and isinstance(value, (int, float)):
+        elif key == "started_at" and isinstance(value, (int, float)):
             value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)
         out[key] = value
     return out
 
 
-def to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Build a results table from cell dicts (missing columns become null)."""
+_JSON_COLUMNS = tuple(f.name for f in FIELDS if f.metadata["json"])
+
+
+def to_table(rows: Iterable[Mapping[str, Any] | CellResult]) -> pa.Table:
+    """Build a results table from cell results or cell dicts (missing columns become null).
+
+    Raises:
+        KeyError: a dict names a column the schema does not have.
+    """
     coerced = [_coerce(r) for r in rows]
     return pa.Table.from_pylist(coerced, schema=SCHEMA)
 
@@ -128,6 +77,73 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+JOURNAL = "results.journal.jsonl"
+
+
+class Journal:
+    """The run's results as they arrive: one JSON line per finished cell, appended.
+
+    Appending a line is O(1) whatever the run's size, and a line reaches the
+    operating system before the next cell is handled, so killing the driver
+    (even SIGKILL) loses no finished cell. ``results.parquet`` is written once
+    from the journal at the end (or by ``--resume`` / ``harness report`` after
+    a crash). A line torn by a crash is skipped when reading.
+
+    Example:
+        >>> with Journal("runs/x") as journal:
+        ...     journal.append(result)
+        >>> rows = Journal.read("runs/x")
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / JOURNAL
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        self._file = open(self.path, "a", encoding="utf-8")
+        if torn:  # a crash cut the last line: start ours on a fresh one
+            self._file.write("\n")
+
+    def append(self, result: CellResult) -> None:
+        self._file.write(json.dumps(result.to_json(), default=_json_default) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def read(run_dir: str | os.PathLike) -> list[CellResult]:
+        """Every complete line of the journal in ``run_dir`` (empty if there is none)."""
+        path = Path(run_dir) / JOURNAL
+        if not path.exists():
+            return []
+        out = []
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    out.append(CellResult.from_json(json.loads(line)))
+                except (ValueError, TypeError):
+                    continue  # a torn or foreign line
+        return out
+
+    @staticmethod
+    def remove(run_dir: str | os.PathLike) -> None:
+        (Path(run_dir) / JOURNAL).unlink(missing_ok=True)
+
+
+def _json_default(o: Any) -> Any:
+    return o.item() if hasattr(o, "item") else str(o)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:

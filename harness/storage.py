@@ -53,6 +53,16 @@ def _s3_from_env(uri: str) -> tuple[pafs.FileSystem, str] | None:
     return pafs.FileSystem.from_uri(urlunsplit(parts._replace(query=urlencode(query))))
 
 
+def normalize_uri(uri: str | os.PathLike) -> str:
+    """The URI every process resolves the same way: a local path made absolute, ``~`` expanded.
+
+    The driver calls this once; workers get the result, so a relative
+    ``storage:`` never depends on a worker's working directory.
+    """
+    text = os.fspath(uri)
+    return os.path.abspath(os.path.expanduser(text)) if "://" not in text else text
+
+
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Turn a storage URI or local path into ``(filesystem, path)``.
 
@@ -239,22 +249,40 @@ class Storage:
         self.write_json(f"{rel}/{MANIFEST}", manifest)
         return manifest
 
-    def get_dir(self, rel: str, cache_root: str | os.PathLike | None = None) -> tuple[str, dict[str, Any]]:
+    def manifest_sha256(self, rel: str) -> str:
+        """sha256 of the manifest file of the complete directory ``rel`` (binds a run to it)."""
+        return hashlib.sha256(self.read_bytes(f"{rel}/{MANIFEST}")).hexdigest()
+
+    def get_dir(self, rel: str, cache_root: str | os.PathLike | None = None,
+                expected_manifest_sha256: str | None = None) -> tuple[str, dict[str, Any]]:
         """A verified local copy of the complete directory ``rel``.
 
         Local storage is verified in place (no copy); remote storage is
         downloaded once into ``cache_root/<manifest digest>`` and the cached copy
         is verified again on every call.
 
+        Args:
+            rel: the directory, relative to the storage root.
+            cache_root: where remote directories are cached (default: ``default_cache_dir()``).
+            expected_manifest_sha256: the manifest digest the caller was given
+                (e.g. by the training step of this run); a manifest with another
+                digest was rewritten since and is refused.
+
         Returns:
             ``(local_path, manifest)``.
 
         Raises:
-            CorruptArtifact: the manifest is missing or a file does not match it.
+            CorruptArtifact: the manifest is missing, is not the expected one,
+                or a file does not match it.
         """
         if not self.is_complete(rel):
             raise CorruptArtifact(f"{self.uri_of(rel)}: no {MANIFEST}; the artifact was never fully written")
         raw = self.read_bytes(f"{rel}/{MANIFEST}")
+        digest = hashlib.sha256(raw).hexdigest()
+        if expected_manifest_sha256 and digest != expected_manifest_sha256:
+            raise CorruptArtifact(f"{self.uri_of(rel)}/{MANIFEST}: sha256 {digest[:12]}... is not the manifest the "
+                                  f"training step of this run wrote or checked ({expected_manifest_sha256[:12]}...); "
+                                  "the artifact was changed since")
         manifest = json.loads(raw)
         if is_local(self.fs):
             verify_dir(self.path(rel), manifest)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,37 +27,10 @@ import numpy as np
 
 from . import arrays, formats
 from .compare import compare_digests, compare_outputs
+from .records import ArtifactRecord, TrainRecord
 from .scenario import Scenario
 from .spec import Environment
 from .storage import Storage
-
-
-@dataclass
-class ArtifactInfo:
-    """What the driver needs to know about one saved format."""
-
-    format: str
-    digest: str | None = None
-    path: str | None = None  # relative to the storage root
-    uri: str | None = None
-    error: str | None = None  # save failed: no artifact
-    save_verdict: str | None = None  # in-memory vs reload here (or "error")
-    save_max_abs_diff: float | None = None
-    save_max_ulp_diff: float | None = None
-    save_error: str | None = None
-    reused: bool = False
-
-
-@dataclass
-class TrainResult:
-    scenario: str
-    fingerprint: dict[str, Any]
-    artifacts: dict[str, ArtifactInfo] = field(default_factory=dict)
-    seconds: float = 0.0
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def artifact_digest(scenario: Scenario, fmt: str, tf_version: str, keras_version: str,
@@ -89,16 +62,17 @@ def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
     return model, probe
 
 
-def _reference_from_storage(storage: Storage, rel: str, fmt: str, digest: str) -> ArtifactInfo:
+def _reference_from_storage(storage: Storage, scenario: str, fmt: str, rel: str, digest: str) -> ArtifactRecord:
     info = storage.read_json(f"{rel}/reference.json")
     save = info.get("save", {})
-    return ArtifactInfo(format=fmt, digest=digest, path=rel, uri=storage.uri_of(rel), reused=True,
-                        save_verdict=save.get("verdict"), save_max_abs_diff=save.get("max_abs_diff"),
-                        save_max_ulp_diff=save.get("max_ulp_diff"), save_error=save.get("error"))
+    return ArtifactRecord(scenario=scenario, format=fmt, digest=digest, path=rel, uri=storage.uri_of(rel), reused=True,
+                          manifest_sha256=storage.manifest_sha256(rel), save_verdict=save.get("verdict"),
+                          save_max_abs_diff=save.get("max_abs_diff"), save_max_ulp_diff=save.get("max_ulp_diff"),
+                          save_error=save.get("error"))
 
 
 def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: Environment,
-          batch_size: int = 32, retrain: bool = False) -> TrainResult:
+          batch_size: int = 32, retrain: bool = False) -> TrainRecord:
     """Train ``scenario``, save it in each format to storage, record references.
 
     Args:
@@ -110,8 +84,8 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
         retrain: ignore complete artifacts already in storage.
 
     Returns:
-        A ``TrainResult``; a format whose save or reload fails is recorded in
-        its ``ArtifactInfo`` instead of raising, so other formats still run.
+        A ``TrainRecord``; a format whose save or reload fails is recorded in
+        its ``ArtifactRecord`` instead of raising, so other formats still run.
     """
     from . import fingerprint, runtime
 
@@ -122,65 +96,79 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
 
     storage = Storage.open(storage_uri)
     fp = fingerprint.collect("training")
-    result = TrainResult(scenario=scenario.name, fingerprint=fp)
     digests = {f: artifact_digest(scenario, f, tf.__version__, keras.__version__, training, batch_size)
                for f in formats_}
     rels = {f: f"artifacts/{scenario.name}/{d}" for f, d in digests.items()}
     todo = [f for f in formats_ if retrain or not storage.is_complete(rels[f])]
-    for f in formats_:
-        if f not in todo:
-            result.artifacts[f] = _reference_from_storage(storage, rels[f], f, digests[f])
-    if not todo:
-        result.seconds = time.time() - start
-        return result
+    artifacts = {f: _reference_from_storage(storage, scenario.name, f, rels[f], digests[f])
+                 for f in formats_ if f not in todo}
+    if todo:
+        trained = _Trained.fit(scenario, batch_size)
+        for f in todo:
+            artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp)
+    return TrainRecord(scenario=scenario.name, fingerprint=fp, artifacts={f: artifacts[f] for f in formats_},
+                       seconds=time.time() - start)
 
-    model, probe = fit_scenario(scenario)
-    in_memory = formats.predict(lambda x: formats.call_model(model, x), probe, batch_size)
-    original_vars = formats.variable_digests(model.weights if formats._is_keras(model) else model.variables)
-    probe_arrays = formats.flatten(probe, "input")
-    layout = formats.input_layout(probe)
 
-    for f in todo:
-        info = ArtifactInfo(format=f, digest=digests[f], path=rels[f], uri=storage.uri_of(rels[f]))
-        result.artifacts[f] = info
-        with tempfile.TemporaryDirectory(prefix=f"harness-{scenario.name}-{f}-") as tmp:
+class _Trained:
+    """A freshly trained model with its probe and in-memory outputs, saved format by format."""
+
+    def __init__(self, scenario: Scenario, model: Any, probe: Any, batch_size: int):
+        self.scenario, self.model, self.probe, self.batch_size = scenario, model, probe, batch_size
+        self.in_memory = formats.predict(lambda x: formats.call_model(model, x), probe, batch_size)
+        self.variables = formats.variable_digests(model.weights if formats._is_keras(model) else model.variables)
+
+    @classmethod
+    def fit(cls, scenario: Scenario, batch_size: int) -> "_Trained":
+        model, probe = fit_scenario(scenario)
+        return cls(scenario, model, probe, batch_size)
+
+    def save(self, fmt: str, storage: Storage, rel: str, digest: str, fp: dict[str, Any]) -> ArtifactRecord:
+        """Save in ``fmt``, reload here, and store the artifact with its references."""
+        from . import runtime
+
+        record = ArtifactRecord(scenario=self.scenario.name, format=fmt, digest=digest, path=rel, uri=storage.uri_of(rel))
+        with tempfile.TemporaryDirectory(prefix=f"harness-{self.scenario.name}-{fmt}-") as tmp:
             model_dir = Path(tmp) / formats.MODEL_DIR
             model_dir.mkdir()
             try:
-                formats.get(f).save(model, str(model_dir), probe)
+                formats.get(fmt).save(self.model, str(model_dir), self.probe)
             except Exception as exc:
-                info.error = f"save in format {f!r} failed: {runtime.error_text(exc)}"
-                continue
-            save: dict[str, Any]
-            reload_outputs = None
-            try:
-                loaded = formats.get(f).load(str(model_dir), scenario, probe)
-                reload_outputs = formats.predict(loaded.fn, probe, batch_size)
-                cmp = compare_outputs(in_memory, reload_outputs)
-                weights_ok, problems = compare_digests(original_vars, formats.variable_digests(loaded.variables))
-                verdict = cmp.verdict if weights_ok else "mismatch"
-                save = {"verdict": verdict, "max_abs_diff": cmp.max_abs_diff, "max_ulp_diff": cmp.max_ulp_diff,
-                        "weights_equal": weights_ok, "weight_problems": problems[:20],
-                        "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}
-                del loaded
-            except Exception as exc:
-                save = {"verdict": "error", "error": f"reload in the training environment failed: {runtime.error_text(exc)}"}
-            info.save_verdict, info.save_error = save["verdict"], save.get("error")
-            info.save_max_abs_diff, info.save_max_ulp_diff = save.get("max_abs_diff"), save.get("max_ulp_diff")
+                return replace(record, path=None, uri=None, error=f"save in format {fmt!r} failed: {runtime.error_text(exc)}")
+            save, reload_outputs = self._round_trip(fmt, str(model_dir))
             # The environment reference is the reload here; if that failed, fall
             # back to the in-memory outputs (recorded, so the report can say so).
-            reference = reload_outputs if reload_outputs is not None else in_memory
-            meta = {"scenario": scenario.name, "format": f, "digest": digests[f], "batch_size": batch_size,
-                    "input_layout": layout, "reference_kind": "reload" if reload_outputs is not None else "in_memory"}
+            reference = reload_outputs if reload_outputs is not None else self.in_memory
+            meta = {"scenario": self.scenario.name, "format": fmt, "digest": digest, "batch_size": self.batch_size,
+                    "input_layout": formats.input_layout(self.probe),
+                    "reference_kind": "reload" if reload_outputs is not None else "in_memory"}
+            probe_arrays = formats.flatten(self.probe, "input")
             (Path(tmp) / "reference.arrow").write_bytes(arrays.to_ipc_bytes({**probe_arrays, **reference}, meta))
-            (Path(tmp) / "in_memory.arrow").write_bytes(arrays.to_ipc_bytes(in_memory, meta))
+            (Path(tmp) / "in_memory.arrow").write_bytes(arrays.to_ipc_bytes(self.in_memory, meta))
             (Path(tmp) / "reference.json").write_text(json.dumps(
-                {**meta, "variables": [{"name": k, **v} for k, v in original_vars.items()], "save": save, "fingerprint": fp,
-                 "inputs": list(probe_arrays), "outputs": list(reference)},
+                {**meta, "variables": [{"name": k, **v} for k, v in self.variables.items()], "save": save,
+                 "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference)},
                 indent=1, sort_keys=True, default=_json_default))
-            storage.put_dir(tmp, rels[f])
-    result.seconds = time.time() - start
-    return result
+            storage.put_dir(tmp, rel)
+        return replace(record, manifest_sha256=storage.manifest_sha256(rel), save_verdict=save["verdict"],
+                       save_error=save.get("error"), save_max_abs_diff=save.get("max_abs_diff"),
+                       save_max_ulp_diff=save.get("max_ulp_diff"))
+
+    def _round_trip(self, fmt: str, model_dir: str) -> tuple[dict[str, Any], dict | None]:
+        """Reload in this process and compare with the in-memory model: ``(save metrics, reloaded outputs)``."""
+        from . import runtime
+
+        try:
+            loaded = formats.get(fmt).load(model_dir, self.scenario, self.probe)
+            outputs = formats.predict(loaded.fn, self.probe, self.batch_size)
+            cmp = compare_outputs(self.in_memory, outputs)
+            weights_ok, problems = compare_digests(self.variables, formats.variable_digests(loaded.variables))
+        except Exception as exc:
+            return {"verdict": "error", "error": f"reload in the training environment failed: {runtime.error_text(exc)}"}, None
+        verdict = cmp.verdict if weights_ok else "mismatch"
+        return {"verdict": verdict, "max_abs_diff": cmp.max_abs_diff, "max_ulp_diff": cmp.max_ulp_diff,
+                "weights_equal": weights_ok, "weight_problems": problems[:20],
+                "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}, outputs
 
 
 def _json_default(o):

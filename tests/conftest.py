@@ -24,12 +24,6 @@ import pytest
 
 TEST_SCENARIOS = Path(__file__).parent / "scenarios"
 
-# The suite runs on CPU machines with or without a GPU. Hide any real GPU from
-# TensorFlow and from Ray's autodetection (here, in CLI subprocesses and in
-# workers, which inherit it) so "no GPU" is what every test sees; GPU
-# scheduling is tested with fake GPU nodes (Cluster.add_node(num_gpus=1)).
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
-
 
 @pytest.fixture(scope="session")
 def scenarios():

@@ -43,7 +43,9 @@ PROGRESS_RE = re.compile(r"^\[\s*(\d+)/(\d+)\] (\S+)/(\S+) @ (\S+): (\w+)(.*)$")
 
 # -- helpers ---------------------------------------------------------------------------------
 def _env() -> dict[str, str]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # CUDA_VISIBLE_DEVICES="": the embedded Ray and TensorFlow see no GPU even on a
+    # machine that has one, so "no node has a GPU" holds wherever the suite runs.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster: --address local starts our own
     return env
 

@@ -177,7 +177,8 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
     for f in marker_dir.iterdir():
         f.unlink()
-    gate = tmp_path / "release"  # the replay cell waits in build() until this file exists
+    gate = tmp_path / "gate"  # the replay cell waits in build() until gate/<its node id> exists
+    gate.mkdir()
     sweep = _sweep({
         "name": "node-loss", "scenarios": ["test-slow-build"], "formats": ["weights"],
         "training": {"resources": {"train": 1}}, "retries": 2,
@@ -197,13 +198,13 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
         victim = next((name for name in pool if node_ids[name] in started), None)
         time.sleep(0.2)
     assert victim, "the replay cell never started"
+    survivor = next(name for name in pool if name != victim)
+    (gate / node_ids[survivor]).write_text("go")  # only a retry on the surviving node may pass
     c.remove_node(nodes[victim], allow_graceful=False)  # the cell is still waiting at the gate there
-    gate.write_text("go")  # the retry on the surviving node passes straight through
     runner.join(timeout=240)
     assert not runner.is_alive()
     rows = box["res"].table.to_pylist()
     assert len(rows) == 1
     row = rows[0]
-    survivor = next(name for name in pool if name != victim)
     assert row["verdict"] == "bitwise", row["error"]
     assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2, (victim, survivor, row["attempts"], row["started_at"])

@@ -151,7 +151,7 @@ def test_resume_runs_only_missing_cells(local_ray, scenarios, store, tmp_path):
     assert first.table.num_rows == 3
     ran = []
     second = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store, resume=True,
-                       progress=lambda d, n, r: ran.append(r["environment"]))
+                       progress=lambda d, n, r: ran.append(r.environment))
     assert ran == ["cpu-xla"] * 3
     assert second.table.num_rows == 6 and second.run_id == first.run_id
     assert set(second.table.column("run_id").to_pylist()) == {first.run_id}

@@ -1,8 +1,8 @@
 """A scenario whose build() sleeps or waits when told to.
 
 Replaying the ``weights`` format calls build(), so an environment that sets
-``HARNESS_TEST_BUILD_SLEEP`` (seconds) or ``HARNESS_TEST_BUILD_GATE`` (a file
-path: build() waits until that file exists) through its ``env`` makes that
+``HARNESS_TEST_BUILD_SLEEP`` (seconds) or ``HARNESS_TEST_BUILD_GATE`` (a directory:
+build() waits until a file named after its Ray node id, or ``all``, exists there) through its ``env`` makes that
 cell slow: material for cell timeouts and for killing a node while a cell
 runs, without racing a clock.
 """
@@ -21,9 +21,11 @@ def _build():
     _marker()
     time.sleep(float(os.environ.get("HARNESS_TEST_BUILD_SLEEP", "0")))
     gate = os.environ.get("HARNESS_TEST_BUILD_GATE")
-    deadline = time.time() + 600
-    while gate and not os.path.exists(gate) and time.time() < deadline:
-        time.sleep(0.05)
+    if gate:  # a directory: wait for a file named after this Ray node (or "all")
+        keys = [os.path.join(gate, name) for name in (_node_id(), "all")]
+        deadline = time.time() + 600
+        while not any(os.path.exists(k) for k in keys) and time.time() < deadline:
+            time.sleep(0.05)
     return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
 
 
@@ -35,12 +37,15 @@ SCENARIO = Scenario(
     description="build() sleeps HARNESS_TEST_BUILD_SLEEP seconds")
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "none"
+
+
 def _marker():
     """When HARNESS_TEST_MARKER_DIR is set, record which Ray node is building (for node-loss tests)."""
     marker_dir = os.environ.get("HARNESS_TEST_MARKER_DIR")
     if marker_dir:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "none"
-        with open(os.path.join(marker_dir, f"{node}.{os.getpid()}"), "w") as f:
+        with open(os.path.join(marker_dir, f"{_node_id()}.{os.getpid()}"), "w") as f:
             f.write(str(time.time()))

@@ -1,0 +1,478 @@
+"""The Ray engine: long-lived workers per environment, environments side by side.
+
+Every environment (the training environment included) is a *lane*: a queue of
+jobs and the Ray actors serving it. An actor is a :class:`harness.worker.Worker`
+started with the environment's placement and ``runtime_env``; it imports and
+configures TensorFlow once (``warm``) and then serves jobs one at a time, so
+TensorFlow is imported once per environment (per node where it runs on
+several), not once per cell.
+
+Scheduling, in one loop on the driver:
+
+* Lanes get their first actor in priority order as the cluster has room: the
+  training lane first (it is on every cell's critical path), then lanes with
+  cells ready to run, then lanes still waiting for training (their actor
+  imports TensorFlow while training runs).
+* A lane gets more actors only when its cells are long (``SCALE_MIN_S``), its
+  queue is deep and no other lane is waiting for room. Actors are released as
+  soon as their lane has nothing left to do.
+* Each actor has at most ``PIPELINE`` calls queued, so the driver always knows
+  which job is running and since when.
+* An actor not ready within ``schedule_timeout_s`` (the clock restarts when one
+  of our actors frees resources) makes its environment ``unschedulable``; a job
+  past ``cell_timeout_s`` / ``train_timeout_s`` kills its actor (TensorFlow
+  cannot be interrupted) and the lane goes on with a fresh one; an actor that
+  dies (node lost, OOM) is replaced and its running job retried up to
+  ``retries`` times, still giving exactly one row.
+
+Driver work per finished cell is O(1): results go to the collector, which
+appends one line to the run journal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from .records import ArtifactRecord, CellResult, TrainRecord
+from .scenario import Scenario
+from .spec import Environment, Sweep
+from .worker import ReplayJob, TrainJob, Worker
+
+POLL_S = 0.5
+PIPELINE = 2
+SCALE_MIN_S = 5.0
+MAX_ACTORS_PER_LANE = 8
+RESOURCE_REFRESH_S = 5.0
+TRAINING = "training"
+
+
+class Cell(Protocol):
+    scenario: str
+    format: str
+    environment: str
+    key: str
+
+
+class Sink(Protocol):
+    """Where finished cells go (``harness.sweep.Collector``)."""
+
+    def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None) -> None: ...
+
+    def training_done(self, record: TrainRecord) -> None: ...
+
+
+def ray_options(env: Environment) -> dict[str, Any]:
+    """``.options(...)`` of an actor serving ``env``: placement and runtime_env."""
+    opts: dict[str, Any] = {"num_cpus": env.num_cpus, "num_gpus": env.num_gpus,
+                            "runtime_env": env.ray_runtime_env(), "max_restarts": 0, "max_task_retries": 0,
+                            "max_concurrency": 1}
+    if env.resources:
+        opts["resources"] = dict(env.resources)
+    if env.accelerator_type:
+        opts["accelerator_type"] = env.accelerator_type
+    if env.label_selector:
+        opts["label_selector"] = dict(env.label_selector)
+    return opts
+
+
+def placement_text(env: Environment) -> str:
+    """``environment 'x' (num_cpus=1, label a=b)``: what an environment asks of a node."""
+    parts = [f"num_cpus={env.num_cpus:g}"]
+    if env.num_gpus:
+        parts.append(f"num_gpus={env.num_gpus:g}")
+    if env.accelerator_type:
+        parts.append(f"accelerator_type={env.accelerator_type}")
+    parts += [f"{k}={v:g}" for k, v in env.resources.items()]
+    parts += [f"label {k}={v}" for k, v in env.label_selector.items()]
+    return f"environment {env.name!r} ({', '.join(parts)})"
+
+
+def ray_error_text(exc: BaseException, attempts: int | None = None) -> str:
+    """One line for an exception Ray raised: its type and last meaningful line."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    after = f" after {attempts} attempt(s)" if attempts is not None else ""
+    return f"{type(exc).__name__}{after}: {lines[-1].strip()[:500] if lines else ''}"
+
+
+# -- bookkeeping ---------------------------------------------------------------------
+@dataclass(eq=False)
+class _Job:
+    """A job with its retry count and, for replays, the cell it produces."""
+
+    job: TrainJob | ReplayJob
+    cell: Cell | None = None
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class _Actor:
+    lane: "_Lane"
+    handle: Any
+    created: float
+    warm_ref: Any = None
+    ready: bool = False
+    inflight: deque = field(default_factory=deque)  # (ref, _Job), in submission order
+    head_started: float = 0.0
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One environment's jobs and the actors serving them."""
+
+    env: Environment
+    training: bool = False
+    queue: deque = field(default_factory=deque)  # _Job ready to dispatch
+    expected: int = 0  # cells that will arrive once their scenario is trained
+    actors: list[_Actor] = field(default_factory=list)
+    failed: tuple[str, str] | None = None  # (verdict, reason) for every remaining cell
+    warm_failures: int = 0
+    busy_seconds: float = 0.0
+    jobs_done: int = 0
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(a.inflight) for a in self.actors)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue) or self.expected > 0 or self.inflight > 0
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.busy_seconds / self.jobs_done if self.jobs_done else 0.0
+
+
+class Engine:
+    """Runs a sweep's cells on Ray actors and hands every result to ``sink``.
+
+    Args:
+        sweep: the validated sweep.
+        scenarios: name -> Scenario (shipped once to each actor).
+        storage_uri: resolved storage root (workers never resolve it themselves).
+        sink: receives each finished cell (exactly once) and each training record.
+        retrain: ignore complete artifacts already in storage.
+        worker_cls: the actor body (default :class:`harness.worker.Worker`;
+            benchmarks pass one that does no TensorFlow work).
+        observation_path: ``cell -> path`` of a cell's observation file in storage.
+    """
+
+    def __init__(self, sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, sink: Sink, *,
+                 retrain: bool = False, worker_cls: type = Worker,
+                 observation_path: Callable[[Cell], str | None] = lambda cell: None):
+        import ray
+
+        self.ray, self.sweep, self.scenarios, self.sink = ray, sweep, dict(scenarios), sink
+        self.storage_uri, self.retrain, self.observation_path = storage_uri, retrain, observation_path
+        self.actor_cls = ray.remote(worker_cls)
+        self.lanes: dict[str, _Lane] = {}
+        self.cells_of: dict[str, list[Cell]] = {}
+        self.capacity = 0.0
+        self._capacity_at = 0.0
+        self.freed_at = 0.0  # last time one of our actors gave its resources back
+
+    # -- public ------------------------------------------------------------------------
+    def run(self, todo: Iterable[Cell], unschedulable: Mapping[str, str] | None = None) -> None:
+        """Run ``todo``; ``unschedulable`` maps environment (or ``training``) -> why no node can host it."""
+        unschedulable = dict(unschedulable or {})
+        todo = list(todo)
+        self._plan(todo, unschedulable)
+        try:
+            self._loop()
+        finally:
+            for lane in self.lanes.values():
+                for actor in list(lane.actors):
+                    self._kill(actor)
+
+    # -- planning ------------------------------------------------------------------------
+    def _plan(self, todo: list[Cell], unschedulable: Mapping[str, str]) -> None:
+        training = _Lane(self.sweep.training, training=True)
+        self.lanes[TRAINING] = training
+        for env in self.sweep.environments:
+            self.lanes[env.name] = _Lane(env, failed=("unschedulable", unschedulable[env.name])
+                                         if env.name in unschedulable else None)
+        for cell in todo:
+            if TRAINING in unschedulable:
+                self.sink.add(cell, _failure(cell, "unschedulable", f"training: {unschedulable[TRAINING]}"))
+                continue
+            lane = self.lanes[cell.environment]
+            lane.expected += 1
+            if lane.failed:  # decided now, not after training
+                self._settle(cell, lane)
+            else:
+                self.cells_of.setdefault(cell.scenario, []).append(cell)
+        for scenario in self.cells_of:
+            job = TrainJob(scenario, tuple(self.sweep.formats), self.sweep.batch_size, self.retrain)
+            training.queue.append(_Job(job))
+
+    # -- the loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while any(lane.has_work for lane in self.lanes.values()):
+            self._schedule()
+            waiting = {}
+            for lane in self.lanes.values():
+                for actor in lane.actors:
+                    if actor.warm_ref is not None:
+                        waiting[actor.warm_ref] = (actor, None)
+                    elif actor.inflight:
+                        waiting[actor.inflight[0][0]] = (actor, actor.inflight[0][1])
+            if waiting:
+                refs = list(waiting)
+                ready, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)
+                if ready:
+                    ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+                for ref in ready:
+                    actor, job = waiting[ref]
+                    if job is None:
+                        self._warmed(actor)
+                    else:
+                        self._finished(actor)
+            elif not any(lane.queue or lane.actors for lane in self.lanes.values()):
+                self._strand()  # nothing runs and nothing can: what is left would never arrive
+            else:
+                time.sleep(0.05)  # nothing in flight yet: room is being made
+            self._check_timeouts()
+
+    def _schedule(self) -> None:
+        now = time.time()
+        if now - self._capacity_at > RESOURCE_REFRESH_S:
+            self.capacity = float(self.ray.cluster_resources().get("CPU", 0.0))
+            self._capacity_at = now
+        for lane in self.lanes.values():
+            if lane.failed or not lane.has_work:
+                for actor in list(lane.actors):
+                    if not actor.inflight:
+                        self._kill(actor)
+        # First actors: training, then lanes with cells ready, then lanes still waiting (prewarm).
+        lanes = [lane for lane in self.lanes.values() if not lane.failed and lane.has_work and not lane.actors]
+        lanes.sort(key=lambda lane: (not lane.training, not lane.queue))
+        starving = False
+        for lane in lanes:
+            if self._fits(lane.env):
+                self._start_actor(lane)
+            elif lane.training or lane.queue:
+                starving = True
+                if lane.training:
+                    self._free_idle_prewarmed()
+        # More actors for long cells when nothing else waits for room.
+        if not starving:
+            for lane in self.lanes.values():
+                if (not lane.failed and lane.actors and len(lane.actors) < MAX_ACTORS_PER_LANE
+                        and len(lane.queue) > PIPELINE * len(lane.actors) and lane.mean_seconds >= SCALE_MIN_S
+                        and all(a.ready for a in lane.actors) and self._fits(lane.env)):
+                    self._start_actor(lane)
+        for lane in self.lanes.values():
+            for actor in lane.actors:
+                while actor.ready and lane.queue and len(actor.inflight) < PIPELINE and not lane.failed:
+                    self._submit(actor, lane.queue.popleft())
+
+    def _fits(self, env: Environment) -> bool:
+        used = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors)
+        alive = any(lane.actors for lane in self.lanes.values())
+        return not alive or used + env.num_cpus <= self.capacity + 1e-9
+
+    def _free_idle_prewarmed(self) -> None:
+        """Training needs room: give back actors that only wait for artifacts."""
+        for lane in self.lanes.values():
+            if not lane.training and not lane.queue:
+                for actor in list(lane.actors):
+                    if not actor.inflight:
+                        self._kill(actor)
+
+    def _start_actor(self, lane: _Lane) -> None:
+        env = lane.env
+        try:
+            handle = self.actor_cls.options(**ray_options(env)).remote(env, self.scenarios, self.storage_uri)
+            warm_ref = handle.warm.remote()
+        except Exception as exc:  # Ray refused the options (bad label selector, resources...)
+            self._fail_lane(lane, "error", f"Ray refused to place {placement_text(env)}: {ray_error_text(exc)}")
+            return
+        lane.actors.append(_Actor(lane, handle, time.time(), warm_ref))
+
+    def _submit(self, actor: _Actor, job: _Job) -> None:
+        job.attempts += 1
+        method = actor.handle.train if isinstance(job.job, TrainJob) else actor.handle.replay
+        if not actor.inflight:
+            actor.head_started = time.time()
+        actor.inflight.append((method.remote(job.job), job))
+
+    def _kill(self, actor: _Actor) -> None:
+        try:
+            self.ray.kill(actor.handle, no_restart=True)
+        except Exception:
+            pass
+        if actor in actor.lane.actors:
+            actor.lane.actors.remove(actor)
+        self.freed_at = time.time()
+
+    # -- outcomes ------------------------------------------------------------------------
+    def _warmed(self, actor: _Actor) -> None:
+        lane, ref = actor.lane, actor.warm_ref
+        actor.warm_ref = None
+        try:
+            self.ray.get(ref)
+        except Exception as exc:
+            self._kill(actor)
+            lane.warm_failures += 1
+            name = type(exc).__name__
+            if name == "RuntimeEnvSetupError":
+                self._fail_lane(lane, "error", f"runtime_env of environment {lane.env.name!r} could not be set up: "
+                                               f"{ray_error_text(exc)}")
+            elif lane.warm_failures > self.sweep.retries:
+                self._fail_lane(lane, "error", (
+                    f"the worker for environment {lane.env.name!r} died before the harness code started "
+                    f"({lane.warm_failures} time(s)): its runtime_env {sorted(lane.env.runtime_env) or '(none)'} "
+                    f"probably cannot import the harness's dependencies (numpy/pyarrow/TensorFlow versions); "
+                    f"see the python-core-worker logs. {ray_error_text(exc)}"))
+            return
+        actor.ready = True
+        actor.head_started = time.time()
+
+    def _finished(self, actor: _Actor) -> None:
+        lane = actor.lane
+        ref, job = actor.inflight.popleft()
+        elapsed = time.time() - actor.head_started
+        actor.head_started = time.time()
+        try:
+            value = self.ray.get(ref)
+        except Exception as exc:
+            if _actor_died(exc):
+                self._lost_actor(actor, job, exc)
+            else:  # the job itself raised: a harness bug or an unexpected failure, one row
+                self._job_failed(job, "error", ray_error_text(exc, job.attempts))
+            return
+        lane.busy_seconds += elapsed
+        lane.jobs_done += 1
+        if isinstance(job.job, TrainJob):
+            self._trained(value)
+        else:
+            self.sink.add(job.cell, value.replace(attempts=job.attempts), job.job.artifact)
+
+    def _lost_actor(self, actor: _Actor, head: _Job, exc: BaseException) -> None:
+        """The actor died with ``head`` running: retry it (within ``retries``); requeue the rest untouched."""
+        lane = actor.lane
+        rest = [job for _, job in actor.inflight]
+        actor.inflight.clear()
+        self._kill(actor)
+        for job in reversed(rest):
+            job.attempts -= 1  # submitted but never started
+            lane.queue.appendleft(job)
+        if head.attempts <= self.sweep.retries:
+            lane.queue.appendleft(head)
+        else:
+            self._job_failed(head, "error", ray_error_text(exc, head.attempts))
+
+    def _trained(self, record: TrainRecord) -> None:
+        self.sink.training_done(record)
+        for cell in self.cells_of.pop(record.scenario, []):
+            lane = self.lanes[cell.environment]
+            art = record.artifacts[cell.format]
+            if art.error:
+                lane.expected -= 1
+                self.sink.add(cell, _failure(cell, "error", art.error), art)
+            elif lane.failed:  # failed while this scenario trained
+                self._settle(cell, lane, art)
+            else:
+                lane.expected -= 1
+                env = lane.env
+                job = ReplayJob(cell.scenario, cell.format, cell.environment, art, self.sweep.batch_size_for(env),
+                                self.sweep.tolerance_for(env), dict(self.sweep.output_tolerances),
+                                self.observation_path(cell))
+                lane.queue.append(_Job(job, cell))
+
+    def _job_failed(self, job: _Job, verdict: str, reason: str) -> None:
+        if isinstance(job.job, TrainJob):
+            self._training_failed(job.job.scenario, verdict, reason)
+        else:
+            self.sink.add(job.cell, _failure(job.cell, verdict, reason, job.attempts), job.job.artifact)
+
+    def _training_failed(self, scenario: str, verdict: str, reason: str) -> None:
+        for cell in self.cells_of.pop(scenario, []):
+            self.lanes[cell.environment].expected -= 1
+            self.sink.add(cell, _failure(cell, verdict, f"training: {reason}"))
+
+    def _strand(self) -> None:
+        for scenario in list(self.cells_of):
+            self._training_failed(scenario, "error", "internal: no training job is left for this scenario")
+        for lane in self.lanes.values():
+            lane.expected = 0
+
+    def _settle(self, cell: Cell, lane: _Lane, artifact: ArtifactRecord | None = None) -> None:
+        """A cell of a failed lane: its row, now."""
+        lane.expected -= 1
+        verdict, reason = lane.failed
+        self.sink.add(cell, _failure(cell, verdict, reason), artifact)
+
+    def _fail_lane(self, lane: _Lane, verdict: str, reason: str) -> None:
+        """Every remaining cell of ``lane`` gets ``verdict``; the lane's actors go."""
+        lane.failed = (verdict, reason)
+        for actor in list(lane.actors):
+            for _, job in actor.inflight:
+                lane.queue.append(job)
+            actor.inflight.clear()
+            self._kill(actor)
+        while lane.queue:
+            job = lane.queue.popleft()
+            if lane.training:
+                self._training_failed(job.job.scenario, verdict, reason)
+            else:
+                self.sink.add(job.cell, _failure(job.cell, verdict, reason, job.attempts or None), job.job.artifact)
+        if lane.training:
+            for scenario in list(self.cells_of):
+                self._training_failed(scenario, verdict, reason)
+        else:
+            for cells in self.cells_of.values():
+                for cell in [c for c in cells if c.environment == lane.env.name]:
+                    cells.remove(cell)
+                    self._settle(cell, lane)
+
+    def _check_timeouts(self) -> None:
+        now = time.time()
+        for lane in list(self.lanes.values()):
+            for actor in list(lane.actors):
+                if lane.failed:
+                    break
+                if actor.warm_ref is not None:
+                    if now - max(actor.created, self.freed_at) > self.sweep.schedule_timeout_s:
+                        if any(a.ready for a in lane.actors):
+                            self._kill(actor)  # an extra worker found no room: the lane goes on without it
+                        else:
+                            self._fail_lane(lane, "unschedulable", (
+                                f"still pending after schedule_timeout_s={self.sweep.schedule_timeout_s:g}s: "
+                                f"no node took {placement_text(lane.env)}"))
+                    continue
+                limit = self.sweep.train_timeout_s if lane.training else self.sweep.cell_timeout_s
+                if actor.inflight and now - actor.head_started > limit:
+                    self._timed_out(actor, limit)
+
+    def _timed_out(self, actor: _Actor, limit: float) -> None:
+        """Stop the actor (TensorFlow cannot be interrupted); the lane goes on with a fresh worker."""
+        lane = actor.lane
+        _, job = actor.inflight.popleft()
+        rest = [j for _, j in actor.inflight]
+        actor.inflight.clear()
+        self._kill(actor)
+        for other in reversed(rest):
+            other.attempts -= 1  # submitted but never started
+            lane.queue.appendleft(other)
+        what = "train_timeout_s" if lane.training else "cell_timeout_s"
+        self._job_failed(job, "error", f"timed out after {limit:g}s ({what}); its worker was stopped and "
+                                       "the environment goes on with a fresh one")
+
+
+def _actor_died(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
+
+
+def _failure(cell: Cell, verdict: str, error: str, attempts: int | None = None) -> CellResult:
+    return CellResult(scenario=cell.scenario, format=cell.format, environment=cell.environment,
+                      verdict=verdict, error=error, attempts=attempts)
+
+
+def warn(message: str) -> None:
+    print(f"harness: warning: {message}", file=sys.stderr)

@@ -1,0 +1,197 @@
+"""The typed records a sweep's data flows through, and the verdict vocabulary.
+
+::
+
+    train()  -> TrainRecord (one ArtifactRecord per format)
+    replay() -> CellResult  (the cell's own columns)
+    driver   -> CellResult completed with the run's columns -> results table -> reports
+
+``CellResult``'s fields *are* the results columns: ``harness.results`` builds
+the Arrow schema from them, so a column cannot exist in one place only. No
+TensorFlow or Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+
+#: Verdicts, from best to worst. ``compare`` produces the first three,
+#: ``replay`` produces ``error``/``corrupt``, the driver produces ``unschedulable``.
+VERDICTS = ("bitwise", "within_tolerance", "mismatch", "corrupt", "error", "unschedulable")
+
+#: Expectations a sweep may state per environment.
+EXPECTATIONS = ("bitwise", "tolerance", "any")
+
+#: Verdicts that mean "the numbers were compared" (as opposed to a failure to run).
+NUMERIC_VERDICTS = ("bitwise", "within_tolerance", "mismatch")
+
+
+def meets(verdict: str | None, expected: str) -> bool:
+    """Whether a verdict satisfies an expectation.
+
+    ``bitwise`` accepts only ``bitwise``; ``tolerance`` accepts ``bitwise`` and
+    ``within_tolerance``; ``any`` accepts every numeric verdict (including
+    ``mismatch``) but never ``error``, ``corrupt`` or ``unschedulable``: a cell
+    that did not run cannot pass.
+
+    Raises:
+        ValueError: ``expected`` is not one of ``EXPECTATIONS``.
+    """
+    if expected == "bitwise":
+        return verdict == "bitwise"
+    if expected == "tolerance":
+        return verdict in ("bitwise", "within_tolerance")
+    if expected == "any":
+        return verdict in NUMERIC_VERDICTS
+    raise ValueError(f"unknown expectation {expected!r}; use one of {', '.join(EXPECTATIONS)}")
+
+
+# -- training ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One format of one trained scenario, as stored (or why it could not be)."""
+
+    scenario: str
+    format: str
+    digest: str | None = None  # content address
+    path: str | None = None  # artifact directory, relative to the storage root
+    uri: str | None = None
+    manifest_sha256: str | None = None  # binds the replays to exactly the manifest training wrote or found
+    error: str | None = None  # saving failed: there is no artifact
+    save_verdict: str | None = None  # in-memory model vs its reload in the training environment
+    save_max_abs_diff: float | None = None
+    save_max_ulp_diff: float | None = None
+    save_error: str | None = None
+    reused: bool = False  # found complete in storage, not trained again
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """What training one scenario produced: the training worker's fingerprint and its artifacts."""
+
+    scenario: str
+    fingerprint: Mapping[str, Any]
+    artifacts: Mapping[str, ArtifactRecord]
+    seconds: float = 0.0
+
+
+# -- cell results ----------------------------------------------------------------
+def _col(arrow: pa.DataType, doc: str, *, json_value: bool = False) -> Any:
+    return field(default=None, metadata={"arrow": arrow, "doc": doc, "json": json_value})
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """One (scenario, format, environment) cell: one row of ``results.parquet``.
+
+    ``replay`` fills the cell's own columns; the driver completes the run's
+    (``run_id``, ``sweep``, ``expected``, ``passed``, the save round trip, the
+    training fingerprint, ``attempts``) with :meth:`completed`. JSON columns
+    hold dicts here and JSON text in Arrow; ``started_at`` is epoch seconds
+    here and a UTC timestamp in Arrow.
+    """
+
+    run_id: str | None = _col(pa.string(), "identifier of the run (UTC timestamp + short random suffix)")
+    sweep: str | None = _col(pa.string(), "sweep name")
+    scenario: str | None = _col(pa.string(), "scenario name")
+    format: str | None = _col(pa.string(), "save format")
+    environment: str | None = _col(pa.string(), "environment name")
+    verdict: str | None = _col(pa.string(), "bitwise | within_tolerance | mismatch | corrupt | error | unschedulable")
+    expected: str | None = _col(pa.string(), "expectation for this environment: bitwise | tolerance | any")
+    passed: bool | None = _col(pa.bool_(), "verdict meets `expected` and the save round trip meets `expect_save`")
+    max_abs_diff: float | None = _col(pa.float64(), "max |observed - reference| over all outputs (null if not compared)")
+    max_rel_diff: float | None = _col(pa.float64(), "max |observed - reference| / |reference|")
+    max_ulp_diff: float | None = _col(pa.float64(), "max distance in units in the last place of the reference dtype")
+    mismatch_fraction: float | None = _col(pa.float64(), "fraction of output elements whose bits differ")
+    weights_equal: bool | None = _col(pa.bool_(), "every restored model parameter has the original's bytes (null if not checked)")
+    save_verdict: str | None = _col(pa.string(), "in-memory model vs reload in the training environment")
+    save_max_abs_diff: float | None = _col(pa.float64(), "max abs diff of that save round trip")
+    save_max_ulp_diff: float | None = _col(pa.float64(), "max ULP diff of that save round trip")
+    atol: float | None = _col(pa.float64(), "absolute tolerance applied (largest over outputs)")
+    rtol: float | None = _col(pa.float64(), "relative tolerance applied")
+    max_ulp: float | None = _col(pa.float64(), "ULP tolerance applied")
+    required_atol: float | None = _col(pa.float64(), "smallest atol (rtol=0) that would have passed every element")
+    required_rtol: float | None = _col(pa.float64(), "smallest rtol (atol=0) that would have passed every element")
+    required_ulp: float | None = _col(pa.float64(), "smallest max_ulp that would have passed every element")
+    error: str | None = _col(pa.string(), "what went wrong, for error / corrupt / unschedulable / weight mismatches")
+    detail: Mapping[str, Any] | None = _col(pa.string(), "JSON: per-output metrics and per-variable weight mismatches",
+                                            json_value=True)
+    fingerprint: Mapping[str, Any] | None = _col(pa.string(), "JSON fingerprint of the worker that ran the reload",
+                                                 json_value=True)
+    train_fingerprint: Mapping[str, Any] | None = _col(pa.string(), "JSON fingerprint of the training worker",
+                                                       json_value=True)
+    node_id: str | None = _col(pa.string(), "Ray node id the reload ran on")
+    node_labels: Mapping[str, Any] | None = _col(pa.string(), "JSON Ray node labels of that node", json_value=True)
+    tf_version: str | None = _col(pa.string(), "TensorFlow version of the reload worker")
+    artifact_digest: str | None = _col(pa.string(), "content address of the artifact")
+    artifact_uri: str | None = _col(pa.string(), "where the artifact lives in storage")
+    observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs")
+    attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched")
+    started_at: float | None = _col(pa.timestamp("us", tz="UTC"), "when the cell started (epoch seconds; UTC timestamp in Arrow)")
+    seconds: float | None = _col(pa.float64(), "wall time of the cell")
+
+    def __post_init__(self):
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise ValueError(f"unknown verdict {self.verdict!r}; one of {', '.join(VERDICTS)}")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.scenario, self.format, self.environment)
+
+    def replace(self, **changes: Any) -> "CellResult":
+        """A copy with ``changes`` (field names only: an unknown name is a ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able dict (dict columns stay dicts) for the run journal."""
+        return {f.name: getattr(self, f.name) for f in FIELDS}
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any]) -> "CellResult":
+        """Inverse of :meth:`to_json`. Raises ``TypeError`` on an unknown key (never dropped silently)."""
+        return cls(**values)
+
+    def to_row(self) -> dict[str, Any]:
+        """The Arrow row: JSON columns as text, ``started_at`` as a UTC datetime."""
+        row = {}
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if f.metadata["json"] and value is not None and not isinstance(value, str):
+                value = json.dumps(value, sort_keys=True, default=_json_default)
+            elif f.name == "started_at" and isinstance(value, (int, float)):
+                value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)
+            row[f.name] = value
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "CellResult":
+        """A results-table row (JSON text, datetimes) back to a record; unknown columns are an error."""
+        values = dict(row)
+        for f in FIELDS:
+            value = values.get(f.name)
+            if f.metadata["json"] and isinstance(value, str):
+                try:
+                    values[f.name] = json.loads(value)
+                except ValueError:
+                    values[f.name] = {"unparsable": value}
+            elif f.name == "started_at" and isinstance(value, _dt.datetime):
+                values[f.name] = value.timestamp()
+        return cls(**values)
+
+
+FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(CellResult)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    return str(o)
