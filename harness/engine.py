@@ -16,8 +16,11 @@ Scheduling, in one loop on the driver:
 * A lane gets more actors only when its cells are long (``SCALE_MIN_S``), its
   queue is deep and no other lane is waiting for room. Actors are released as
   soon as their lane has nothing left to do.
-* Each actor has at most ``PIPELINE`` calls queued, so the driver always knows
-  which job is running and since when.
+* Jobs go to an actor in batches through a Ray streaming generator: one call
+  per batch, sized so a batch lasts about ``BATCH_TARGET_S`` (one job while
+  the lane's cell time is unknown or long); the worker reports finished jobs
+  in chunks at least every 50 ms, so the driver knows which job is running and
+  since when. At most ``PIPELINE`` batches are queued per actor.
 * An actor not ready within ``schedule_timeout_s`` (the clock restarts when one
   of our actors frees resources) makes its environment ``unschedulable``; a job
   past ``cell_timeout_s`` / ``train_timeout_s`` kills its actor (TensorFlow
@@ -31,6 +34,7 @@ appends one line to the run journal.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import deque
@@ -40,10 +44,12 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from .records import ArtifactRecord, CellResult, TrainRecord
 from .scenario import Scenario
 from .spec import Environment, Sweep
-from .worker import ReplayJob, TrainJob, Worker
+from .worker import JobFailed, ReplayJob, TrainJob, Worker
 
 POLL_S = 0.5
 PIPELINE = 2
+BATCH_TARGET_S = 2.0
+MAX_BATCH = 256
 SCALE_MIN_S = 5.0
 MAX_ACTORS_PER_LANE = 8
 RESOURCE_REFRESH_S = 5.0
@@ -60,7 +66,8 @@ class Cell(Protocol):
 class Sink(Protocol):
     """Where finished cells go (``harness.sweep.Collector``)."""
 
-    def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None) -> None: ...
+    def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None,
+            attempts: int | None = None) -> None: ...
 
     def training_done(self, record: TrainRecord) -> None: ...
 
@@ -77,6 +84,20 @@ def ray_options(env: Environment) -> dict[str, Any]:
     if env.label_selector:
         opts["label_selector"] = dict(env.label_selector)
     return opts
+
+
+def process_key(env: Environment) -> str:
+    """What a worker process is: placement, runtime_env (import-time variables) and process-wide TF settings.
+
+    Environments with the same key differ only in prediction-time knobs
+    (``jit_compile``, ``batch_size``), tolerances or expectations, so one
+    worker process can serve them all: TensorFlow is imported once for them.
+    """
+    renv = env.ray_runtime_env()
+    renv["env_vars"] = {k: v for k, v in renv.get("env_vars", {}).items() if k != "HARNESS_ENVIRONMENT"}
+    opts = {k: v for k, v in ray_options(env).items() if k != "runtime_env"}
+    process = {"memory_growth": env.memory_growth, "tf32": env.tf32, "op_determinism": env.op_determinism}
+    return json.dumps([renv, opts, process], sort_keys=True, default=str)
 
 
 def placement_text(env: Environment) -> str:
@@ -109,21 +130,42 @@ class _Job:
 
 
 @dataclass(eq=False)
+class _Batch:
+    """Jobs sent to an actor in one streaming call; ``done`` of them have reported."""
+
+    generator: Any
+    jobs: list[_Job]
+    done: int = 0
+
+    @property
+    def left(self) -> list[_Job]:
+        return self.jobs[self.done:]
+
+
+@dataclass(eq=False)
 class _Actor:
     lane: "_Lane"
     handle: Any
     created: float
     warm_ref: Any = None
     ready: bool = False
-    inflight: deque = field(default_factory=deque)  # (ref, _Job), in submission order
-    head_started: float = 0.0
+    inflight: deque = field(default_factory=deque)  # _Batch, in submission order
+    head_started: float = 0.0  # when the running job (first unreported of the head batch) started
+
+    def unreported(self) -> list[_Job]:
+        return [job for batch in self.inflight for job in batch.left]
 
 
 @dataclass(eq=False)
 class _Lane:
-    """One environment's jobs and the actors serving them."""
+    """The jobs of one or more environments that can share worker processes, and those workers.
+
+    ``env`` is the first of ``environments``; they all have its placement,
+    runtime_env and process-wide TensorFlow settings (see ``process_key``).
+    """
 
     env: Environment
+    environments: dict[str, Environment] = field(default_factory=dict)
     training: bool = False
     queue: deque = field(default_factory=deque)  # _Job ready to dispatch
     expected: int = 0  # cells that will arrive once their scenario is trained
@@ -135,7 +177,11 @@ class _Lane:
 
     @property
     def inflight(self) -> int:
-        return sum(len(a.inflight) for a in self.actors)
+        return sum(len(a.unreported()) for a in self.actors)
+
+    @property
+    def title(self) -> str:
+        return ", ".join(map(repr, self.environments)) if len(self.environments) > 1 else repr(self.env.name)
 
     @property
     def has_work(self) -> bool:
@@ -168,7 +214,8 @@ class Engine:
         self.ray, self.sweep, self.scenarios, self.sink = ray, sweep, dict(scenarios), sink
         self.storage_uri, self.retrain, self.observation_path = storage_uri, retrain, observation_path
         self.actor_cls = ray.remote(worker_cls)
-        self.lanes: dict[str, _Lane] = {}
+        self.lanes: dict[str, _Lane] = {}  # by process key; the training lane is "training"
+        self.lane_of: dict[str, _Lane] = {}  # environment name -> its lane
         self.cells_of: dict[str, list[Cell]] = {}
         self.capacity = 0.0
         self._capacity_at = 0.0
@@ -189,16 +236,21 @@ class Engine:
 
     # -- planning ------------------------------------------------------------------------
     def _plan(self, todo: list[Cell], unschedulable: Mapping[str, str]) -> None:
-        training = _Lane(self.sweep.training, training=True)
+        training = _Lane(self.sweep.training, {TRAINING: self.sweep.training}, training=True)
         self.lanes[TRAINING] = training
         for env in self.sweep.environments:
-            self.lanes[env.name] = _Lane(env, failed=("unschedulable", unschedulable[env.name])
-                                         if env.name in unschedulable else None)
+            key = process_key(env)
+            if env.name in unschedulable:
+                key = f"{key}/{env.name}"  # its own lane, failed from the start
+            lane = self.lanes.setdefault(key, _Lane(env, failed=("unschedulable", unschedulable[env.name])
+                                                    if env.name in unschedulable else None))
+            lane.environments[env.name] = env
+            self.lane_of[env.name] = lane
         for cell in todo:
             if TRAINING in unschedulable:
                 self.sink.add(cell, _failure(cell, "unschedulable", f"training: {unschedulable[TRAINING]}"))
                 continue
-            lane = self.lanes[cell.environment]
+            lane = self.lane_of[cell.environment]
             lane.expected += 1
             if lane.failed:  # decided now, not after training
                 self._settle(cell, lane)
@@ -218,18 +270,18 @@ class Engine:
                     if actor.warm_ref is not None:
                         waiting[actor.warm_ref] = (actor, None)
                     elif actor.inflight:
-                        waiting[actor.inflight[0][0]] = (actor, actor.inflight[0][1])
+                        waiting[actor.inflight[0].generator] = (actor, actor.inflight[0])
             if waiting:
                 refs = list(waiting)
                 ready, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)
                 if ready:
                     ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
                 for ref in ready:
-                    actor, job = waiting[ref]
-                    if job is None:
+                    actor, batch = waiting[ref]
+                    if batch is None:
                         self._warmed(actor)
-                    else:
-                        self._finished(actor)
+                    elif actor.inflight and actor.inflight[0] is batch:  # not lost meanwhile
+                        self._reported(actor)
             elif not any(lane.queue or lane.actors for lane in self.lanes.values()):
                 self._strand()  # nothing runs and nothing can: what is left would never arrive
             else:
@@ -261,13 +313,20 @@ class Engine:
         if not starving:
             for lane in self.lanes.values():
                 if (not lane.failed and lane.actors and len(lane.actors) < MAX_ACTORS_PER_LANE
-                        and len(lane.queue) > PIPELINE * len(lane.actors) and lane.mean_seconds >= SCALE_MIN_S
+                        and len(lane.queue) > 2 * len(lane.actors) and lane.mean_seconds >= SCALE_MIN_S
                         and all(a.ready for a in lane.actors) and self._fits(lane.env)):
                     self._start_actor(lane)
         for lane in self.lanes.values():
             for actor in lane.actors:
                 while actor.ready and lane.queue and len(actor.inflight) < PIPELINE and not lane.failed:
-                    self._submit(actor, lane.queue.popleft())
+                    self._submit(actor, [lane.queue.popleft() for _ in range(min(self._batch_size(lane), len(lane.queue)))])
+
+    @staticmethod
+    def _batch_size(lane: _Lane) -> int:
+        """About ``BATCH_TARGET_S`` worth of jobs; one while the lane's cell time is unknown or long."""
+        if lane.training or not lane.jobs_done or len(lane.actors) > 1:
+            return 1
+        return max(1, min(MAX_BATCH, int(BATCH_TARGET_S / max(lane.mean_seconds, 1e-4))))
 
     def _fits(self, env: Environment) -> bool:
         used = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors)
@@ -285,19 +344,21 @@ class Engine:
     def _start_actor(self, lane: _Lane) -> None:
         env = lane.env
         try:
-            handle = self.actor_cls.options(**ray_options(env)).remote(env, self.scenarios, self.storage_uri)
+            handle = self.actor_cls.options(**ray_options(env)).remote(lane.environments, self.scenarios,
+                                                                       self.storage_uri)
             warm_ref = handle.warm.remote()
         except Exception as exc:  # Ray refused the options (bad label selector, resources...)
             self._fail_lane(lane, "error", f"Ray refused to place {placement_text(env)}: {ray_error_text(exc)}")
             return
         lane.actors.append(_Actor(lane, handle, time.time(), warm_ref))
 
-    def _submit(self, actor: _Actor, job: _Job) -> None:
-        job.attempts += 1
-        method = actor.handle.train if isinstance(job.job, TrainJob) else actor.handle.replay
+    def _submit(self, actor: _Actor, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.attempts += 1
         if not actor.inflight:
             actor.head_started = time.time()
-        actor.inflight.append((method.remote(job.job), job))
+        generator = actor.handle.serve.options(num_returns="streaming").remote([job.job for job in jobs])
+        actor.inflight.append(_Batch(generator, jobs))
 
     def _kill(self, actor: _Actor) -> None:
         try:
@@ -319,11 +380,11 @@ class Engine:
             lane.warm_failures += 1
             name = type(exc).__name__
             if name == "RuntimeEnvSetupError":
-                self._fail_lane(lane, "error", f"runtime_env of environment {lane.env.name!r} could not be set up: "
+                self._fail_lane(lane, "error", f"runtime_env of environment {lane.title} could not be set up: "
                                                f"{ray_error_text(exc)}")
             elif lane.warm_failures > self.sweep.retries:
                 self._fail_lane(lane, "error", (
-                    f"the worker for environment {lane.env.name!r} died before the harness code started "
+                    f"the worker for environment {lane.title} died before the harness code started "
                     f"({lane.warm_failures} time(s)): its runtime_env {sorted(lane.env.runtime_env) or '(none)'} "
                     f"probably cannot import the harness's dependencies (numpy/pyarrow/TensorFlow versions); "
                     f"see the python-core-worker logs. {ray_error_text(exc)}"))
@@ -331,32 +392,46 @@ class Engine:
         actor.ready = True
         actor.head_started = time.time()
 
-    def _finished(self, actor: _Actor) -> None:
-        lane = actor.lane
-        ref, job = actor.inflight.popleft()
-        elapsed = time.time() - actor.head_started
-        actor.head_started = time.time()
+    def _reported(self, actor: _Actor) -> None:
+        """The head batch has a chunk of finished jobs (or has ended)."""
+        lane, batch = actor.lane, actor.inflight[0]
         try:
-            value = self.ray.get(ref)
+            chunk = self.ray.get(next(batch.generator))
+        except StopIteration:  # every job reported
+            actor.inflight.popleft()
+            actor.head_started = time.time()
+            return
         except Exception as exc:
             if _actor_died(exc):
-                self._lost_actor(actor, job, exc)
-            else:  # the job itself raised: a harness bug or an unexpected failure, one row
-                self._job_failed(job, "error", ray_error_text(exc, job.attempts))
+                self._lost_actor(actor, exc)
+            else:  # should not happen (jobs catch their own errors): fail what is left of the batch
+                actor.inflight.popleft()
+                for job in batch.left:
+                    self._job_failed(job, "error", ray_error_text(exc, job.attempts))
             return
-        lane.busy_seconds += elapsed
-        lane.jobs_done += 1
-        if isinstance(job.job, TrainJob):
-            self._trained(value)
-        else:
-            self.sink.add(job.cell, value.replace(attempts=job.attempts), job.job.artifact)
+        now = time.time()
+        lane.busy_seconds += now - actor.head_started
+        lane.jobs_done += len(chunk)
+        actor.head_started = now
+        for value in chunk:
+            job = batch.jobs[batch.done]
+            batch.done += 1
+            if isinstance(value, JobFailed):
+                self._job_failed(job, "error", value.error)
+            elif isinstance(job.job, TrainJob):
+                self._trained(value)
+            else:
+                self.sink.add(job.cell, value, job.job.artifact, attempts=job.attempts)
 
-    def _lost_actor(self, actor: _Actor, head: _Job, exc: BaseException) -> None:
-        """The actor died with ``head`` running: retry it (within ``retries``); requeue the rest untouched."""
+    def _lost_actor(self, actor: _Actor, exc: BaseException) -> None:
+        """The actor died: its running job is retried (within ``retries``); jobs it never started are requeued."""
         lane = actor.lane
-        rest = [job for _, job in actor.inflight]
+        unreported = actor.unreported()
         actor.inflight.clear()
         self._kill(actor)
+        if not unreported:
+            return
+        head, rest = unreported[0], unreported[1:]
         for job in reversed(rest):
             job.attempts -= 1  # submitted but never started
             lane.queue.appendleft(job)
@@ -368,7 +443,7 @@ class Engine:
     def _trained(self, record: TrainRecord) -> None:
         self.sink.training_done(record)
         for cell in self.cells_of.pop(record.scenario, []):
-            lane = self.lanes[cell.environment]
+            lane = self.lane_of[cell.environment]
             art = record.artifacts[cell.format]
             if art.error:
                 lane.expected -= 1
@@ -377,7 +452,7 @@ class Engine:
                 self._settle(cell, lane, art)
             else:
                 lane.expected -= 1
-                env = lane.env
+                env = lane.environments[cell.environment]
                 job = ReplayJob(cell.scenario, cell.format, cell.environment, art, self.sweep.batch_size_for(env),
                                 self.sweep.tolerance_for(env), dict(self.sweep.output_tolerances),
                                 self.observation_path(cell))
@@ -391,7 +466,7 @@ class Engine:
 
     def _training_failed(self, scenario: str, verdict: str, reason: str) -> None:
         for cell in self.cells_of.pop(scenario, []):
-            self.lanes[cell.environment].expected -= 1
+            self.lane_of[cell.environment].expected -= 1
             self.sink.add(cell, _failure(cell, verdict, f"training: {reason}"))
 
     def _strand(self) -> None:
@@ -410,8 +485,7 @@ class Engine:
         """Every remaining cell of ``lane`` gets ``verdict``; the lane's actors go."""
         lane.failed = (verdict, reason)
         for actor in list(lane.actors):
-            for _, job in actor.inflight:
-                lane.queue.append(job)
+            lane.queue.extend(actor.unreported())
             actor.inflight.clear()
             self._kill(actor)
         while lane.queue:
@@ -425,7 +499,7 @@ class Engine:
                 self._training_failed(scenario, verdict, reason)
         else:
             for cells in self.cells_of.values():
-                for cell in [c for c in cells if c.environment == lane.env.name]:
+                for cell in [c for c in cells if c.environment in lane.environments]:
                     cells.remove(cell)
                     self._settle(cell, lane)
 
@@ -445,14 +519,13 @@ class Engine:
                                 f"no node took {placement_text(lane.env)}"))
                     continue
                 limit = self.sweep.train_timeout_s if lane.training else self.sweep.cell_timeout_s
-                if actor.inflight and now - actor.head_started > limit:
+                if actor.unreported() and now - actor.head_started > limit:
                     self._timed_out(actor, limit)
 
     def _timed_out(self, actor: _Actor, limit: float) -> None:
         """Stop the actor (TensorFlow cannot be interrupted); the lane goes on with a fresh worker."""
         lane = actor.lane
-        _, job = actor.inflight.popleft()
-        rest = [j for _, j in actor.inflight]
+        job, *rest = actor.unreported()
         actor.inflight.clear()
         self._kill(actor)
         for other in reversed(rest):

@@ -95,7 +95,8 @@ class CellResult:
     (``run_id``, ``sweep``, ``expected``, ``passed``, the save round trip, the
     training fingerprint, ``attempts``) with :meth:`completed`. JSON columns
     hold dicts here and JSON text in Arrow; ``started_at`` is epoch seconds
-    here and a UTC timestamp in Arrow.
+    here and a UTC timestamp in Arrow. A JSON column holds a dict, or its JSON
+    text (see :meth:`encoded`).
     """
 
     run_id: str | None = _col(pa.string(), "identifier of the run (UTC timestamp + short random suffix)")
@@ -149,30 +150,32 @@ class CellResult:
         """A copy with ``changes`` (field names only: an unknown name is a ``TypeError``)."""
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON-able dict (dict columns stay dicts) for the run journal."""
-        return {f.name: getattr(self, f.name) for f in FIELDS}
+    def encoded(self) -> "CellResult":
+        """This result with its JSON columns as JSON text.
 
-    @classmethod
-    def from_json(cls, values: Mapping[str, Any]) -> "CellResult":
-        """Inverse of :meth:`to_json`. Raises ``TypeError`` on an unknown key (never dropped silently)."""
-        return cls(**values)
+        Workers send results this way: the encoding happens in parallel, in
+        the workers, and the driver's work per cell stays small and constant.
+        """
+        return dataclasses.replace(self, **{f.name: json.dumps(getattr(self, f.name), sort_keys=True,
+                                                               default=_json_default)
+                                            for f in FIELDS if f.metadata["json"]
+                                            and getattr(self, f.name) is not None
+                                            and not isinstance(getattr(self, f.name), str)})
 
-    def to_row(self) -> dict[str, Any]:
-        """The Arrow row: JSON columns as text, ``started_at`` as a UTC datetime."""
-        row = {}
-        for f in FIELDS:
-            value = getattr(self, f.name)
-            if f.metadata["json"] and value is not None and not isinstance(value, str):
-                value = json.dumps(value, sort_keys=True, default=_json_default)
-            elif f.name == "started_at" and isinstance(value, (int, float)):
-                value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)
-            row[f.name] = value
+    def to_row(self, *, epoch: bool = False) -> dict[str, Any]:
+        """The Arrow row: JSON columns as text, ``started_at`` as a UTC datetime (epoch seconds with ``epoch``)."""
+        row = dict(self.__dict__)  # every field, in field order (called once per cell: kept cheap)
+        for name in _JSON_FIELDS:
+            value = row[name]
+            if value is not None and not isinstance(value, str):
+                row[name] = json.dumps(value, sort_keys=True, default=_json_default)
+        if not epoch and isinstance(row["started_at"], (int, float)):
+            row["started_at"] = _dt.datetime.fromtimestamp(row["started_at"], tz=_dt.timezone.utc)
         return row
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "CellResult":
-        """A results-table row (JSON text, datetimes) back to a record; unknown columns are an error."""
+        """A results-table or journal row (JSON text) back to a record; an unknown column is a ``TypeError``."""
         values = dict(row)
         for f in FIELDS:
             value = values.get(f.name)
@@ -187,6 +190,7 @@ class CellResult:
 
 
 FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(CellResult)
+_JSON_FIELDS = tuple(f.name for f in FIELDS if f.metadata["json"])
 
 
 def _json_default(o: Any) -> Any:

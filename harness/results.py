@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 # The verdict vocabulary lives with the records; re-exported here for readers of results.
@@ -26,6 +28,8 @@ COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = tuple(
 
 SCHEMA = pa.schema([pa.field(name, typ) for name, typ, _ in COLUMNS])
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
+# The journal's lines: the same columns, but started_at as epoch seconds.
+_JOURNAL_SCHEMA = pa.schema([pa.field(f.name, pa.float64() if f.name == "started_at" else f.type) for f in SCHEMA])
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -58,16 +62,20 @@ def _coerce(row: Mapping[str, Any] | CellResult) -> dict[str, Any]:
 
 
 _JSON_COLUMNS = tuple(f.name for f in FIELDS if f.metadata["json"])
+_NAMES = frozenset(f.name for f in FIELDS)
 
 
 def to_table(rows: Iterable[Mapping[str, Any] | CellResult]) -> pa.Table:
-    """Build a results table from cell results or cell dicts (missing columns become null).
+    """Build a results table from cell results or row dicts (missing columns become null).
 
     Raises:
         KeyError: a dict names a column the schema does not have.
     """
-    coerced = [_coerce(r) for r in rows]
-    return pa.Table.from_pylist(coerced, schema=SCHEMA)
+    columns: dict[str, list] = {name: [] for name in COLUMN_NAMES}
+    for row in rows:
+        for name, value in _coerce(row).items():
+            columns[name].append(value)
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
 
 
 def write_table(table: pa.Table, path: str | os.PathLike) -> None:
@@ -110,7 +118,7 @@ class Journal:
             self._file.write("\n")
 
     def append(self, result: CellResult) -> None:
-        self._file.write(json.dumps(result.to_json(), default=_json_default) + "\n")
+        self._file.write(json.dumps(result.to_row(epoch=True), default=_json_default) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -123,8 +131,11 @@ class Journal:
         self.close()
 
     @staticmethod
-    def read(run_dir: str | os.PathLike) -> list[CellResult]:
-        """Every complete line of the journal in ``run_dir`` (empty if there is none)."""
+    def read(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+        """Every complete line of the journal in ``run_dir`` as a results row (empty if there is none).
+
+        Rows keep JSON columns as text: ``to_table`` takes them as they are.
+        """
         path = Path(run_dir) / JOURNAL
         if not path.exists():
             return []
@@ -132,10 +143,33 @@ class Journal:
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
-                    out.append(CellResult.from_json(json.loads(line)))
-                except (ValueError, TypeError):
-                    continue  # a torn or foreign line
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a crash
+                if isinstance(row, dict) and set(row) <= _NAMES and row.get("scenario") is not None:
+                    out.append(row)
         return out
+
+    @staticmethod
+    def table(run_dir: str | os.PathLike) -> pa.Table:
+        """The journal in ``run_dir`` as a results table (empty if there is none).
+
+        Arrow's JSON reader parses the whole file natively (fast, little
+        memory); a file with a line torn by a crash goes the careful
+        line-by-line way instead.
+        """
+        path = Path(run_dir) / JOURNAL
+        if not path.exists():
+            return SCHEMA.empty_table()
+        try:
+            raw = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=64 << 20),
+                                   parse_options=pajson.ParseOptions(explicit_schema=_JOURNAL_SCHEMA,
+                                                                     unexpected_field_behavior="error"))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return to_table(Journal.read(run_dir))
+        micros = pc.cast(pc.round(pc.multiply(raw["started_at"], 1e6)), pa.int64())
+        started = pc.cast(micros, SCHEMA.field("started_at").type)
+        return raw.set_column(raw.schema.get_field_index("started_at"), SCHEMA.field("started_at"), started)
 
     @staticmethod
     def remove(run_dir: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ rebuilds the table from the journal.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import secrets
 import sys
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
+
+import pyarrow as pa
 
 from . import results
 from .records import ArtifactRecord, CellResult, TrainRecord
@@ -139,34 +142,39 @@ class Collector:
                  progress: Progress | None = None, done: Iterable[str] = ()):
         self.sweep, self.run_id, self.journal, self.total, self.progress = sweep, run_id, journal, total, progress
         self.done: set[str] = set(done)
-        self.train_fingerprints: dict[str, Mapping[str, Any]] = {}
-        self.counted = 0
+        self.train_fingerprints: dict[str, str] = {}
+        self._envs = {env.name: env for env in sweep.environments}
 
     def training_done(self, record: TrainRecord) -> None:
-        self.train_fingerprints[record.scenario] = record.fingerprint
+        # Encoded once per scenario, not once per cell.
+        self.train_fingerprints[record.scenario] = json.dumps(record.fingerprint, sort_keys=True, default=str)
 
-    def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None) -> None:
+    def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None,
+            attempts: int | None = None) -> None:
+        """Complete ``result`` with the run's columns, journal it and report progress (once per cell)."""
         if cell.key in self.done:
             return  # exactly one row per cell, whatever retried
-        env = self.sweep.environment(cell.environment)
-        expected = self.sweep.expectation(env)
-        result = result.replace(run_id=self.run_id, sweep=self.sweep.name, scenario=cell.scenario,
-                                format=cell.format, environment=cell.environment, expected=expected,
-                                train_fingerprint=self.train_fingerprints.get(cell.scenario),
-                                # A cell that never started (unschedulable, failed save) is dated when decided.
-                                started_at=result.started_at or time.time())
+        expected = self.sweep.expectation(self._envs[cell.environment])
+        save = {}
         if artifact is not None:
-            result = result.replace(artifact_digest=artifact.digest, artifact_uri=artifact.uri,
-                                    save_verdict=artifact.save_verdict, save_max_abs_diff=artifact.save_max_abs_diff,
-                                    save_max_ulp_diff=artifact.save_max_ulp_diff)
-        save_ok = result.save_verdict is None or results.meets(result.save_verdict, self.sweep.expect_save)
-        result = result.replace(passed=results.meets(result.verdict, expected) and save_ok)
+            save = dict(artifact_digest=artifact.digest, artifact_uri=artifact.uri, save_verdict=artifact.save_verdict,
+                        save_max_abs_diff=artifact.save_max_abs_diff, save_max_ulp_diff=artifact.save_max_ulp_diff)
+        save_verdict = save.get("save_verdict", result.save_verdict)
+        save_ok = save_verdict is None or results.meets(save_verdict, self.sweep.expect_save)
+        error = result.error
         if not save_ok and result.verdict in results.NUMERIC_VERDICTS:
-            note = f"save round trip is {result.save_verdict} (expect_save: {self.sweep.expect_save})"
-            result = result.replace(error=f"{note}; {result.error}" if result.error else note)
+            note = f"save round trip is {save_verdict} (expect_save: {self.sweep.expect_save})"
+            error = f"{note}; {error}" if error else note
+        result = result.replace(
+            run_id=self.run_id, sweep=self.sweep.name, scenario=cell.scenario, format=cell.format,
+            environment=cell.environment, expected=expected, error=error,
+            passed=results.meets(result.verdict, expected) and save_ok,
+            train_fingerprint=self.train_fingerprints.get(cell.scenario),
+            attempts=result.attempts if attempts is None else attempts,
+            # A cell that never started (unschedulable, failed save) is dated when decided.
+            started_at=result.started_at or time.time(), **save)
         self.journal.append(result)
         self.done.add(cell.key)
-        self.counted += 1
         if self.progress:
             self.progress(len(self.done), self.total, result)
 
@@ -183,24 +191,24 @@ class RunResult:
         return all(self.table.column("passed").to_pylist())
 
 
-def sweep_order(sweep: Sweep, rows: Iterable[CellResult]) -> list[CellResult]:
-    """Rows in the sweep's own order (scenario, format, environment), last row of a cell winning.
+def sweep_order(sweep: Sweep, table: pa.Table) -> pa.Table:
+    """``table`` in the sweep's own order (scenario, format, environment), the last row of a cell winning.
 
     Reports of the same sweep always have the same layout, whatever order cells finished in.
     """
-    rank = {dim: {name: i for i, name in enumerate(names)} for dim, names in (
-        ("scenario", sweep.scenarios), ("format", sweep.formats), ("environment", [e.name for e in sweep.environments]))}
-    cells = {r.key: r for r in rows}
-    return sorted(cells.values(), key=lambda r: tuple(rank[d].get(v, len(rank[d])) for d, v in
-                                                      zip(("scenario", "format", "environment"), r.key)))
+    dims = (("scenario", sweep.scenarios), ("format", sweep.formats),
+            ("environment", [e.name for e in sweep.environments]))
+    rank = {dim: {name: i for i, name in enumerate(names)} for dim, names in dims}
+    keys = zip(*(table.column(d).to_pylist() for d, _ in dims))
+    last = {k: i for i, k in enumerate(keys)}
+    order = sorted(last, key=lambda k: tuple(rank[d].get(v, len(rank[d])) for (d, _), v in zip(dims, k)))
+    return table.take([last[k] for k in order])
 
 
-def stored_rows(run_dir: Path) -> list[CellResult]:
-    """The cells already finished in ``run_dir``: ``results.parquet`` and then the journal."""
-    rows = []
-    if (run_dir / "results.parquet").exists():
-        rows = [CellResult.from_row(r) for r in results.read_table(run_dir).to_pylist()]
-    return rows + results.Journal.read(run_dir)
+def stored_table(run_dir: Path) -> pa.Table:
+    """The cells already finished in ``run_dir``: ``results.parquet``, then the journal."""
+    parts = [results.read_table(run_dir)] if (run_dir / "results.parquet").exists() else []
+    return pa.concat_tables([*parts, results.Journal.table(run_dir)])
 
 
 def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str | os.PathLike,
@@ -237,16 +245,16 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
 
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = stored_rows(run_dir) if resume else []
-    if previous:
-        run_id = run_id or previous[0].run_id
+    previous = stored_table(run_dir) if resume else results.SCHEMA.empty_table()
+    if previous.num_rows:
+        run_id = run_id or previous["run_id"][0].as_py()
     else:
         results.Journal.remove(run_dir)  # a fresh run never mixes in an old journal
     cells = plan(sweep, only)
     # Resolved once, here: workers must never resolve a relative path in their own cwd.
     storage_uri = normalize_uri(storage or sweep.storage)
     run_id = run_id or new_run_id()
-    done = {f"{r.scenario}/{r.format}/{r.environment}" for r in previous}
+    done = {"/".join(k) for k in zip(*(previous.column(d).to_pylist() for d in ("scenario", "format", "environment")))}
     todo = [c for c in cells if c.key not in done]
     with results.Journal(run_dir) as journal:
         collector = Collector(sweep, run_id, journal, total=len(cells), progress=progress,
@@ -259,7 +267,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
                 _run_ray(sweep, scenarios, storage_uri, collector, todo, address, retrain, verbose, observation,
                          worker_cls)
         finally:
-            table = results.to_table(sweep_order(sweep, previous + results.Journal.read(run_dir)))
+            table = sweep_order(sweep, pa.concat_tables([previous, results.Journal.table(run_dir)]))
             results.write_table(table, run_dir / "results.parquet")
     results.Journal.remove(run_dir)  # every line is in results.parquet now
     # Also publish next to the observations in shared storage: on a cluster
@@ -289,7 +297,7 @@ def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: st
                             batch_size=sweep.batch_size_for(env), tolerance=sweep.tolerance_for(env),
                             output_tolerances=dict(sweep.output_tolerances), observation_path=observation(cell),
                             manifest_sha256=art.manifest_sha256)
-            collector.add(cell, result.replace(attempts=1), art)
+            collector.add(cell, result, art, attempts=1)
 
 
 def _init_ray(address: str, verbose: bool) -> bool:

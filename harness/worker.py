@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .compare import Tolerance
 from .records import ArtifactRecord, CellResult, TrainRecord
@@ -48,19 +50,37 @@ class ReplayJob:
         return f"{self.scenario}/{self.format}/{self.environment}"
 
 
+@dataclass(frozen=True)
+class JobFailed:
+    """A job raised instead of returning its record (a bug in a scenario's code, or in ours)."""
+
+    error: str
+
+
+#: A finished job is reported at most this long after it finished (results finishing
+#: within the window travel together, which keeps the driver's work per cell small).
+REPORT_EVERY_S = 0.05
+
+
 class Worker:
     """Serves the jobs of one environment in one process.
 
     Args:
-        environment: the environment this process was started for.
+        environments: the environments this process serves, by name: one, or
+            several that differ only in prediction-time knobs (same placement,
+            runtime_env and process-wide settings), so they share one
+            TensorFlow import. The first one configures the process.
         scenarios: every scenario its jobs may name, by name.
         storage_uri: the shared storage root (already resolved by the driver).
     """
 
-    def __init__(self, environment: Environment, scenarios: Mapping[str, Scenario], storage_uri: str):
-        self.environment = environment
+    def __init__(self, environments: Mapping[str, Environment], scenarios: Mapping[str, Scenario],
+                 storage_uri: str):
+        self.environments = dict(environments)
+        self.environment = next(iter(self.environments.values()))
         self.scenarios = dict(scenarios)
         self.storage_uri = storage_uri
+        self._jobs: ThreadPoolExecutor | None = None  # one thread: jobs run in order
 
     def warm(self) -> dict[str, Any]:
         """Import TensorFlow and apply the environment's process-wide settings, once.
@@ -79,6 +99,42 @@ class Worker:
         info = fingerprint.ray_info()
         return {"pid": os.getpid(), "node_id": info.get("ray_node_id"), "seconds": time.time() - start}
 
+    def serve(self, jobs: Sequence[TrainJob | ReplayJob]) -> Iterator[list[TrainRecord | CellResult | JobFailed]]:
+        """Run ``jobs`` in order, yielding their records in chunks as they finish.
+
+        The engine calls this as a Ray streaming generator: one call per batch
+        of cheap cells instead of one round trip per cell. Jobs run one after
+        another on this worker's job thread; a finished job is reported within
+        ``REPORT_EVERY_S`` even while the next one is still running (or stuck),
+        so the driver always knows exactly which job is running and since when.
+        """
+        if self._jobs is None:
+            self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-job")
+        futures = [self._jobs.submit(self.run, job) for job in jobs]
+        i = 0
+        while i < len(futures):
+            chunk = [futures[i].result()]
+            i += 1
+            deadline = time.monotonic() + REPORT_EVERY_S
+            while i < len(futures) and (left := deadline - time.monotonic()) > 0:
+                try:
+                    chunk.append(futures[i].result(timeout=left))
+                except FuturesTimeout:
+                    break
+                i += 1
+            yield chunk
+
+    def run(self, job: TrainJob | ReplayJob) -> TrainRecord | CellResult | JobFailed:
+        """One job; an exception becomes a ``JobFailed`` so the rest of the batch goes on."""
+        from .runtime import error_text
+
+        try:
+            if isinstance(job, TrainJob):
+                return self.train(job)
+            return self.replay(job).encoded()  # JSON encoded here, not on the driver
+        except Exception as exc:
+            return JobFailed(error_text(exc))
+
     def train(self, job: TrainJob) -> TrainRecord:
         from .train import train
 
@@ -89,6 +145,7 @@ class Worker:
         from .replay import replay
 
         art = job.artifact
-        return replay(self.scenarios[job.scenario], job.format, art.path, self.storage_uri, self.environment,
+        return replay(self.scenarios[job.scenario], job.format, art.path, self.storage_uri,
+                      self.environments[job.environment],
                       batch_size=job.batch_size, tolerance=job.tolerance, output_tolerances=job.output_tolerances,
                       observation_path=job.observation_path, manifest_sha256=art.manifest_sha256)

@@ -530,3 +530,54 @@ def test_run_inline_one_environment(store, tmp_path):
         "[1/1] seed-linear-regression/keras @ cpu-default: bitwise"
     assert (out / "report.md").is_file()
     assert re.search(r"^1 cells: 1 bitwise.*; 1 passed, 0 failed expectations$", proc.stdout, re.M), proc.stdout
+
+
+# -- 9. SIGKILL of the driver, then --resume ----------------------------------------------------
+def test_sigkill_of_the_driver_then_resume_loses_nothing(store, tmp_path):
+    import signal
+    import time
+
+    gate = tmp_path / "gate"  # one cell waits in build() until gate/all exists: the run is mid-sweep
+    gate.mkdir()
+    doc = {"name": "cli-kill", "storage": str(store), "scenario_paths": [str(REPO / "tests" / "scenarios")],
+           "scenarios": ["seed-linear-regression", "test-slow-build"], "formats": ["keras", "weights"],
+           "environments": {"cpu-default": {"expect": "bitwise"},
+                            "gated": {"env": {"HARNESS_TEST_BUILD_GATE": str(gate)}, "expect": "bitwise"}},
+           "timeouts": {"schedule_timeout_s": 120, "cell_timeout_s": 300}}
+    sweep = write_sweep(tmp_path, "kill.yaml", doc)
+    out = tmp_path / "run"
+    journal = out / results.JOURNAL
+    driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(sweep), "--out", str(out)],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while time.time() < deadline and driver.poll() is None:
+            if journal.exists() and len(journal.read_text().splitlines()) == 7:
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.stderr.read()
+        assert len(journal.read_text().splitlines()) == 7, "seven cells finish; the eighth waits at the gate"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # the embedded Ray the driver started
+        except ProcessLookupError:
+            pass
+    before = {(r["scenario"], r["format"], r["environment"]): r for r in results.Journal.read(out)}
+    assert len(before) == 7 and not (out / "results.parquet").exists()
+
+    (gate / "all").write_text("go")
+    proc = run_cli("run", sweep, "--out", out, "--resume", cwd=tmp_path, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, explain(proc)
+    assert len(progress(proc.stderr)) == 1, proc.stderr  # only the missing cell ran again
+    table = results.read_table(out)
+    rows = rows_by_cell(out)
+    assert table.num_rows == len(rows) == 8
+    assert {r["run_id"] for r in rows.values()} == {next(iter(before.values()))["run_id"]}
+    for key, old in before.items():
+        assert rows[key]["verdict"] == old["verdict"] and rows[key]["attempts"] == old["attempts"]
+        assert rows[key]["started_at"].timestamp() == pytest.approx(old["started_at"], abs=1e-5)
+    assert rows[("test-slow-build", "weights", "gated")]["verdict"] == "bitwise"
+    assert not (out / results.JOURNAL).exists()  # folded into results.parquet

@@ -159,23 +159,43 @@ def test_resume_runs_only_missing_cells(local_ray, scenarios, store, tmp_path):
 
 def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, store, tmp_path):
     sweep = _sweep({
-        "name": "timeouts", "scenarios": ["test-slow-build"], "formats": ["weights"], "precheck": False,
-        "scenario_paths": [str(TESTS / "scenarios")],
+        "name": "timeouts", "scenarios": ["test-slow-build", "seed-linear-regression"], "formats": ["weights"],
+        "precheck": False, "scenario_paths": [str(TESTS / "scenarios")],
         "timeouts": {"schedule_timeout_s": 15, "cell_timeout_s": 8},
         "environments": {
             "fast": {"expect": "bitwise"},
             "ghost": {"resources": {"ghost": 1}},
-            "slow": {"env": {"HARNESS_TEST_BUILD_SLEEP": "120"}},
+            "slow": {"env": {"HARNESS_TEST_BUILD_SLEEP": "120"}, "expect": "bitwise"},
         },
     })
     res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store)
-    envs = _by_env(res.table)
-    assert envs["fast"][0]["verdict"] == "bitwise" and envs["fast"][0]["passed"]
-    ghost = envs["ghost"][0]
-    assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"] and "ghost=1" in ghost["error"]
-    slow = envs["slow"][0]
-    # The cell sleeps 120 s: only the cell timeout can have ended it as an error.
-    assert slow["verdict"] == "error" and "timed out after 8s" in slow["error"]
+    cells = {(r["scenario"], r["environment"]): r for r in res.table.to_pylist()}
+    assert len(cells) == res.table.num_rows == 6
+    for name in ("test-slow-build", "seed-linear-regression"):
+        assert cells[(name, "fast")]["verdict"] == "bitwise" and cells[(name, "fast")]["passed"]
+        ghost = cells[(name, "ghost")]
+        assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"]
+        assert "ghost=1" in ghost["error"]
+    # The slow scenario's build sleeps 120 s: only the cell timeout can have ended it as an error...
+    stuck = cells[("test-slow-build", "slow")]
+    assert stuck["verdict"] == "error" and "timed out after 8s" in stuck["error"]
+    # ... and the environment went on with a fresh worker for its next cell.
+    after = cells[("seed-linear-regression", "slow")]
+    assert after["verdict"] == "bitwise" and after["passed"] and after["attempts"] == 1
+
+
+def test_relative_storage_is_resolved_once_on_the_driver(local_ray, scenarios, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = _sweep({"name": "relative", "scenarios": ["seed-linear-regression"], "formats": ["keras"],
+                    "storage": "rel/store", "environments": {"cpu-default": {"expect": "bitwise"}}})
+    res = run_sweep(sweep, scenarios, out_dir=tmp_path / "run")
+    row = res.table.to_pylist()[0]
+    assert row["verdict"] == "bitwise", row["error"]
+    store = tmp_path / "rel" / "store"
+    # Workers got an absolute path: what they wrote is under the driver's cwd, whatever theirs is.
+    for uri in (row["artifact_uri"], row["observation_uri"], res.results_uri):
+        assert Path(uri).is_absolute() and Path(uri).resolve().is_relative_to(store.resolve()), uri
+    assert Path(row["observation_uri"]).is_file()
 
 
 def test_inline_mode_runs_without_ray_and_refuses_to_fake_env_vars(scenarios, store, tmp_path):
