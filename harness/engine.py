@@ -374,7 +374,7 @@ class Engine:
         lane, ref = actor.lane, actor.warm_ref
         actor.warm_ref = None
         try:
-            self.ray.get(ref)
+            info = self.ray.get(ref)
         except Exception as exc:
             self._kill(actor)
             lane.warm_failures += 1
@@ -388,6 +388,10 @@ class Engine:
                     f"({lane.warm_failures} time(s)): its runtime_env {sorted(lane.env.runtime_env) or '(none)'} "
                     f"probably cannot import the harness's dependencies (numpy/pyarrow/TensorFlow versions); "
                     f"see the python-core-worker logs. {ray_error_text(exc)}"))
+            return
+        if info.get("unschedulable"):
+            self._kill(actor)
+            self._fail_lane(lane, "unschedulable", f"node {str(info.get('node_id'))[:12]}: {info['unschedulable']}")
             return
         actor.ready = True
         actor.head_started = time.time()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from . import isa
 from .spec import Sweep
 from .sweep import _init_ray, missing_on_node, unschedulable_reason
 
@@ -49,7 +50,8 @@ def survey(sweep: Sweep | None = None) -> list[dict[str, Any]]:
         out.append({"node_id": n["NodeID"], "address": n.get("NodeManagerAddress"),
                     "resources": {k: v for k, v in n.get("Resources", {}).items() if not k.startswith("node:")},
                     "labels": {k: v for k, v in n.get("Labels", {}).items() if k != "ray.io/node-id"},
-                    "fingerprint": fp, "environments": envs})
+                    "fingerprint": fp, "environments": envs,
+                    "cpu_isa": isa.supported(fp.get("cpu_flags", []))})
     return out
 
 
@@ -80,12 +82,15 @@ def describe_cluster(address: str, sweep: Sweep | None = None, as_json: bool = F
     for n in nodes:
         fp = n["fingerprint"]
         gpus = ", ".join(g.get("name") or "?" for g in fp.get("gpus", [])) or "-"
+        onednn = {True: "on", False: "off"}.get(fp.get("onednn_default"), "?")
         rows.append([n["node_id"][:12], _short_resources(n["resources"]),
                      ", ".join(f"{k}={v}" for k, v in sorted(n["labels"].items())) or "-",
                      fp.get("tf_version") or fp.get("error", "?"), fp.get("cpu_model"),
                      " ".join(f for f in fp.get("cpu_flags", []) if f.startswith(("avx512f", "amx", "avx2"))) or "-",
+                     onednn, ", ".join(n["cpu_isa"]) or "-",
                      gpus, ", ".join(n["environments"]) or ("-" if sweep else "")])
-    headers = ["node", "resources", "labels", "TF", "CPU", "flags", "GPUs", "can host" if sweep else ""]
+    headers = ["node", "resources", "labels", "TF", "CPU", "flags", "oneDNN default", "can emulate (cpu_isa)",
+               "GPUs", "can host" if sweep else ""]
     text = tabulate(rows, headers=headers)
     if sweep:
         text += "\n\n" + tabulate(sorted(placement.items()), headers=["environment", "placement"])

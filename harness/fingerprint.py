@@ -19,8 +19,8 @@ from . import isa
 _INTERESTING_FLAGS = tuple(sorted({"sse4_2", "f16c", "asimd", "sve", *(f for level in isa.ISA_LEVELS
                                                                         for f in isa.required_flags(level))}))
 _ENV_KEYS = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS",
-             "TF_XLA_FLAGS", "TF_USE_LEGACY_KERAS", "CUDA_VISIBLE_DEVICES", "TF_DETERMINISTIC_OPS",
-             "NVIDIA_TF32_OVERRIDE", "TF_CPP_MIN_LOG_LEVEL")
+             "TF_XLA_FLAGS", "XLA_FLAGS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "TF_USE_LEGACY_KERAS",
+             "CUDA_VISIBLE_DEVICES", "TF_DETERMINISTIC_OPS", "NVIDIA_TF32_OVERRIDE", "TF_CPP_MIN_LOG_LEVEL")
 
 
 def cpu_info() -> dict[str, Any]:
@@ -125,14 +125,33 @@ def _measure(environment: str | None, jit_compile: bool) -> dict[str, Any]:
         "op_determinism": determinism,
         "jit_compile": jit_compile,
         "xla_flags": os.environ.get("TF_XLA_FLAGS"),
+        "xla_cpu_flags": os.environ.get("XLA_FLAGS"),
         "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
         "executable": sys.executable,
         # Where this worker's harness code came from: a Ray py_modules upload on clusters.
         "harness_path": os.path.dirname(os.path.abspath(__file__)),
     }
     fp.update(cpu_info())
+    fp.update(onednn_info(fp["onednn"], fp["cpu_flags"]))
     fp.update(ray_info())
     return fp
+
+
+def onednn_info(effective: bool | None, cpu_flags: list[str]) -> dict[str, Any]:
+    """oneDNN as TensorFlow decides it on this CPU: its default, the ISA the CPU has and the cap in force.
+
+    ``onednn_default``: what TensorFlow picks with TF_ENABLE_ONEDNN_OPTS unset
+    (on only with AVX512-VNNI/BF16, AVX-VNNI or AMX). ``onednn_max_isa``: the
+    instruction set oneDNN may use here: ``ONEDNN_MAX_CPU_ISA`` when set, else
+    the CPU's own level; None while oneDNN is off.
+    """
+    native = isa.native(cpu_flags)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = cap.lower() if cap else native
+    if cap in isa.ISA_LEVELS and native in isa.ISA_LEVELS and not isa.includes(native, cap):
+        cap = native  # oneDNN cannot go above what the CPU has
+    return {"onednn_default": isa.onednn_default(cpu_flags), "cpu_isa_native": native,
+            "onednn_max_isa": cap if effective else None}
 
 
 def _threads(api_value: int, env_var: str) -> int:

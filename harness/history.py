@@ -37,8 +37,8 @@ HISTORY_SCHEMA = results.SCHEMA.append(pa.field("date", pa.string()))
 #: (pid, hostname, ray_node_id, ...) are deliberately absent.
 FINGERPRINT_KEYS = (
     "tf_version", "keras_version", "python", "numpy", "cuda_version", "cudnn_version",
-    "cpu_model", "cpu_flags", "gpus", "gpu_driver", "onednn", "intra_op_threads",
-    "inter_op_threads", "tf32", "op_determinism", "jit_compile",
+    "cpu_model", "cpu_flags", "gpus", "gpu_driver", "onednn", "onednn_max_isa", "intra_op_threads",
+    "inter_op_threads", "tf32", "op_determinism", "jit_compile", "xla_cpu_flags",
 )
 
 #: Pseudo-environment name under which training-fingerprint changes are listed.

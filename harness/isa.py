@@ -33,6 +33,22 @@ _LEVELS: dict[str, tuple[int, tuple[str, ...]]] = {
 #: Every level a sweep may name in ``cpu_isa``, oldest first.
 ISA_LEVELS: tuple[str, ...] = tuple(_LEVELS)
 
+#: The cap XLA's CPU code generation gets for each level (``XLA_FLAGS=--xla_cpu_max_isa=...``).
+#: XLA knows fewer levels than oneDNN: each maps to the highest XLA level it contains
+#: (``sse41`` to XLA's lowest, ``SSE4_2``, which is one step above it). Measured with
+#: TensorFlow 2.21: the cap changes the bits of element-wise code XLA generates (AVX
+#: without FMA: 20% of a tanh/exp/log1p chain, 2 ULP) but not of its matrix products,
+#: which call kernels compiled into TensorFlow.
+_XLA: dict[str, str] = {
+    "sse41": "SSE4_2", "avx": "AVX", "avx2": "AVX2", "avx2_vnni": "AVX2", "avx2_vnni_2": "AVX2",
+    "avx512_core": "AVX512", "avx512_core_vnni": "AVX512_VNNI", "avx512_core_bf16": "AVX512_BF16",
+    "avx512_core_fp16": "AVX512_BF16", "avx512_core_amx": "AMX", "avx512_core_amx_fp16": "AMX_FP16",
+}
+
+#: CPU flags with which TensorFlow turns oneDNN on by default on Linux x86
+#: (``DefaultOneDnnPolicy`` in tensorflow/core/util/port.cc).
+ONEDNN_DEFAULT_FLAGS = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
 
 def mask(level: str) -> int:
     """oneDNN's bit mask of ``level``.
@@ -68,6 +84,16 @@ def native(cpu_flags: Iterable[str]) -> str | None:
 def missing_flags(level: str, cpu_flags: Iterable[str]) -> list[str]:
     """The flags ``level`` needs that the CPU lacks (empty when it can emulate it)."""
     return sorted(required_flags(level) - set(cpu_flags))
+
+
+def xla_value(level: str) -> str:
+    """The ``--xla_cpu_max_isa`` value that caps XLA's CPU code generation at (or just below) ``level``."""
+    return _XLA[level]
+
+
+def onednn_default(cpu_flags: Iterable[str]) -> bool:
+    """Whether TensorFlow (Linux x86) turns oneDNN on by default on a CPU with these flags."""
+    return bool(set(cpu_flags) & set(ONEDNN_DEFAULT_FLAGS))
 
 
 def onednn_value(level: str) -> str:

@@ -85,19 +85,40 @@ class Worker:
     def warm(self) -> dict[str, Any]:
         """Import TensorFlow and apply the environment's process-wide settings, once.
 
-        A setting this process cannot honour (no GPU, wrong import-time
-        variables) is not raised here: every job then returns an ``error``
-        verdict saying why, which is what the user needs to see per cell.
+        Returns ``{"pid", "node_id", "seconds"}``, plus ``"unschedulable"`` when
+        this node cannot be what the environment asks for (a ``cpu_isa`` above
+        its CPU). A setting this process cannot honour otherwise (no GPU, wrong
+        import-time variables) is not raised here: every job then returns an
+        ``error`` verdict saying why, which is what the user needs to see per cell.
         """
         from . import fingerprint, runtime
 
         start = time.time()
+        info = fingerprint.ray_info()
+        out = {"pid": os.getpid(), "node_id": info.get("ray_node_id")}
+        lacking = self.missing_isa()
+        if lacking:
+            out["unschedulable"] = lacking
+            return out
         try:
             runtime.configure(self.environment)
         except runtime.EnvironmentMismatch:
             pass  # reported by each job
-        info = fingerprint.ray_info()
-        return {"pid": os.getpid(), "node_id": info.get("ray_node_id"), "seconds": time.time() - start}
+        return {**out, "seconds": time.time() - start}
+
+    def missing_isa(self) -> str | None:
+        """Why this node's CPU cannot emulate the environment's ``cpu_isa`` (None if it can)."""
+        from . import fingerprint, isa
+
+        level = getattr(self.environment, "cpu_isa", None)
+        if not level:
+            return None
+        cpu = fingerprint.cpu_info()
+        lacking = isa.missing_flags(level, cpu["cpu_flags"])
+        if not lacking:
+            return None
+        return (f"cpu_isa {level!r} needs CPU flags {', '.join(lacking)} that this node's CPU "
+                f"({cpu['cpu_model']}) lacks; it can emulate {', '.join(isa.supported(cpu['cpu_flags'])) or 'none'}")
 
     def serve(self, jobs: Sequence[TrainJob | ReplayJob]) -> Iterator[list[TrainRecord | CellResult | JobFailed]]:
         """Run ``jobs`` in order, yielding their records in chunks as they finish.

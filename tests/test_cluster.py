@@ -19,6 +19,7 @@ import ray
 import yaml
 from ray.cluster_utils import Cluster
 
+from harness import isa
 from harness.envs import survey
 from harness.spec import parse_sweep
 from harness.storage import Storage
@@ -163,7 +164,11 @@ def test_envs_lists_nodes_fingerprints_and_hostable_environments(cluster, matrix
     assert nodes[node_ids["train"]]["environments"] == ["training"]
     assert nodes[node_ids["a10g"]]["environments"] == ["a10g"]
     for n in nodes.values():
-        assert n["fingerprint"]["tf_version"] and n["fingerprint"]["ray_node_id"] == n["node_id"]
+        fp = n["fingerprint"]
+        assert fp["tf_version"] and fp["ray_node_id"] == n["node_id"]
+        # What the node can stand in for follows from its own CPU flags, whatever this machine is.
+        assert n["cpu_isa"] == isa.supported(fp["cpu_flags"]) and "sse41" in n["cpu_isa"]
+        assert fp["onednn_default"] == isa.onednn_default(fp["cpu_flags"])
 
 
 def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids, scenarios, bucket, tmp_path):
