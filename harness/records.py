@@ -70,6 +70,7 @@ class ArtifactRecord:
     save_max_ulp_diff: float | None = None
     save_error: str | None = None
     reused: bool = False  # found complete in storage, not trained again
+    repaired: str | None = None  # a damaged stored copy was found (why) and replaced by this one
 
 
 @dataclass(frozen=True)

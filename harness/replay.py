@@ -67,10 +67,15 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         return _finish(cell, start, fp, verdict="error",
                        error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
 
-    ref_arrays, meta = arrays.read_ipc(f"{local}/reference.arrow")
-    info = json.loads(open(f"{local}/reference.json").read())
-    inputs = formats.unflatten_inputs({k: ref_arrays[k] for k in info["inputs"]}, meta["input_layout"])
-    reference = {k: ref_arrays[k] for k in info["outputs"]}
+    try:
+        ref_arrays, meta = arrays.read_ipc(f"{local}/reference.arrow")
+        info = json.loads(open(f"{local}/reference.json").read())
+        inputs = formats.unflatten_inputs({k: ref_arrays[k] for k in info["inputs"]}, meta["input_layout"])
+        reference = {k: ref_arrays[k] for k in info["outputs"]}
+        original_vars = {v["name"]: v for v in info["variables"]}
+    except Exception as exc:  # verified against its manifest, yet unreadable: written wrong or forged
+        return _finish(cell, start, fp, verdict="corrupt",
+                       error=f"reference of {storage.name_of(artifact_path)} is unreadable: {runtime.error_text(exc)}")
     try:
         loaded = formats.get(fmt).load(f"{local}/{formats.MODEL_DIR}", scenario, inputs)
         observed = formats.predict(loaded.fn, inputs, batch_size, jit_compile=environment.jit_compile)
@@ -81,8 +86,6 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     del loaded
 
     cmp = compare_outputs(reference, observed, tolerance, output_tolerances)
-    # A list, not a dict: JSON key sorting would lose the variables' order.
-    original_vars = {v["name"]: v for v in info["variables"]}
     weights_equal, problems = compare_digests(original_vars, observed_vars)
     verdict = cmp.verdict
     error = cmp.reason if verdict == "mismatch" else None

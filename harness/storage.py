@@ -14,6 +14,7 @@ written last. Every read of an artifact verifies it against that manifest.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # HMAC-SHA256 of manifest.json with HARNESS_SIGNING_KEY, when set
 _CHUNK = 1 << 20
 
 
@@ -105,7 +107,7 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
     root = Path(local_dir)
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, SIGNATURE):
             files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     manifest = {"files": files}
     if extra:
@@ -113,19 +115,50 @@ def build_manifest(local_dir: str | os.PathLike, extra: dict[str, Any] | None = 
     return manifest
 
 
+def parse_manifest(raw: bytes, shown_as: str) -> dict[str, Any]:
+    """A manifest's bytes -> dict, or ``CorruptArtifact`` naming the file and what is wrong with it.
+
+    Paths must stay inside the artifact (no ``..``, no absolute paths): a
+    manifest is read from shared storage and decides where downloads are written.
+    """
+    try:
+        manifest = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise CorruptArtifact(f"{shown_as}: not valid JSON (truncated or overwritten)") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int)
+            for v in files.values()):
+        raise CorruptArtifact(f"{shown_as}: no 'files' mapping of path -> {{sha256, size}}")
+    for rel in files:
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or ".." in parts or "" in parts or rel in (MANIFEST, SIGNATURE):
+            raise CorruptArtifact(f"{shown_as}: file path {rel!r} is not a relative path inside the artifact")
+    return manifest
+
+
+def _listed(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).as_posix() not in (MANIFEST, SIGNATURE)}
+
+
 def verify_dir(local_dir: str | os.PathLike, manifest: dict[str, Any], shown_as: str | None = None) -> None:
-    """Check every file of ``manifest`` exists below ``local_dir`` with its digest.
+    """Check that ``local_dir`` holds exactly the manifest's files, each with its size and digest.
 
     ``shown_as`` replaces ``local_dir`` in messages (e.g. the storage URI of a
     download being verified in a temporary directory).
 
     Raises:
-        CorruptArtifact: naming the first file that is missing or differs.
+        CorruptArtifact: naming the first file that is missing, differs, or is
+            there without being in the manifest.
     """
     root = Path(local_dir)
+    base = shown_as.split("?", 1)[0].rstrip("/") if shown_as else str(root)
+    if not root.is_dir():
+        raise CorruptArtifact(f"{base}: not a directory")
     for rel, meta in manifest["files"].items():
         p = root / rel
-        name = f"{shown_as.split('?', 1)[0].rstrip('/')}/{rel}" if shown_as else str(p)
+        name = f"{base}/{rel}"
         if not p.is_file():
             raise CorruptArtifact(f"{name}: file listed in the manifest is missing")
         if p.stat().st_size != meta["size"]:
@@ -133,6 +166,20 @@ def verify_dir(local_dir: str | os.PathLike, manifest: dict[str, Any], shown_as:
         digest = sha256_file(p)
         if digest != meta["sha256"]:
             raise CorruptArtifact(f"{name}: sha256 {digest[:12]}... != manifest {meta['sha256'][:12]}...")
+    extra = sorted(_listed(root) - set(manifest["files"]))
+    if extra:
+        raise CorruptArtifact(f"{base}/{extra[0]}: file is not in the manifest ({len(extra)} such file(s))")
+
+
+def signing_key() -> bytes | None:
+    """The HMAC key from ``HARNESS_SIGNING_KEY`` (None when unset: manifests are not signed)."""
+    key = os.environ.get("HARNESS_SIGNING_KEY")
+    return key.encode() if key else None
+
+
+def sign(raw: bytes, key: bytes) -> str:
+    """HMAC-SHA256 of a manifest's bytes, hex."""
+    return hmac.new(key, raw, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -166,6 +213,10 @@ class Storage:
         if "://" not in head:
             head = self.root
         return f"{head}/{rel.lstrip('/')}" + (f"?{base[1]}" if len(base) > 1 else "")
+
+    def name_of(self, rel: str) -> str:
+        """``rel`` as a user reads it in a message: its URI without the query (endpoint options)."""
+        return self.uri_of(rel).split("?", 1)[0]
 
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
@@ -219,34 +270,51 @@ class Storage:
         """Whether the directory ``rel`` was fully written (its manifest exists)."""
         return self.exists(f"{rel}/{MANIFEST}")
 
-    def put_dir(self, local_dir: str | os.PathLike, rel: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Upload ``local_dir`` to ``rel`` and write its manifest last.
+    def put_dir(self, local_dir: str | os.PathLike, rel: str, extra: dict[str, Any] | None = None,
+                replace: bool = False) -> dict[str, Any]:
+        """Upload ``local_dir`` to ``rel`` and write its manifest last (and its signature, with a key).
 
         If ``rel`` is already complete it is left untouched (content-addressed
-        writes are idempotent) and its manifest is returned.
+        writes are idempotent) and its manifest is returned, unless ``replace``:
+        then the stored copy (damaged, or to be retrained) is swapped for this one.
+        A directory left incomplete (no manifest) is always replaced.
         """
-        if self.is_complete(rel):
+        if self.is_complete(rel) and not replace:
             return self.read_json(f"{rel}/{MANIFEST}")
         manifest = build_manifest(local_dir, extra)
+        raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        key = signing_key()
         if is_local(self.fs):
             # Stage next to the target, then rename: the directory appears whole.
-            staging = f"{rel}.staging-{uuid.uuid4().hex[:8]}"
-            dest = self.path(staging)
+            dest = self.path(f"{rel}.staging-{uuid.uuid4().hex[:8]}")
             shutil.copytree(local_dir, dest)
-            with open(os.path.join(dest, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
+            Path(dest, MANIFEST).write_bytes(raw)
+            if key:
+                Path(dest, SIGNATURE).write_text(sign(raw, key))
+            target = self.path(rel)
+            if os.path.lexists(target) and (replace or not self.is_complete(rel)):
+                trash = f"{target}.trash-{uuid.uuid4().hex[:8]}"
+                os.rename(target, trash)
+                shutil.rmtree(trash, ignore_errors=True) if os.path.isdir(trash) else os.unlink(trash)
             try:
-                os.rename(dest, self.path(rel))
+                os.rename(dest, target)
             except OSError:
                 # Someone else finished the same content-addressed directory first.
                 shutil.rmtree(dest, ignore_errors=True)
                 if not self.is_complete(rel):
                     raise
             return self.read_json(f"{rel}/{MANIFEST}")
+        if self.exists(rel):  # incomplete first (no manifest), then emptied
+            for name in (MANIFEST, SIGNATURE):
+                if self.exists(f"{rel}/{name}"):
+                    self.fs.delete_file(self.path(f"{rel}/{name}"))
+            self.fs.delete_dir_contents(self.path(rel), missing_dir_ok=True)
         self.fs.create_dir(self.path(rel), recursive=True)
         pafs.copy_files(os.path.abspath(local_dir), self.path(rel),
                         source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-        self.write_json(f"{rel}/{MANIFEST}", manifest)
+        self.write_bytes(f"{rel}/{MANIFEST}", raw)
+        if key:
+            self.write_bytes(f"{rel}/{SIGNATURE}", sign(raw, key).encode())
         return manifest
 
     def manifest_sha256(self, rel: str) -> str:
@@ -276,29 +344,50 @@ class Storage:
                 or a file does not match it.
         """
         if not self.is_complete(rel):
-            raise CorruptArtifact(f"{self.uri_of(rel)}: no {MANIFEST}; the artifact was never fully written")
+            raise CorruptArtifact(f"{self.name_of(rel)}/{MANIFEST}: missing; the artifact was never fully written "
+                                  "(or was damaged since)")
         raw = self.read_bytes(f"{rel}/{MANIFEST}")
         digest = hashlib.sha256(raw).hexdigest()
+        manifest = parse_manifest(raw, f"{self.name_of(rel)}/{MANIFEST}")
         if expected_manifest_sha256 and digest != expected_manifest_sha256:
-            raise CorruptArtifact(f"{self.uri_of(rel)}/{MANIFEST}: sha256 {digest[:12]}... is not the manifest the "
+            raise CorruptArtifact(f"{self.name_of(rel)}/{MANIFEST}: sha256 {digest[:12]}... is not the manifest the "
                                   f"training step of this run wrote or checked ({expected_manifest_sha256[:12]}...); "
                                   "the artifact was changed since")
-        manifest = json.loads(raw)
+        self._check_signature(rel, raw)
         if is_local(self.fs):
             verify_dir(self.path(rel), manifest)
             return self.path(rel), manifest
+        stored = {p[len(rel) + 1:] for p in self.walk_files(rel)} - {MANIFEST, SIGNATURE}
+        extra = sorted(stored - set(manifest["files"]))
+        if extra:
+            raise CorruptArtifact(f"{self.name_of(f'{rel}/{extra[0]}')}: file is not in the manifest "
+                                  f"({len(extra)} such file(s))")
         cache_root = Path(cache_root or default_cache_dir())
-        local = cache_root / hashlib.sha256(raw).hexdigest()[:24]
-        if local.exists():
+        local = cache_root / digest[:24]
+        if os.path.lexists(local):
             try:
                 verify_dir(local, manifest)
                 return str(local), manifest
             except CorruptArtifact:
-                # A damaged cached copy is this node's problem, not the
+                # A damaged cached copy (of any kind: changed files, a file in
+                # place of the directory) is this node's problem, not the
                 # artifact's: drop it and fetch again from storage.
-                shutil.rmtree(local, ignore_errors=True)
+                _discard(local)
         self._download(rel, manifest, local)  # verified before it is renamed into place
+        verify_dir(local, manifest)  # what is in place now, whoever put it there
         return str(local), manifest
+
+    def _check_signature(self, rel: str, raw: bytes) -> None:
+        key = signing_key()
+        if key is None:
+            return
+        where = self.name_of(f"{rel}/{SIGNATURE}")
+        if not self.exists(f"{rel}/{SIGNATURE}"):
+            raise CorruptArtifact(f"{where}: missing; HARNESS_SIGNING_KEY is set and this artifact is not signed "
+                                  "with it (retrain it with --retrain to sign it)")
+        if not hmac.compare_digest(self.read_bytes(f"{rel}/{SIGNATURE}").decode(errors="replace").strip(),
+                                   sign(raw, key)):
+            raise CorruptArtifact(f"{where}: does not match manifest.json under HARNESS_SIGNING_KEY")
 
     def _download(self, rel: str, manifest: dict[str, Any], local: Path) -> None:
         """Fetch every manifest file into ``local`` atomically, verified on the way."""
@@ -311,7 +400,7 @@ class Storage:
                 try:
                     src = self.fs.open_input_stream(self.path(f"{rel}/{relfile}"))
                 except FileNotFoundError:
-                    raise CorruptArtifact(f"{self.uri_of(f'{rel}/{relfile}')}: file listed in the manifest "
+                    raise CorruptArtifact(f"{self.name_of(f'{rel}/{relfile}')}: file listed in the manifest "
                                           "is missing") from None
                 with src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out, _CHUNK)
@@ -323,6 +412,14 @@ class Storage:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _discard(path: Path) -> None:
+    """Remove a cache entry, whatever it became (directory, file, link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 def default_cache_dir() -> str:
     """Where workers cache downloaded artifacts (``HARNESS_CACHE`` overrides)."""

@@ -148,6 +148,9 @@ class Collector:
     def training_done(self, record: TrainRecord) -> None:
         # Encoded once per scenario, not once per cell.
         self.train_fingerprints[record.scenario] = json.dumps(record.fingerprint, sort_keys=True, default=str)
+        for art in record.artifacts.values():
+            if art.repaired:
+                print(f"harness: warning: replaced a damaged artifact in storage: {art.repaired}", file=sys.stderr)
 
     def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None,
             attempts: int | None = None) -> None:

@@ -30,7 +30,7 @@ from .compare import compare_digests, compare_outputs
 from .records import ArtifactRecord, TrainRecord
 from .scenario import Scenario
 from .spec import Environment
-from .storage import Storage
+from .storage import CorruptArtifact, Storage
 
 
 def artifact_digest(scenario: Scenario, fmt: str, tf_version: str, keras_version: str,
@@ -63,8 +63,17 @@ def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
 
 
 def _reference_from_storage(storage: Storage, scenario: str, fmt: str, rel: str, digest: str) -> ArtifactRecord:
-    info = storage.read_json(f"{rel}/reference.json")
-    save = info.get("save", {})
+    """The record of a complete artifact found in storage, after verifying every file of it.
+
+    Raises:
+        CorruptArtifact: it does not match its manifest (or signature), or its reference is unreadable.
+    """
+    local, _manifest = storage.get_dir(rel)
+    try:
+        info = json.loads(Path(local, "reference.json").read_text())
+        save = info["save"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptArtifact(f"{storage.name_of(rel)}/reference.json: unreadable ({type(exc).__name__})") from None
     return ArtifactRecord(scenario=scenario, format=fmt, digest=digest, path=rel, uri=storage.uri_of(rel), reused=True,
                           manifest_sha256=storage.manifest_sha256(rel), save_verdict=save.get("verdict"),
                           save_max_abs_diff=save.get("max_abs_diff"), save_max_ulp_diff=save.get("max_ulp_diff"),
@@ -99,13 +108,21 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
     digests = {f: artifact_digest(scenario, f, tf.__version__, keras.__version__, training, batch_size)
                for f in formats_}
     rels = {f: f"artifacts/{scenario.name}/{d}" for f, d in digests.items()}
-    todo = [f for f in formats_ if retrain or not storage.is_complete(rels[f])]
-    artifacts = {f: _reference_from_storage(storage, scenario.name, f, rels[f], digests[f])
-                 for f in formats_ if f not in todo}
+    artifacts, damaged = {}, {}
+    for f in formats_:
+        if retrain or not storage.exists(rels[f]):
+            continue
+        try:
+            artifacts[f] = _reference_from_storage(storage, scenario.name, f, rels[f], digests[f])
+        except CorruptArtifact as exc:  # trained again below, and the damaged copy replaced
+            damaged[f] = str(exc)
+    todo = [f for f in formats_ if f not in artifacts]
     if todo:
         trained = _Trained.fit(scenario, batch_size)
         for f in todo:
-            artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp)
+            artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp,
+                                        overwrite=retrain or f in damaged or storage.exists(rels[f]),
+                                        repaired=damaged.get(f))
     return TrainRecord(scenario=scenario.name, fingerprint=fp, artifacts={f: artifacts[f] for f in formats_},
                        seconds=time.time() - start)
 
@@ -123,11 +140,16 @@ class _Trained:
         model, probe = fit_scenario(scenario)
         return cls(scenario, model, probe, batch_size)
 
-    def save(self, fmt: str, storage: Storage, rel: str, digest: str, fp: dict[str, Any]) -> ArtifactRecord:
-        """Save in ``fmt``, reload here, and store the artifact with its references."""
+    def save(self, fmt: str, storage: Storage, rel: str, digest: str, fp: dict[str, Any], *,
+             overwrite: bool = False, repaired: str | None = None) -> ArtifactRecord:
+        """Save in ``fmt``, reload here, and store the artifact with its references.
+
+        ``overwrite`` swaps out a stored copy (``--retrain``, or damaged: ``repaired`` says how).
+        """
         from . import runtime
 
-        record = ArtifactRecord(scenario=self.scenario.name, format=fmt, digest=digest, path=rel, uri=storage.uri_of(rel))
+        record = ArtifactRecord(scenario=self.scenario.name, format=fmt, digest=digest, path=rel,
+                                uri=storage.uri_of(rel), repaired=repaired)
         with tempfile.TemporaryDirectory(prefix=f"harness-{self.scenario.name}-{fmt}-") as tmp:
             model_dir = Path(tmp) / formats.MODEL_DIR
             model_dir.mkdir()
@@ -149,7 +171,7 @@ class _Trained:
                 {**meta, "variables": [{"name": k, **v} for k, v in self.variables.items()], "save": save,
                  "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference)},
                 indent=1, sort_keys=True, default=_json_default))
-            storage.put_dir(tmp, rel)
+            storage.put_dir(tmp, rel, replace=overwrite)
         return replace(record, manifest_sha256=storage.manifest_sha256(rel), save_verdict=save["verdict"],
                        save_error=save.get("error"), save_max_abs_diff=save.get("max_abs_diff"),
                        save_max_ulp_diff=save.get("max_ulp_diff"))

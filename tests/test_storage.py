@@ -158,17 +158,17 @@ def test_local_put_dir_manifest_last_and_directory_appears_whole(tmp_path, monke
 def test_s3_put_dir_writes_manifest_last(s3_server, tmp_path, monkeypatch):
     s3_server.make_bucket(BUCKET)
     st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
-    real = Storage.write_json
+    real = Storage.write_bytes
     checked = []
 
-    def spy(self, rel, obj):
+    def spy(self, rel, data):
         if rel.endswith(MANIFEST):
             checked.append(rel)
             for f in FILES:
                 assert self.exists(f"art/z/{f}"), f"{f} not uploaded before the manifest"
-        return real(self, rel, obj)
+        return real(self, rel, data)
 
-    monkeypatch.setattr(Storage, "write_json", spy)
+    monkeypatch.setattr(Storage, "write_bytes", spy)
     st.put_dir(make_dir(tmp_path / "src", FILES), "art/z")
     assert checked == [f"art/z/{MANIFEST}"]
 
@@ -248,6 +248,90 @@ def test_s3_damaged_cache_is_refetched_and_harness_cache_env(s3_server, tmp_path
     cached.write_bytes(b"x")  # force a new download
     with pytest.raises(CorruptArtifact, match=r"s3://.*/art/c/model.keras: sha256"):
         st.get_dir("art/c")
+
+
+# ---------------------------------------------------------------- tampering and repair (issue: nothing passes vacuously)
+
+def _rewrite_manifest(store: Storage, rel: str, data: bytes) -> None:
+    store.write_bytes(f"{rel}/{MANIFEST}", data)
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("truncated", "not valid JSON"),
+    ("no-files", "no 'files' mapping"),
+    ("escape", "not a relative path inside the artifact"),
+])
+def test_damaged_manifest_is_corrupt_naming_it(store, tmp_path, damage, fragment):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/bad")
+    raw = store.read_bytes(f"art/bad/{MANIFEST}")
+    doc = json.loads(raw)
+    data = {"truncated": raw[: len(raw) // 2],
+            "no-files": json.dumps({"file": doc["files"]}).encode(),
+            "escape": json.dumps({"files": {"../../outside": {"sha256": "0" * 64, "size": 1}}}).encode()}[damage]
+    _rewrite_manifest(store, "art/bad", data)
+    with pytest.raises(CorruptArtifact, match=fragment) as info:
+        store.get_dir("art/bad", cache_root=tmp_path / "cache")
+    assert f"art/bad/{MANIFEST}" in str(info.value)
+    assert not (tmp_path / "outside").exists()
+
+
+def test_file_not_in_the_manifest_is_corrupt(store, tmp_path):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/x")
+    store.write_bytes("art/x/sub/planted.py", b"import os")
+    with pytest.raises(CorruptArtifact, match="sub/planted.py: file is not in the manifest"):
+        store.get_dir("art/x", cache_root=tmp_path / "cache")
+
+
+def test_manifest_rewritten_since_training_is_corrupt(store, tmp_path):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/t")
+    bound = store.manifest_sha256("art/t")
+    store.get_dir("art/t", cache_root=tmp_path / "cache", expected_manifest_sha256=bound)
+    # A changed file with a matching, rewritten manifest: verification alone would pass it.
+    store.write_bytes("art/t/model.keras", b"evil" * 250)
+    _rewrite_manifest(store, "art/t", json.dumps(build_manifest(make_dir(tmp_path / "evil", {
+        **FILES, "model.keras": b"evil" * 250}))).encode())
+    store.get_dir("art/t", cache_root=tmp_path / "cache2")  # consistent in itself
+    with pytest.raises(CorruptArtifact, match="not the manifest the training step of this run wrote"):
+        store.get_dir("art/t", cache_root=tmp_path / "cache3", expected_manifest_sha256=bound)
+
+
+@pytest.mark.parametrize("how", ["flip", "delete-manifest"])
+def test_put_dir_replace_repairs_a_damaged_artifact(store, tmp_path, how):
+    store.put_dir(make_dir(tmp_path / "src", FILES), "art/r")
+    if how == "flip":
+        flip_byte(store, "art/r/model.keras")
+    else:
+        store.fs.delete_file(store.path(f"art/r/{MANIFEST}"))
+    with pytest.raises(CorruptArtifact):
+        store.get_dir("art/r", cache_root=tmp_path / "cache")
+    fresh = {**FILES, "model.keras": b"N" * 1000}
+    store.put_dir(make_dir(tmp_path / "fresh", fresh), "art/r", replace=True)
+    local, manifest = store.get_dir("art/r", cache_root=tmp_path / "cache")
+    assert set(manifest["files"]) == set(fresh) and Path(local, "model.keras").read_bytes() == b"N" * 1000
+    assert store.listdir("art") == ["r"]  # no staging or trash left behind
+
+
+def test_s3_cache_entry_replaced_by_a_file_is_fetched_again(s3_server, tmp_path):
+    s3_server.make_bucket(BUCKET)
+    st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
+    st.put_dir(make_dir(tmp_path / "src", FILES), "art/f")
+    local, _ = st.get_dir("art/f", cache_root=tmp_path / "cache")
+    storage_mod._discard(Path(local))
+    Path(local).write_bytes(b"not a directory")
+    again, _ = st.get_dir("art/f", cache_root=tmp_path / "cache")
+    assert again == local and Path(again, "model.keras").read_bytes() == FILES["model.keras"]
+
+
+def test_signed_manifests(store, tmp_path, monkeypatch):
+    store.put_dir(make_dir(tmp_path / "unsigned", FILES), "art/u")
+    monkeypatch.setenv("HARNESS_SIGNING_KEY", "k1")
+    with pytest.raises(CorruptArtifact, match="not signed"):
+        store.get_dir("art/u", cache_root=tmp_path / "cache")
+    store.put_dir(make_dir(tmp_path / "signed", FILES), "art/s")
+    store.get_dir("art/s", cache_root=tmp_path / "cache")
+    monkeypatch.setenv("HARNESS_SIGNING_KEY", "k2")
+    with pytest.raises(CorruptArtifact, match="does not match"):
+        store.get_dir("art/s", cache_root=tmp_path / "cache")
 
 
 # ---------------------------------------------------------------- manifest helpers
