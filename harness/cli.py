@@ -4,7 +4,8 @@ Exit codes (also in the README):
     0  every cell met its expectation (nightly: nothing regressed)
     1  some cell failed its expectation (nightly: a regression)
     2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance ...
-    3  the harness could not run: Ray or storage unreachable
+    3  the harness itself failed: Ray or storage unreachable or unusable, Ray refused a
+       placement, results could not be published (what finished is still written)
     130 interrupted (Ctrl-C); results written so far are kept
 """
 
@@ -12,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
+
+from . import text
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -24,7 +29,7 @@ class UsageError(Exception):
 
 
 def _err(msg: str) -> None:
-    print(f"harness: error: {msg}", file=sys.stderr)
+    print(f"harness: error: {text.one_line(msg)}", file=sys.stderr)
 
 
 def _load(args) -> tuple[Any, dict]:
@@ -54,9 +59,9 @@ def _progress(done: int, total: int, cell) -> None:
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
     mark = "" if cell.passed else "  ✗ expected " + cell.expected
-    err = f" -- {cell.error[:160]}" if cell.error and not cell.passed else ""
-    print(f"[{done:>{len(str(total))}}/{total}] {cell.scenario}/{cell.format} @ {cell.environment}: "
-          f"{cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)
+    err = f" -- {text.one_line(cell.error, 160)}" if cell.error and not cell.passed else ""
+    name = text.one_line(f"{cell.scenario}/{cell.format} @ {cell.environment}")
+    print(f"[{done:>{len(str(total))}}/{total}] {name}: {cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args) -> int:
@@ -66,16 +71,43 @@ def cmd_run(args) -> int:
     sweep, scenarios = _load(args)
     cells = _plan(args, sweep)
     out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
+    if args.resume:
+        from .sweep import adopt
+
+        adopt(out, sweep)  # a foreign or unreadable run directory is refused before anything starts
     print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
           f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
           f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
-    result = run_sweep(sweep, scenarios, out_dir=out, address=args.address, storage=args.storage, only=args.only,
-                       retrain=args.retrain, inline=args.inline, resume=args.resume, progress=_progress,
-                       verbose=args.verbose)
+    try:
+        result = run_sweep(sweep, scenarios, out_dir=out, address=args.address, storage=args.storage,
+                           only=args.only, retrain=args.retrain, inline=args.inline, resume=args.resume,
+                           progress=_progress, verbose=args.verbose)
+    except BaseException:
+        _write_partial_report(out, sweep.name)  # what finished is kept, with its report
+        raise
     print(report.matrix_text(result.table))
     (out / "report.md").write_text(report.render(result.table, "md", title=f"Sweep {sweep.name}"))
     print(f"\nresults: {out / 'results.parquet'}\nreport:  {out / 'report.md'}")
+    return _exit_code(result)
+
+
+def _exit_code(result) -> int:
+    """3 if the harness itself failed (the first failure printed), else 1 if a cell missed its expectation."""
+    for message in result.harness_failures[:1]:
+        _err(message)
+    if result.harness_failures:
+        return EXIT_INFRA
     return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _write_partial_report(out: Path, sweep_name: str) -> None:
+    from . import report, results
+
+    try:
+        table = results.read_table(out)
+        (out / "report.md").write_text(report.render(table, "md", title=f"Sweep {sweep_name} (incomplete)"))
+    except Exception:
+        pass  # nothing finished, or nothing readable: there is no report to write
 
 
 def cmd_validate(args) -> int:
@@ -137,6 +169,9 @@ def cmd_nightly(args) -> int:
     past = history.load_history(args.history, sweep=sweep.name)
     previous = history.previous_run(past, sweep.name, result.run_id)
     changes = history.diff_runs(previous, result.table, factor=args.factor)
+    if result.harness_failures:
+        _write_partial_report(Path(result.run_dir), sweep.name)
+        return _exit_code(result)
     history.append_run(result.table, args.history)
     trend = history.load_history(args.history, sweep=sweep.name)
     paths = report.write_all(result.table, result.run_dir, history=trend, changes=changes,
@@ -234,24 +269,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``harness`` console script; returns the exit code."""
+    """Entry point of the ``harness`` console script; returns the exit code (see the module docstring)."""
+    from .results import ResultsError
     from .scenario import ScenarioError
     from .spec import SpecError
     from .storage import StorageError
-    from .sweep import SweepError
+    from .sweep import RunDirError, SweepError
 
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
-    except (SpecError, ScenarioError, UsageError) as exc:
-        _err(str(exc))
+    except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError) as exc:
+        _err(_one_line(exc))
         return EXIT_INVALID
     except (SweepError, StorageError) as exc:
-        _err(str(exc))
+        _err(_one_line(exc))
         return EXIT_INFRA
     except KeyboardInterrupt:
-        _err("interrupted; results written so far are kept")
+        _err("interrupted; results written so far are kept (continue with --resume)")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug of ours: still one line, and the traceback only on request
+        if os.environ.get("HARNESS_DEBUG"):
+            raise
+        _err(f"internal error: {type(exc).__name__}: {_one_line(exc)} (set HARNESS_DEBUG=1 for the traceback, "
+             "and please report it)")
+        return EXIT_INFRA
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM ends a run like Ctrl-C: what finished is written out, then exit 130."""
+    raise KeyboardInterrupt
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

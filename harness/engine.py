@@ -71,6 +71,8 @@ class Sink(Protocol):
 
     def training_done(self, record: TrainRecord) -> None: ...
 
+    def harness_failed(self, message: str) -> None: ...
+
 
 def ray_options(env: Environment) -> dict[str, Any]:
     """``.options(...)`` of an actor serving ``env``: placement and runtime_env."""
@@ -348,7 +350,9 @@ class Engine:
                                                                        self.storage_uri)
             warm_ref = handle.warm.remote()
         except Exception as exc:  # Ray refused the options (bad label selector, resources...)
-            self._fail_lane(lane, "error", f"Ray refused to place {placement_text(env)}: {ray_error_text(exc)}")
+            reason = f"Ray refused to place {placement_text(env)}: {ray_error_text(exc)}"
+            self.sink.harness_failed(reason)
+            self._fail_lane(lane, "error", reason)
             return
         lane.actors.append(_Actor(lane, handle, time.time(), warm_ref))
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from harness import results
+from harness import results, text
 from harness.storage import Storage
 
 #: Schema of a loaded history: the results schema plus the partition date.
@@ -384,7 +384,7 @@ def diff_runs(previous: pa.Table | None, current: pa.Table, *, factor: float = 2
 
 # -- rendering -----------------------------------------------------------------
 def _cell_name(entry: Mapping[str, Any]) -> str:
-    return f"`{entry['scenario']}/{entry['format']}` @ `{entry['environment']}`"
+    return f"{text.code(entry['scenario'] + '/' + entry['format'])} @ {text.code(entry['environment'])}"
 
 
 def _bullets(items: list[str]) -> list[str]:
@@ -407,8 +407,8 @@ def _diff_text(entry: Mapping[str, Any]) -> str:
 
 
 def _fingerprint_text(entry: Mapping[str, Any]) -> str:
-    parts = [f"{key}: {describe_change(v['old'], v['new'])}" for key, v in entry["changes"].items()]
-    return f"`{entry['environment']}`: " + "; ".join(parts)
+    parts = [f"{key}: {text.markdown(describe_change(v['old'], v['new']))}" for key, v in entry["changes"].items()]
+    return f"{text.code(entry['environment'])}: " + "; ".join(parts)
 
 
 def render_changes_md(changes: Changes) -> str:

@@ -31,6 +31,7 @@ import pyarrow as pa
 from tabulate import tabulate
 
 from harness import history as hist
+from harness import text as text_
 from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
 
 #: Report formats and the file each is written to by :func:`write_all`.
@@ -234,15 +235,16 @@ def matrix_text(table: pa.Table) -> str:
     lay = _layout(table)
     if not lay.cells:
         return "no cells\n" + summary_line(table)
-    body = [[f"{s}/{f}", _short(_save_cell(lay.row_cells(s, f))),
+    body = [[text_.one_line(f"{s}/{f}"), _short(_save_cell(lay.row_cells(s, f))),
              *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
-    grid = tabulate(body, headers=["scenario/format", "save", *lay.environments], tablefmt="simple")
+    headers = ["scenario/format", "save", *map(text_.one_line, lay.environments)]
+    grid = tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
     return f"{grid}\n{summary_line(table)}\n{MATRIX_LEGEND}"
 
 
 # -- Markdown ------------------------------------------------------------------------
 def _md_escape(text: Any) -> str:
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return text_.markdown(text)
 
 
 def _md_table(headers: list[str], rows: list[list[Any]]) -> list[str]:
@@ -269,7 +271,8 @@ def _md_cell(cell: Cell | None) -> str:
 
 def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
     started = _started(lay.cells.values())
-    lines = [f"# {_title(table, title)}", "", "Run: " + (", ".join(f"`{r}`" for r in _run_ids(table)) or "none")]
+    lines = [f"# {_md_escape(_title(table, title))}", "",
+             "Run: " + (", ".join(text_.code(r) for r in _run_ids(table)) or "none")]
     if started is not None:
         lines.append(f"Started: {started.astimezone(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
     return lines + ["", summary_line(table), ""]
@@ -291,10 +294,10 @@ def _md_save(lay: _Layout) -> list[str]:
 
 
 def _md_failure(cell: Cell) -> list[str]:
-    lines = [f"### `{cell['scenario']}/{cell['format']}` @ `{cell['environment']}`", ""]
+    lines = [f"### {text_.code(cell['scenario'] + '/' + cell['format'])} @ {text_.code(cell['environment'])}", ""]
     lines += [f"- {label}: {_md_escape(text)}" for label, text in _facts(cell)]
     if cell.get("error"):
-        lines += ["", "Error:", "", *_fence(cell["error"])]
+        lines += ["", "Error:", "", *_fence(text_.visible(cell["error"]))]
     diff = fingerprint_diff(cell)
     if diff:
         rows = [[k, *_diff_sides(train, reload)] for k, train, reload in diff]

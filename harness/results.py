@@ -187,22 +187,52 @@ def to_parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+class ResultsError(ValueError):
+    """A results file that cannot be read as one (exit code 2): the message names it and the fix."""
+
+
 def read_table(path: str | os.PathLike) -> pa.Table:
     """Read a results table from a ``results.parquet`` file or a run directory.
 
-    Columns the current schema has but an older file lacks come back as nulls,
-    so reports keep working on old runs.
+    A run directory's journal (cells a crashed or running sweep finished) is
+    read too, the last row of a cell winning. Columns the current schema has
+    but an older file lacks come back as nulls, so reports keep working on old runs.
+
+    Raises:
+        FileNotFoundError: no results there.
+        ResultsError: the file is not a results table (truncated, another file).
     """
     path = Path(path)
-    if path.is_dir():
+    run_dir = path if path.is_dir() else None
+    if run_dir is not None:
         path = path / "results.parquet"
-    if not path.exists():
+    parts = []
+    if path.exists():
+        try:
+            table = pq.read_table(path)
+            for field in SCHEMA:
+                if field.name not in table.column_names:
+                    table = table.append_column(field, pa.nulls(len(table), field.type))
+            parts.append(table.select(list(COLUMN_NAMES)).cast(SCHEMA))
+        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+            raise ResultsError(f"{path}: not a results table written by `harness run` "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                               "remove it or point at another run directory") from None
+    if run_dir is not None and (run_dir / JOURNAL).exists():
+        parts.append(Journal.table(run_dir))
+    if not parts:
         raise FileNotFoundError(f"{path}: no results here; pass a run directory written by `harness run`")
-    table = pq.read_table(path)
-    for field in SCHEMA:
-        if field.name not in table.column_names:
-            table = table.append_column(field, pa.nulls(len(table), field.type))
-    return table.select(list(COLUMN_NAMES)).cast(SCHEMA)
+    return last_row_per_cell(pa.concat_tables(parts)) if len(parts) > 1 else parts[0]
+
+
+def last_row_per_cell(table: pa.Table) -> pa.Table:
+    """One row per (scenario, format, environment): its last one, in the order of those last rows."""
+    keys = zip(*(table.column(c).to_pylist() for c in ("scenario", "format", "environment")))
+    last: dict[tuple, int] = {}
+    for i, key in enumerate(keys):
+        last.pop(key, None)
+        last[key] = i
+    return table.take(sorted(last.values()))
 
 
 def rows(table: pa.Table) -> list[dict[str, Any]]:

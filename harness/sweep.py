@@ -14,12 +14,13 @@ rebuilds the table from the journal.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -144,6 +145,12 @@ class Collector:
         self.done: set[str] = set(done)
         self.train_fingerprints: dict[str, str] = {}
         self._envs = {env.name: env for env in sweep.environments}
+        self.harness_failures: list[str] = []  # failures of the harness itself (exit code 3)
+
+    def harness_failed(self, message: str) -> None:
+        """Record a failure of the harness itself (not of a cell): the run ends with exit code 3."""
+        if message not in self.harness_failures:
+            self.harness_failures.append(message)
 
     def training_done(self, record: TrainRecord) -> None:
         # Encoded once per scenario, not once per cell.
@@ -188,10 +195,12 @@ class RunResult:
     run_dir: Path
     table: Any  # pa.Table
     results_uri: str | None = None  # copy of results.parquet in shared storage
+    harness_failures: list[str] = field(default_factory=list)  # the harness itself failed (exit code 3)
 
     @property
     def passed(self) -> bool:
-        return all(self.table.column("passed").to_pylist())
+        """Every cell met its expectation (a cell not judged, ``passed`` null, does not fail the run)."""
+        return all(p is not False for p in self.table.column("passed").to_pylist())
 
 
 def sweep_order(sweep: Sweep, table: pa.Table) -> pa.Table:
@@ -208,10 +217,77 @@ def sweep_order(sweep: Sweep, table: pa.Table) -> pa.Table:
     return table.take([last[k] for k in order])
 
 
-def stored_table(run_dir: Path) -> pa.Table:
-    """The cells already finished in ``run_dir``: ``results.parquet``, then the journal."""
-    parts = [results.read_table(run_dir)] if (run_dir / "results.parquet").exists() else []
-    return pa.concat_tables([*parts, results.Journal.table(run_dir)])
+RUN_FILE = "run.json"
+
+
+class RunDirError(ValueError):
+    """``--out`` cannot be used as asked (exit code 2): the message names the directory and the fix."""
+
+
+def plan_digest(sweep: Sweep) -> str:
+    """What decides a run's results: cells, environments, tolerances, expectations (not names or descriptions)."""
+    parts = [sweep.scenarios, sweep.formats, [repr(e) for e in sweep.environments], repr(sweep.training),
+             repr(sweep.tolerance), sorted((k, repr(v)) for k, v in sweep.output_tolerances.items()),
+             sweep.expect, sweep.expect_save, sweep.batch_size]
+    return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:16]
+
+
+def adopt(run_dir: Path, sweep: Sweep) -> pa.Table:
+    """The finished cells ``--resume`` may keep, after checking they are this sweep's, with this plan.
+
+    Raises:
+        RunDirError: the directory holds another sweep's or another plan's run.
+        results.ResultsError: its results file is not one.
+    """
+    try:
+        stored = results.read_table(run_dir)
+    except FileNotFoundError:
+        return results.SCHEMA.empty_table()
+    fix = "use another --out, or run without --resume to start afresh there"
+    sweeps = set(stored.column("sweep").to_pylist()) - {None}
+    if sweeps and sweeps != {sweep.name}:
+        raise RunDirError(f"{run_dir}: --resume: it holds a run of sweep {', '.join(map(repr, sorted(sweeps)))}, "
+                          f"not {sweep.name!r}; {fix}")
+    try:
+        meta = json.loads((run_dir / RUN_FILE).read_text())
+    except FileNotFoundError:
+        meta = {}
+    except ValueError:
+        raise RunDirError(f"{run_dir / RUN_FILE}: unreadable; {fix}") from None
+    if meta.get("plan") not in (None, plan_digest(sweep)):
+        raise RunDirError(f"{run_dir}: --resume: its run {meta.get('run_id')!r} was planned from another version "
+                          f"of sweep {sweep.name!r} (environments, tolerances or expectations changed); {fix}")
+    return stored
+
+
+def check_storage(uri: str, run_id: str) -> None:
+    """Write, read back and delete a small file: a storage the run cannot use fails now, not in every cell.
+
+    Raises:
+        StorageError: the storage cannot be opened, written or read (exit code 3).
+    """
+    from .storage import Storage, StorageError
+
+    rel = f"runs/{run_id}/.writable"
+    try:
+        st = Storage.open(uri)
+        st.write_bytes(rel, b"ok")
+        if st.read_bytes(rel) != b"ok":
+            raise OSError("a file written there reads back differently")
+        st.fs.delete_file(st.path(rel))
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"storage {uri} cannot be used: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''} "
+                           "(check the path or bucket exists and is writable)") from None
+
+
+def _write_run_file(run_dir: Path, sweep: Sweep, run_id: str) -> None:
+    tmp = run_dir / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps({"run_id": run_id, "sweep": sweep.name, "source": sweep.source,
+                               "plan": plan_digest(sweep)}, indent=1))
+    os.replace(tmp, run_dir / RUN_FILE)
 
 
 def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str | os.PathLike,
@@ -248,7 +324,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
 
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = stored_table(run_dir) if resume else results.SCHEMA.empty_table()
+    previous = adopt(run_dir, sweep) if resume else results.SCHEMA.empty_table()
     if previous.num_rows:
         run_id = run_id or previous["run_id"][0].as_py()
     else:
@@ -257,6 +333,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     # Resolved once, here: workers must never resolve a relative path in their own cwd.
     storage_uri = normalize_uri(storage or sweep.storage)
     run_id = run_id or new_run_id()
+    check_storage(storage_uri, run_id)
+    _write_run_file(run_dir, sweep, run_id)
     done = {"/".join(k) for k in zip(*(previous.column(d).to_pylist() for d in ("scenario", "format", "environment")))}
     todo = [c for c in cells if c.key not in done]
     with results.Journal(run_dir) as journal:
@@ -275,10 +353,16 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     results.Journal.remove(run_dir)  # every line is in results.parquet now
     # Also publish next to the observations in shared storage: on a cluster
     # the driver's disk may not outlive the run.
-    st = Storage.open(storage_uri)
-    rel = f"runs/{run_id}/results.parquet"
-    st.write_bytes(rel, results.to_parquet_bytes(table))
-    return RunResult(run_id=run_id, run_dir=run_dir, table=table, results_uri=st.uri_of(rel))
+    rel, uri = f"runs/{run_id}/results.parquet", None
+    try:
+        st = Storage.open(storage_uri)
+        st.write_bytes(rel, results.to_parquet_bytes(table))
+        uri = st.uri_of(rel)
+    except Exception as exc:
+        collector.harness_failed(f"results could not be published to storage {storage_uri}: {exc}; "
+                                 f"they are in {run_dir / 'results.parquet'}")
+    return RunResult(run_id=run_id, run_dir=run_dir, table=table, results_uri=uri,
+                     harness_failures=collector.harness_failures)
 
 
 def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, collector: Collector,

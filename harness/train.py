@@ -28,7 +28,7 @@ import numpy as np
 from . import arrays, formats
 from .compare import compare_digests, compare_outputs
 from .records import ArtifactRecord, TrainRecord
-from .scenario import Scenario
+from .scenario import Scenario, ScenarioError
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
 
@@ -59,7 +59,33 @@ def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
         else:
             model.fit(*data, **fit_kwargs)
     probe = scenario.probe(np.random.default_rng([scenario.seed, 1]))
+    check_probe(scenario.name, probe)
     return model, probe
+
+
+def check_probe(scenario: str, probe: Any) -> None:
+    """Refuse a probe that would make every comparison vacuous or silently partial.
+
+    Raises:
+        ScenarioError: no arrays, a scalar, zero rows, or arrays with different row counts.
+    """
+    flat = formats.flatten(probe, "input")
+    fix = "probe(rng) must return an array, a tuple/list or a dict of arrays with one row per example"
+    if not flat:
+        raise ScenarioError(f"scenario {scenario!r}: probe() returned no arrays; {fix}")
+    rows = {}
+    for name, a in flat.items():
+        if a.ndim == 0:
+            raise ScenarioError(f"scenario {scenario!r}: probe array {name!r} is a scalar; {fix}")
+        rows[name] = a.shape[0]
+    if not all(rows.values()):
+        empty = [n for n, r in rows.items() if not r]
+        raise ScenarioError(f"scenario {scenario!r}: probe array {empty[0]!r} has 0 rows, so nothing would be "
+                            f"compared; {fix}")
+    if len(set(rows.values())) > 1:
+        shown = ", ".join(f"{n}: {r}" for n, r in rows.items())
+        raise ScenarioError(f"scenario {scenario!r}: probe arrays have different row counts ({shown}); "
+                            "every input needs the same number of rows")
 
 
 def _reference_from_storage(storage: Storage, scenario: str, fmt: str, rel: str, digest: str) -> ArtifactRecord:

@@ -153,7 +153,7 @@ class Worker:
             if isinstance(job, TrainJob):
                 return self.train(job)
             return self.replay(job).encoded()  # JSON encoded here, not on the driver
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a scenario's sys.exit() must not end the worker
             return JobFailed(error_text(exc))
 
     def train(self, job: TrainJob) -> TrainRecord:

@@ -581,3 +581,51 @@ def test_sigkill_of_the_driver_then_resume_loses_nothing(store, tmp_path):
         assert rows[key]["started_at"].timestamp() == pytest.approx(old["started_at"], abs=1e-5)
     assert rows[("test-slow-build", "weights", "gated")]["verdict"] == "bitwise"
     assert not (out / results.JOURNAL).exists()  # folded into results.parquet
+
+
+# -- 10. failures of the harness itself: exit 3, one line; foreign run directories: exit 2 ---------------
+def _unusable_storage(kind: str, tmp_path: Path, request) -> str:
+    if kind == "a-file":
+        path = tmp_path / "store-is-a-file"
+        path.write_text("not a directory")
+        return str(path)
+    if kind == "read-only":
+        if os.geteuid() == 0:  # root writes into a mode-0500 directory: use a read-only filesystem instead
+            return "/proc/harness-store"
+        path = tmp_path / "read-only"
+        path.mkdir()
+        path.chmod(0o500)
+        request.addfinalizer(lambda: path.chmod(0o700))
+        return str(path / "store")
+    s3 = request.getfixturevalue("s3_server")
+    return s3.uri("no-such-bucket", "prefix")
+
+
+@pytest.mark.parametrize("kind", ["a-file", "read-only", "s3-no-bucket"])
+def test_unusable_storage_is_exit_3_one_line(kind, tmp_path, request):
+    storage = _unusable_storage(kind, tmp_path, request)
+    sweep = write_sweep(tmp_path, "s.yaml", linear_sweep("cli-storage", storage, {"cpu-default": {}}))
+    env = {**_env(), **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(sweep), "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=QUICK_TIMEOUT)
+    assert proc.returncode == 3, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("harness: error:")]
+    assert len(errors) == 1 and "cannot be used" in errors[0], explain(proc)
+
+
+def test_resume_refuses_another_sweeps_run_and_junk_results(store, good_run, tmp_path):
+    _, good_out = good_run
+    other = write_sweep(tmp_path, "other.yaml", linear_sweep("cli-other", store, GOOD_ENVS))
+    before = (good_out / "results.parquet").read_bytes()
+    proc = run_cli("run", other, "--out", good_out, "--resume", cwd=tmp_path)
+    line = assert_one_line_error(proc, str(good_out), "--resume", "'cli-good'", "not 'cli-other'")
+    assert "another --out" in line
+    assert (good_out / "results.parquet").read_bytes() == before  # nothing adopted, nothing overwritten
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "results.parquet").write_bytes(b"PAR1 truncated")
+    for args in (("run", other, "--out", junk, "--resume"), ("report", junk)):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert_one_line_error(proc, str(junk / "results.parquet"), "not a results table")

@@ -380,3 +380,49 @@ def test_write_all_writes_every_format_atomically(table, tmp_path, schema):
     assert paths["md"].read_text(encoding="utf-8") == report.render(table, "md", title="Nightly")
     schema.assertValid(etree.parse(str(paths["junit"])))
     assert json.loads(paths["json"].read_text(encoding="utf-8"))["title"] == "Nightly"
+
+
+# -- hostile strings: nothing user-provided becomes markup or reaches the terminal raw -----------------
+HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>\x1b[31mred\x00\nsecond line | `tick` [l](javascript:x)"
+
+
+def test_markdown_and_console_escape_every_user_string():
+    rows = [make_row("mismatch", HOSTILE, "keras", "env<b>\x1b", error=HOSTILE),
+            {**make_row("error", "ok-scenario", "h5", "cpu"), "error": HOSTILE,
+             "node_labels": json.dumps({"zone": HOSTILE})}]
+    table = results.to_table(rows)
+    for text in (report.render(table, "md"), report.render(table, "md", title=HOSTILE), report.matrix_text(table)):
+        # Code spans and fenced blocks show their content literally (CommonMark): only outside them
+        # could a tag or a link become markup.
+        prose = _outside_code(text)
+        assert "<script" not in prose and "<img" not in prose and "<b>" not in prose
+        assert not re.search(r"(?<!\\)\]\(javascript:", prose)  # an escaped \] is no link
+        assert "\x1b" not in text and "\x00" not in text
+    md = report.render(table, "md", title=HOSTILE)
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert all("second line" in h for h in headings if "script" in h)  # a newline never breaks a heading
+    assert "&lt;script&gt;" in md or "&lt;script>" in md  # shown, escaped, not dropped
+    assert "\\x1b" in md  # the control character is visible as an escape
+
+
+def _outside_code(markdown: str) -> str:
+    """``markdown`` without its fenced blocks and inline code spans."""
+    kept, fence = [], None
+    for line in markdown.splitlines():
+        run = re.match(r"^(`{3,})", line)
+        if fence is None and run:
+            fence = run.group(1)
+        elif fence is not None and line.startswith(fence) and not line[len(fence):].strip():
+            fence = None
+        elif fence is None:
+            kept.append(re.sub(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)", "", line))
+    return "\n".join(kept)
+
+
+@pytest.mark.parametrize("value, fragment", [("a|b", "a\\|b"), ("x\ny", "x y"), ("\x07", "\\x07")])
+def test_text_helpers(value, fragment):
+    from harness import text
+
+    assert fragment in text.markdown(value)
+    assert "\n" not in text.one_line(value) and "\x07" not in text.visible(value)
+    assert text.code("a`b").startswith("``") and "\n" not in text.code("x\ny")

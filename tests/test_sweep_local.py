@@ -230,3 +230,17 @@ def test_training_no_node_can_host_makes_every_cell_unschedulable(local_ray, sce
     for row in rows:
         assert row["verdict"] == "unschedulable" and row["error"].startswith("training: still pending")
         assert "trainer=1" in row["error"]
+
+
+def test_resume_refuses_a_changed_plan_of_the_same_sweep(scenarios, store, tmp_path):
+    from harness.sweep import RunDirError
+
+    doc = {"name": "replan", "scenarios": ["seed-linear-regression"], "formats": ["keras"],
+           "environments": {"cpu-default": {"expect": "bitwise"}}}
+    first = run_sweep(_sweep(doc), scenarios, out_dir=tmp_path, storage=store, inline=True)
+    assert first.table.num_rows == 1
+    changed = {**doc, "environments": {"cpu-default": {"expect": "bitwise", "tolerance": {"max_ulp": 4}}}}
+    with pytest.raises(RunDirError, match="planned from another version of sweep 'replan'"):
+        run_sweep(_sweep(changed), scenarios, out_dir=tmp_path, storage=store, inline=True, resume=True)
+    again = run_sweep(_sweep(doc), scenarios, out_dir=tmp_path, storage=store, inline=True, resume=True)
+    assert again.run_id == first.run_id and again.table.num_rows == 1

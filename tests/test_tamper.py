@@ -118,3 +118,22 @@ def test_retrain_replaces_what_is_stored(scenarios, tmp_path):
     again = train(scenario, [FORMAT], store, TRAINING, retrain=True).artifacts[FORMAT]
     assert not again.reused and again.path == first.path
     assert Storage.open(store).listdir(first.path.rsplit("/", 1)[0]) == [first.path.rsplit("/", 1)[1]]
+
+
+# -- nothing passes vacuously: probes that would compare nothing are refused at training --------------
+@pytest.mark.parametrize("probe, fragment", [
+    (lambda rng: np.zeros((0, 2), np.float32), "has 0 rows, so nothing would be compared"),
+    (lambda rng: [np.zeros((8, 2), np.float32), np.zeros((5, 2), np.float32)],
+     "different row counts (input_0: 8, input_1: 5)"),
+    (lambda rng: {}, "returned no arrays"),
+    (lambda rng: np.float32(1.0), "is a scalar"),
+])
+def test_vacuous_probe_is_a_training_error_naming_the_scenario(scenarios, tmp_path, probe, fragment):
+    from dataclasses import replace as dc_replace
+
+    from harness.scenario import ScenarioError
+
+    scenario = dc_replace(scenarios[SCENARIO], probe=probe)
+    with pytest.raises(ScenarioError, match="scenario 'test-slow-build': probe") as info:
+        train(scenario, [FORMAT], str(tmp_path / "store"), TRAINING)
+    assert fragment in str(info.value)
