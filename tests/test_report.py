@@ -391,7 +391,8 @@ def test_markdown_and_console_escape_every_user_string():
             {**make_row("error", "ok-scenario", "h5", "cpu"), "error": HOSTILE,
              "node_labels": json.dumps({"zone": HOSTILE})}]
     table = results.to_table(rows)
-    for text in (report.render(table, "md"), report.render(table, "md", title=HOSTILE), report.matrix_text(table)):
+    assert "\x1b" not in report.matrix_text(table) and "\x00" not in report.matrix_text(table)  # the terminal
+    for text in (report.render(table, "md"), report.render(table, "md", title=HOSTILE)):
         # Code spans and fenced blocks show their content literally (CommonMark): only outside them
         # could a tag or a link become markup.
         prose = _outside_code(text)
