@@ -482,3 +482,85 @@ def compare_digests(reference: Mapping[str, dict], observed: Mapping[str, dict])
         elif r["sha256"] != o["sha256"]:
             problems.append(f"{name}: restored bytes differ from the original (sha256 {o['sha256'][:12]} != {r['sha256'][:12]})")
     return not problems, problems
+
+
+# -- prediction impact: do the differences change a decision? ------------------------------
+#: What an output is, for prediction impact: ``classes`` (scores over the last axis: top-1
+#: class and top-k ranks), ``binary`` (one score in [0, 1]: decided at 0.5), ``labels``
+#: (integer class ids) or ``regression`` (no decision to flip).
+OUTPUT_KINDS = ("classes", "binary", "labels", "regression")
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Impact:
+    """How many predictions of one output changed, not just how many bits.
+
+    ``positions`` are the predictions compared: rows, or rows x time steps for
+    sequence outputs. ``flips`` counts those whose decision (top-1 class, the
+    0.5 threshold, the label) changed; ``max_rank_change`` is the largest
+    move, in rank, of one of the reference's top-``k`` classes.
+    """
+
+    kind: str
+    positions: int
+    flips: int | None = None
+    k: int | None = None
+    max_rank_change: int | None = None
+
+    @property
+    def flip_fraction(self) -> float | None:
+        return None if self.flips is None or not self.positions else self.flips / self.positions
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flip_fraction": self.flip_fraction}
+
+
+def output_kind(ref: np.ndarray, declared: str | None = None) -> str:
+    """The kind of an output: ``declared`` if given, else guessed from its dtype, shape and values.
+
+    Integers are labels; floats with more than one column are class scores; one
+    column with every value in [0, 1] is a binary score; anything else is a regression.
+    """
+    if declared is not None:
+        if declared not in OUTPUT_KINDS:
+            raise ValueError(f"unknown output kind {declared!r}; use one of {', '.join(OUTPUT_KINDS)}")
+        return declared
+    ref = np.asarray(ref)
+    if ref.dtype.kind in "iub":
+        return "labels"
+    if not _is_float(ref.dtype) or ref.ndim == 0 or ref.size == 0:
+        return "regression"
+    if ref.ndim >= 2 and ref.shape[-1] > 1:
+        return "classes"
+    values = ref.astype(np.float32)
+    if np.all(np.isfinite(values)) and values.min() >= 0 and values.max() <= 1:
+        return "binary"
+    return "regression"
+
+
+def prediction_impact(ref: np.ndarray, obs: np.ndarray, kind: str | None = None) -> Impact | None:
+    """How the observed output's decisions differ from the reference's (None: nothing to decide, or shapes differ)."""
+    ref, obs = np.asarray(ref), np.asarray(obs)
+    if ref.shape != obs.shape or ref.size == 0:
+        return None
+    kind = output_kind(ref, kind)
+    if kind == "regression":
+        return None
+    if kind == "labels":
+        return Impact(kind, positions=ref.size, flips=int(np.count_nonzero(ref != obs)))
+    r, o = ref.astype(np.float32), obs.astype(np.float32)
+    if kind == "binary":
+        return Impact(kind, positions=r.size, flips=int(np.count_nonzero((r >= 0.5) != (o >= 0.5))))
+    if r.ndim < 2:
+        return None
+    r, o = r.reshape(-1, r.shape[-1]), o.reshape(-1, o.shape[-1])
+    classes = r.shape[-1]
+    k = min(TOP_K, classes)
+    ref_order = np.argsort(-r, axis=-1, kind="stable")
+    obs_order = np.argsort(-o, axis=-1, kind="stable")
+    flips = int(np.count_nonzero(ref_order[:, 0] != obs_order[:, 0]))
+    obs_rank = np.empty_like(obs_order)
+    np.put_along_axis(obs_rank, obs_order, np.arange(classes)[None, :].repeat(len(o), 0), axis=-1)
+    moved = np.abs(np.take_along_axis(obs_rank, ref_order[:, :k], axis=-1) - np.arange(k)[None, :])
+    return Impact(kind, positions=len(r), flips=flips, k=k, max_rank_change=int(moved.max()))

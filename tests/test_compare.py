@@ -536,3 +536,53 @@ def test_digests_missing_and_extra():
     assert not ok and problems == ["extra/var: unexpected extra variable"]
     ok, problems = compare_digests({}, {})
     assert ok and problems == []
+
+
+# ---------------------------------------------------------------- prediction impact
+
+from harness.compare import Impact, output_kind, prediction_impact  # noqa: E402
+
+
+def test_output_kinds_are_guessed_and_can_be_declared():
+    assert output_kind(np.zeros((4, 10), np.float32)) == "classes"
+    assert output_kind(np.full((4, 1), 0.3, np.float32)) == "binary"
+    assert output_kind(np.full((4, 1), 3.0, np.float32)) == "regression"
+    assert output_kind(np.zeros(4, np.int64)) == "labels"
+    assert output_kind(np.zeros((4, 10), np.float32), "regression") == "regression"
+    with pytest.raises(ValueError, match="unknown output kind 'probabilities'"):
+        output_kind(np.zeros(3), "probabilities")
+
+
+def test_hand_built_class_flips_and_rank_changes():
+    ref = np.array([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]], np.float32)
+    obs = ref.copy()
+    obs[0] = [0.1, 0.44, 0.46]  # top-1 flips from class 1 to class 2
+    obs[1] = [0.7, 0.1, 0.2]  # top-1 kept, classes 1 and 2 swap ranks
+    impact = prediction_impact(ref, obs)
+    assert impact == Impact("classes", positions=4, flips=1, k=3, max_rank_change=1)
+    assert impact.flip_fraction == 0.25
+    obs[3] = [0.7, 0.2, 0.1]  # class 2 falls from first to last
+    assert prediction_impact(ref, obs).max_rank_change == 2
+
+
+def test_binary_threshold_and_labels_and_regression():
+    ref = np.array([[0.49], [0.51], [0.9]], np.float32)
+    obs = np.array([[0.50], [0.51], [0.9]], np.float32)
+    assert prediction_impact(ref, obs) == Impact("binary", positions=3, flips=1)
+    assert prediction_impact(np.array([1, 2, 3]), np.array([1, 0, 3])) == Impact("labels", positions=3, flips=1)
+    assert prediction_impact(np.array([[3.0], [4.0]]), np.array([[3.5], [4.0]])) is None
+    assert prediction_impact(np.zeros((2, 3)), np.zeros((3, 3))) is None  # shapes differ: nothing to say
+
+
+def test_last_bit_differences_flip_nothing():
+    ref = np.random.default_rng(0).random((64, 10)).astype(np.float32)
+    obs = np.nextafter(ref, np.float32(2))  # every element one ULP up: same order
+    assert prediction_impact(ref, obs) == Impact("classes", positions=64, flips=0, k=5, max_rank_change=0)
+
+
+def test_sequence_outputs_count_positions_and_bfloat16_works():
+    import ml_dtypes
+
+    ref = np.random.default_rng(1).random((4, 6, 3)).astype(ml_dtypes.bfloat16)
+    impact = prediction_impact(ref, ref.copy())
+    assert impact.positions == 24 and impact.flips == 0
