@@ -141,6 +141,35 @@ def cmd_envs(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    import json
+
+    from .explain import run_explain
+    from .scenario import discover, select
+    from .spec import load_sweep
+
+    run_dir = Path(args.run_dir)
+    source = args.sweep
+    if source is None:
+        try:
+            source = json.loads((run_dir / "run.json").read_text())["source"]
+        except (OSError, ValueError, KeyError):
+            raise UsageError(f"{run_dir}: no run.json naming the run's sweep file; pass --sweep SWEEP.yaml") from None
+    sweep = load_sweep(source)
+    available = discover([*sweep.scenario_paths, *args.scenarios_path])
+    scenarios = {s.name: s for s in select(available, sweep.scenarios, source=str(source))}
+    try:
+        explanation = run_explain(sweep, scenarios, run_dir, args.cell, address=args.address, storage=args.storage,
+                                  attribution=not args.no_attribution, verbose=args.verbose)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(explanation.to_dict(), indent=1))
+    else:
+        print(explanation.text())
+    return EXIT_OK
+
+
 def cmd_report(args) -> int:
     from . import report, results
 
@@ -246,6 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_envs)
 
+    x = sub.add_parser("explain", help="where a cell's difference starts, which setting causes it")
+    x.add_argument("run_dir", help="run directory written by `harness run`")
+    x.add_argument("cell", help="SCENARIO/FORMAT/ENVIRONMENT")
+    x.add_argument("--sweep", help="the run's sweep file (default: the one recorded in RUN_DIR/run.json)")
+    x.add_argument("--scenarios-path", action="append", default=[], metavar="DIR")
+    x.add_argument("--address", default="local", help="Ray: 'local' (embedded, default), 'auto', or ray://host:10001")
+    x.add_argument("--storage", help="storage URI (default: the run's)")
+    x.add_argument("--no-attribution", action="store_true", help="only localise: do not re-run the cell per knob")
+    x.add_argument("--json", action="store_true", help="machine-readable output")
+    x.add_argument("--verbose", action="store_true", help="show Ray and worker logs")
+    x.set_defaults(func=cmd_explain)
+
     rep = sub.add_parser("report", help="render a run's results")
     rep.add_argument("run_dir", help="run directory (or results.parquet)")
     rep.add_argument("--format", default="md", choices=["md", "html", "junit", "json"])
@@ -270,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script; returns the exit code (see the module docstring)."""
+    from .explain import UnknownCell
     from .results import ResultsError
     from .scenario import ScenarioError
     from .spec import SpecError
@@ -281,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     try:
         return args.func(args)
-    except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError) as exc:
+    except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError, UnknownCell) as exc:
         _err(_one_line(exc))
         return EXIT_INVALID
     except (SweepError, StorageError) as exc:

@@ -39,7 +39,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from .records import ArtifactRecord, CellResult, TrainRecord
 from .scenario import Scenario
@@ -542,6 +542,37 @@ class Engine:
         what = "train_timeout_s" if lane.training else "cell_timeout_s"
         self._job_failed(job, "error", f"timed out after {limit:g}s ({what}); its worker was stopped and "
                                        "the environment goes on with a fresh one")
+
+
+def call_in_environments(calls: Sequence[tuple[Environment, str, Any]], scenarios: Mapping[str, Scenario],
+                         storage_uri: str, timeout_s: float, worker_cls: type = Worker) -> list[Any]:
+    """Run ``worker.<method>(job)`` for each ``(environment, method, job)`` on a worker of its own, side by side.
+
+    For one-off jobs (explain's layer traces): the same worker class, placement
+    and runtime_env as a sweep's. Returns each result, or the exception it
+    raised (a ``TimeoutError`` past ``timeout_s``); the workers are stopped after.
+    """
+    import ray
+
+    actor_cls = ray.remote(worker_cls)
+    actors = [actor_cls.options(**ray_options(env)).remote({env.name: env}, scenarios, storage_uri)
+              for env, _, _ in calls]
+    try:
+        refs = [getattr(actor, method).remote(job) for actor, (_, method, job) in zip(actors, calls)]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        out = []
+        for ref in refs:
+            if ref not in ready:
+                out.append(TimeoutError(f"no answer within {timeout_s:g}s"))
+                continue
+            try:
+                out.append(ray.get(ref))
+            except Exception as exc:
+                out.append(exc)
+        return out
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
 
 
 def _actor_died(exc: BaseException) -> bool:

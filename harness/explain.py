@@ -216,6 +216,497 @@ def first_divergent(diffs: Sequence[LayerDiff]) -> LayerDiff | None:
 
 
 def most_growth(diffs: Sequence[LayerDiff]) -> LayerDiff | None:
-    """The layer whose outputs diverge most relative to its inputs (a start, with bitwise inputs, first)."""
-    grown = [d for d in diffs if d.growth is not None]
-    return max(grown, key=lambda d: (d.growth, d.output_divergence), default=None)
+    """The layer whose outputs diverge most relative to its already diverging inputs (LEMON's rate of change).
+
+    Layers with bitwise inputs (where a difference starts) have no finite
+    rate; they count only when no other layer diverges.
+    """
+    finite = [d for d in diffs if d.growth is not None and math.isfinite(d.growth)]
+    if finite:
+        return max(finite, key=lambda d: (d.growth, d.output_divergence))
+    return next((d for d in diffs if d.growth is not None), None)
+
+
+# -- setting attribution -----------------------------------------------------------------------
+#: Environment fields that are knobs the harness can vary on any node.
+KNOB_FIELDS = ("onednn", "threads", "cpu_isa", "jit_compile", "batch_size", "tf32", "op_determinism")
+#: Fingerprint keys that differ between machines, not settings: not attributable by re-running.
+HARDWARE_KEYS = ("cpu_model", "cpu_flags", "gpus", "gpu_driver", "tf_version", "cuda_version", "cudnn_version")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting in which the cell's environment differs from the training environment."""
+
+    name: str  # an environment field, "env:NAME" for one import-time variable, or "runtime_env"
+    training: Any
+    cell: Any
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "-" for c in self.name.replace(":", "-"))
+
+    @property
+    def label(self) -> str:
+        value = self.cell
+        if self.name == "onednn":
+            return f"oneDNN {'on' if value else 'off' if value is False else 'default'}"
+        if self.name == "jit_compile":
+            return "XLA" if value else "no XLA"
+        if self.name.startswith("env:"):
+            return f"{self.name[4:]}={value}" if value is not None else f"without {self.name[4:]}"
+        return f"{self.name.replace('_', ' ')} {value}"
+
+
+def _env_vars(env: Any) -> dict[str, str]:
+    return {**dict(env.runtime_env.get("env_vars", {}) if env.runtime_env else {}), **dict(env.env)}
+
+
+def knob_differences(sweep: Any, env: Any) -> list[Knob]:
+    """The knobs in which ``env`` differs from the sweep's training environment (effective batch sizes)."""
+    training = sweep.training
+    knobs = []
+    for name in KNOB_FIELDS:
+        if name == "batch_size":
+            before, after = sweep.batch_size, sweep.batch_size_for(env)
+        else:
+            before, after = getattr(training, name, None), getattr(env, name, None)
+        if before != after:
+            knobs.append(Knob(name, before, after))
+    before_vars, after_vars = _env_vars(training), _env_vars(env)
+    for key in sorted(set(before_vars) | set(after_vars)):
+        if before_vars.get(key) != after_vars.get(key):
+            knobs.append(Knob(f"env:{key}", before_vars.get(key), after_vars.get(key)))
+    strip = lambda renv: {k: v for k, v in dict(renv or {}).items() if k != "env_vars"}  # noqa: E731
+    if strip(training.runtime_env) != strip(env.runtime_env):
+        knobs.append(Knob("runtime_env", strip(training.runtime_env), strip(env.runtime_env)))
+    return knobs
+
+
+def not_attributable(train_fp: Mapping[str, Any], cell_fp: Mapping[str, Any], knobs: Sequence[Knob]) -> list[str]:
+    """What differs between the two workers that no knob here can vary (hardware, TF build), in words."""
+    varied_tf = any(k.name == "runtime_env" for k in knobs)
+    out = []
+    for key in HARDWARE_KEYS:
+        if key == "tf_version" and varied_tf:
+            continue
+        if train_fp.get(key) != cell_fp.get(key):
+            out.append(f"{key}: {train_fp.get(key)!r} -> {cell_fp.get(key)!r}")
+    return out
+
+
+def _with(env: Any, name: str, knob: Knob, value: Any) -> Any:
+    """``env`` renamed ``name`` with ``knob`` set to ``value``."""
+    if knob.name.startswith("env:"):
+        key = knob.name[4:]
+        variables = dict(env.env)
+        variables.pop(key, None)
+        renv = dict(env.runtime_env or {})
+        if "env_vars" in renv:
+            renv["env_vars"] = {k: v for k, v in renv["env_vars"].items() if k != key}
+        if value is not None:
+            variables[key] = value
+        return _derive(env, name, env=variables, runtime_env=renv)
+    if knob.name == "runtime_env":
+        renv = {**dict(value or {}), **({"env_vars": env.runtime_env["env_vars"]}
+                                         if env.runtime_env and "env_vars" in env.runtime_env else {})}
+        return _derive(env, name, runtime_env=renv)
+    return _derive(env, name, **{knob.name: value})
+
+
+def _derive(env: Any, name: str, **changes: Any) -> Any:
+    if hasattr(env, "derive"):
+        return env.derive(name, **changes)
+    return dataclasses.replace(env, name=name, **changes)
+
+
+def attribution_environments(sweep: Any, env: Any, knobs: Sequence[Knob]) -> list[tuple[Knob, str, Any]]:
+    """For each knob: ``(knob, "only", training + knob)`` and ``(knob, "without", env - knob)``.
+
+    The "only" variant keeps the training environment's placement, the
+    "without" variant the cell's, so hardware stays what it was in each.
+    """
+    out = []
+    for knob in knobs:
+        only = _with(sweep.training, f"{env.name}.only-{knob.slug}", knob,
+                     sweep.batch_size_for(env) if knob.name == "batch_size" else knob.cell)
+        without = _with(env, f"{env.name}.without-{knob.slug}", knob,
+                        sweep.batch_size if knob.name == "batch_size" else knob.training)
+        out += [(knob, "only", only), (knob, "without", without)]
+    return out
+
+
+@dataclass(frozen=True)
+class KnobFinding:
+    """What re-running the cell with one knob changed showed."""
+
+    knob: Knob
+    only_reproduces: bool | None  # training + this knob gives the cell's exact bits
+    only_ulp: float | None  # ... its max ULP from the reference
+    without_restores: bool | None  # the cell minus this knob gives the reference's exact bits
+    without_ulp: float | None
+    error: str | None = None  # a variant that did not run
+
+    @property
+    def explains(self) -> bool:
+        return bool(self.only_reproduces and self.without_restores)
+
+    def sentence(self) -> str:
+        label = self.knob.label
+        if self.error:
+            return f"{label}: could not be varied ({self.error})"
+        only = ("alone reproduces it bit for bit" if self.only_reproduces
+                else "alone gives 0 ULP" if self.only_ulp == 0 else f"alone gives {_ulp_text(self.only_ulp)}, "
+                "not the cell's bits")
+        without = ("without it the reference's bits come back" if self.without_restores
+                   else f"without it {_ulp_text(self.without_ulp)} remain")
+        return f"{label} {only}; {without}"
+
+
+def _ulp_text(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3g} ULP"
+
+
+def summarize_attribution(findings: Sequence[KnobFinding], unattributable: Sequence[str]) -> str:
+    """One line: which knob(s) explain the difference, or why none does."""
+    explaining = [f.knob.label for f in findings if f.explains]
+    if explaining:
+        return f"explained by {' and, equally, '.join(explaining)}"
+    tail = f"; what could not be varied here also differs: {'; '.join(unattributable)}" if unattributable else ""
+    if not findings:
+        return "no knob differs from the training environment" + tail
+    return "no single knob explains it (they act together, or the cause is not a knob)" + tail
+
+
+# -- the whole explanation of one cell -----------------------------------------------------------
+@dataclass(frozen=True)
+class Localisation:
+    """Where the difference starts: the layer-by-layer comparison, or why there is none."""
+
+    format: str | None = None  # the artifact traced (the cell's, or a layered one of the same scenario)
+    note: str | None = None
+    layers: tuple[LayerDiff, ...] = ()
+    first: str | None = None  # first layer whose output is not bitwise
+    growth: str | None = None  # layer whose output diverges most relative to its inputs
+    error: str | None = None  # why it could not be localised
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Everything ``harness explain`` found out about one cell."""
+
+    cell: str  # scenario/format/environment
+    verdict: str | None
+    message: str | None = None  # nothing to explain, or why it cannot be explained
+    localisation: Localisation | None = None
+    findings: tuple[KnobFinding, ...] = ()
+    unattributable: tuple[str, ...] = ()
+    summary: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Explanation":
+        loc = d.get("localisation")
+        if loc is not None:
+            layers = tuple(LayerDiff(**{**layer, "growth": _number(layer.get("growth"))}) for layer in loc.get("layers", ()))
+            loc = Localisation(**{**loc, "layers": layers})
+        findings = tuple(KnobFinding(**{**f, "knob": Knob(**f["knob"])}) for f in d.get("findings", ()))
+        return cls(**{**d, "localisation": loc, "findings": findings,
+                      "unattributable": tuple(d.get("unattributable", ()))})
+
+    def text(self) -> str:
+        """The explanation for a terminal (several lines)."""
+        from . import text as text_
+
+        lines = [f"{text_.one_line(self.cell)}: {self.verdict}"]
+        if self.message:
+            return "\n".join(lines + [f"  {text_.one_line(self.message)}"])
+        loc = self.localisation
+        if loc is not None:
+            if loc.error:
+                lines.append(f"  layers: cannot localise: {text_.one_line(loc.error)}")
+            else:
+                if loc.note:
+                    lines.append(f"  layers: {text_.one_line(loc.note)}")
+                grown = next((d for d in loc.layers if d.name == loc.growth), None)
+                rate = f" (x{grown.growth:.3g} its inputs' divergence)" if grown and grown.growth and \
+                    math.isfinite(grown.growth) else ""
+                lines.append(f"  starts at layer: {text_.one_line(loc.first or '(every layer bitwise)')}; "
+                             f"grows most at: {text_.one_line(loc.growth or '-')}{rate}")
+                for layer in loc.layers:
+                    lines.append(f"    {layer.index:>3} {text_.one_line(layer.name):<32} {layer.verdict:<16} "
+                                 f"max {_ulp_text(layer.max_ulp_diff):>10}  divergence {layer.output_divergence:.2e}")
+        for finding in self.findings:
+            lines.append(f"  {text_.one_line(finding.sentence())}")
+        if self.unattributable:
+            lines.append(f"  not attributable here: {text_.one_line('; '.join(self.unattributable))}")
+        if self.summary:
+            lines.append(f"  => {text_.one_line(self.summary)}")
+        return "\n".join(lines)
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) else value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def explanation_path(run_dir: Any, cell: str) -> Any:
+    """Where a cell's explanation is kept in a run directory (JSON)."""
+    from pathlib import Path
+
+    scenario, fmt, env = cell.split("/")
+    return Path(run_dir) / "explain" / scenario / fmt / f"{env}.json"
+
+
+def load_explanations(run_dir: Any) -> dict[str, Explanation]:
+    """Every explanation stored in a run directory, by cell (``scenario/format/environment``)."""
+    from pathlib import Path
+
+    out = {}
+    for path in sorted((Path(run_dir) / "explain").glob("*/*/*.json")):
+        try:
+            exp = Explanation.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            continue  # not ours, or from another version
+        out[exp.cell] = exp
+    return out
+
+
+class UnknownCell(ValueError):
+    """The cell named is not in the run (exit code 2): the message lists close names."""
+
+
+def find_cell(table: Any, cell: str) -> dict[str, Any]:
+    """The results row of ``scenario/format/environment``.
+
+    Raises:
+        UnknownCell: it is malformed or not in the run.
+    """
+    import difflib
+
+    rows = {f"{r['scenario']}/{r['format']}/{r['environment']}": r for r in table.to_pylist()}
+    if cell.count("/") != 2:
+        raise UnknownCell(f"{cell!r}: name a cell as SCENARIO/FORMAT/ENVIRONMENT")
+    if cell not in rows:
+        close = difflib.get_close_matches(cell, list(rows), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the run has {len(rows)} cells"
+        raise UnknownCell(f"{cell!r} is not a cell of this run{hint}")
+    return rows[cell]
+
+
+def run_explain(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cell: str, *, address: str = "local",
+                storage: str | None = None, attribution: bool = True, verbose: bool = False) -> Explanation:
+    """Explain one cell of a finished run, store the explanation, and return it.
+
+    Layer traces run on workers of the training and of the cell's environment
+    (the engine's worker class, placement and runtime_env); attribution
+    re-runs the cell through the normal engine in derived environments, in a
+    run directory of its own under ``RUN_DIR/explain`` (re-running resumes it).
+
+    Raises:
+        UnknownCell: ``cell`` is not in the run.
+        FileNotFoundError / results.ResultsError: ``run_dir`` holds no results.
+    """
+    from pathlib import Path
+
+    from . import results
+    from .storage import Storage, normalize_uri
+
+    run_dir = Path(run_dir)
+    table = results.read_table(run_dir)
+    row = find_cell(table, cell)
+    verdict = row["verdict"]
+    if verdict == "bitwise":
+        return _store(run_dir, Explanation(cell, verdict, message="bitwise: the environment reproduced the "
+                                                                 "reference exactly, there is nothing to explain"))
+    if verdict not in results.NUMERIC_VERDICTS:
+        return _store(run_dir, Explanation(cell, verdict, message=f"{verdict}: the cell produced no outputs to "
+                                                                 f"explain ({row['error']})"))
+    storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
+    env = sweep.environment(row["environment"])
+    from .sweep import _init_ray, _register_scenarios_by_value
+
+    owned = _init_ray(address, verbose)
+    try:
+        _register_scenarios_by_value(scenarios.values())
+        loc = _localise(sweep, scenarios, table, row, env, storage_uri)
+        findings: tuple[KnobFinding, ...] = ()
+        knobs = knob_differences(sweep, env)
+        if attribution and knobs:
+            findings = tuple(_attribute(sweep, scenarios, row, env, knobs, run_dir, storage_uri, address, verbose))
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]), knobs))
+    explanation = Explanation(cell, verdict, localisation=loc, findings=findings, unattributable=unattributable,
+                              summary=summarize_attribution(findings, unattributable) if attribution else None)
+    if loc.layers:
+        st = Storage.open(storage_uri)
+        st.write_bytes(f"runs/{row['run_id']}/explain/{cell}.arrow", _layers_ipc(loc.layers))
+    return _store(run_dir, explanation)
+
+
+def _json(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _run_storage(run_dir: Any) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text()).get("storage")
+    except (OSError, ValueError):
+        return None
+
+
+def _store(run_dir: Any, explanation: Explanation) -> Explanation:
+    path = explanation_path(run_dir, explanation.cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(explanation.to_dict(), indent=1))
+    tmp.replace(path)
+    return explanation
+
+
+def _layers_ipc(layers: Sequence[LayerDiff]) -> bytes:
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([_jsonable(dataclasses.asdict(d)) | {"growth": d.growth} for d in layers])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _layered_artifact(table: Any, row: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+    """``(format, artifact path, note)`` of an artifact of the cell's scenario that keeps its layers."""
+    if row["format"] in LAYERED_FORMATS:
+        return row["format"], f"artifacts/{row['scenario']}/{row['artifact_digest']}", None
+    others = {r["format"]: r for r in table.to_pylist()
+              if r["scenario"] == row["scenario"] and r["format"] in LAYERED_FORMATS and r["artifact_digest"]}
+    for fmt in LAYERED_FORMATS:
+        if fmt in others:
+            note = (f"format {row['format']} keeps no layer structure: localised through the {fmt} artifact of "
+                    f"the same scenario, reloaded in the same two environments")
+            return fmt, f"artifacts/{row['scenario']}/{others[fmt]['artifact_digest']}", note
+    return None, None, (f"format {row['format']} keeps no layer structure and this run has no "
+                        f"{'/'.join(LAYERED_FORMATS)} artifact of scenario {row['scenario']!r} to trace instead; "
+                        "add format keras to the sweep to localise it")
+
+
+def _localise(sweep: Any, scenarios: Mapping[str, Any], table: Any, row: Mapping[str, Any], env: Any,
+              storage_uri: str) -> Localisation:
+    from .engine import call_in_environments
+    from .storage import Storage
+    from .worker import TraceJob
+
+    fmt, path, note = _layered_artifact(table, row)
+    if fmt is None:
+        return Localisation(error=note)
+    st = Storage.open(storage_uri)
+    base = f"runs/{row['run_id']}/explain/{row['scenario']}/{row['format']}/{row['environment']}"
+    sha = st.manifest_sha256(path)
+    jobs = [(sweep.training, TraceJob(row["scenario"], fmt, path, sha, sweep.batch_size, False, f"{base}.training.arrow")),
+            (env, TraceJob(row["scenario"], fmt, path, sha, sweep.batch_size_for(env), env.jit_compile,
+                           f"{base}.cell.arrow"))]
+    answers = call_in_environments([(e, "trace", job) for e, job in jobs], scenarios, storage_uri,
+                                   timeout_s=sweep.cell_timeout_s + sweep.schedule_timeout_s)
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    if failed:
+        from .engine import ray_error_text
+
+        return Localisation(fmt, note, error=f"a layer trace failed: {ray_error_text(failed[0])}")
+    from . import arrays
+
+    ref, obs = (arrays_to_trace(arrays.read_ipc(st.read_bytes(job.output_path))[0]) for _, job in jobs)
+    diffs = compare_traces(ref, obs)
+    first, grown = first_divergent(diffs), most_growth(diffs)
+    return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None)
+
+
+def _attribute(sweep: Any, scenarios: Mapping[str, Any], row: Mapping[str, Any], env: Any, knobs: Sequence[Knob],
+               run_dir: Any, storage_uri: str, address: str, verbose: bool) -> list[KnobFinding]:
+    from . import arrays
+    from .spec import parse_sweep
+    from .storage import Storage
+    from .sweep import run_sweep
+
+    variants = attribution_environments(sweep, env, knobs)
+    doc = {"name": f"explain-{sweep.name}", "scenarios": [row["scenario"]], "formats": [row["format"]],
+           "training": _env_doc(sweep.training), "batch_size": sweep.batch_size, "expect": "any",
+           "expect_save": "any", "precheck": sweep.precheck, "retries": sweep.retries,
+           "timeouts": {"cell_timeout_s": sweep.cell_timeout_s, "schedule_timeout_s": sweep.schedule_timeout_s,
+                        "train_timeout_s": sweep.train_timeout_s},
+           "environments": {variant.name: {**_env_doc(variant), "expect": "any"} for _, _, variant in variants}}
+    derived = parse_sweep(doc, source=f"explain of {row['scenario']}/{row['format']}/{row['environment']}")
+    out_dir = run_dir / "explain" / row["scenario"] / row["format"] / f"{row['environment']}.attribution"
+    res = run_sweep(derived, scenarios, out_dir=out_dir, address=address, storage=storage_uri,
+                    resume=(out_dir / "results.parquet").exists(), verbose=verbose)
+    st = Storage.open(storage_uri)
+    cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, row["observation_uri"])))[0]
+    by_env = {r["environment"]: r for r in res.table.to_pylist()}
+    findings = []
+    for knob in knobs:
+        only = by_env.get(f"{env.name}.only-{knob.slug}")
+        without = by_env.get(f"{env.name}.without-{knob.slug}")
+        broken = next((r for r in (only, without) if r is None or r["verdict"] not in ("bitwise", "within_tolerance",
+                                                                                     "mismatch")), None)
+        if broken is not None:
+            findings.append(KnobFinding(knob, None, None, None, None,
+                                        error=(broken or {}).get("error") or "the variant did not run"))
+            continue
+        only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only["observation_uri"])))[0]
+        same = set(only_outputs) == set(cell_outputs) and all(
+            _bits_equal(only_outputs[k], cell_outputs[k]) for k in cell_outputs)
+        findings.append(KnobFinding(knob, same, only["max_ulp_diff"], without["verdict"] == "bitwise",
+                                    without["max_ulp_diff"]))
+    return findings
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    from .compare import bits_equal
+
+    if a.dtype.kind in "OSU" or b.dtype.kind in "OSU":
+        return a.shape == b.shape and bool(np.all(a == b))
+    return bits_equal(a, b)
+
+
+def _rel(st: Any, uri: str) -> str:
+    """A URI under the storage root, relative to it."""
+    base = st.uri_of("").split("?", 1)[0].rstrip("/")
+    return uri.split("?", 1)[0][len(base):].lstrip("/")
+
+
+def _env_doc(env: Any) -> dict[str, Any]:
+    """The YAML-able mapping of an environment (what a sweep file would say)."""
+    try:
+        from .spec import environment_document
+    except ImportError:  # the dataclass spec: fields as they are
+        environment_document = None
+    if environment_document is not None:
+        return environment_document(env)
+    doc = {}
+    for f in dataclasses.fields(env):
+        value = getattr(env, f.name)
+        if f.name == "name" or value == f.default or (f.default_factory is not dataclasses.MISSING
+                                                     and value == f.default_factory()):
+            continue
+        if f.name == "tolerance":
+            value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+        doc[f.name] = dict(value) if isinstance(value, Mapping) else value
+    return doc

@@ -68,10 +68,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
                        error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
 
     try:
-        ref_arrays, meta = arrays.read_ipc(f"{local}/reference.arrow")
-        info = json.loads(open(f"{local}/reference.json").read())
-        inputs = formats.unflatten_inputs({k: ref_arrays[k] for k in info["inputs"]}, meta["input_layout"])
-        reference = {k: ref_arrays[k] for k in info["outputs"]}
+        inputs, reference, info = read_reference(local)
         original_vars = {v["name"]: v for v in info["variables"]}
     except Exception as exc:  # verified against its manifest, yet unreadable: written wrong or forged
         return _finish(cell, start, fp, verdict="corrupt",
@@ -101,7 +98,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
     detail = {"outputs": [o.to_dict() for o in cmp.outputs], "weight_problems": problems,
-              "variables_checked": len(info["variables"]), "reference_kind": meta.get("reference_kind"),
+              "variables_checked": len(info["variables"]), "reference_kind": info.get("reference_kind"),
               "batch_size": batch_size}
     return _finish(cell, start, fp, verdict=verdict, error=error, observation_uri=observation_uri,
                    max_abs_diff=_nan_to_none(cmp.max_abs_diff), max_rel_diff=_nan_to_none(cmp.max_rel_diff),
@@ -109,6 +106,15 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
                    weights_equal=weights_equal, atol=_nan_to_none(atol), rtol=_nan_to_none(rtol),
                    max_ulp=_nan_to_none(max_ulp), required_atol=_nan_to_none(req_atol),
                    required_rtol=_nan_to_none(req_rtol), required_ulp=_nan_to_none(req_ulp), detail=detail)
+
+
+def read_reference(local: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """``(probe inputs, reference outputs, reference.json)`` of a verified local artifact directory."""
+    ref_arrays, meta = arrays.read_ipc(f"{local}/reference.arrow")
+    with open(f"{local}/reference.json") as f:
+        info = json.load(f)
+    inputs = formats.unflatten_inputs({k: ref_arrays[k] for k in info["inputs"]}, meta["input_layout"])
+    return inputs, {k: ref_arrays[k] for k in info["outputs"]}, {**info, "reference_kind": meta.get("reference_kind")}
 
 
 def _safe_fingerprint(environment: Environment) -> dict[str, Any]:

@@ -283,10 +283,10 @@ def check_storage(uri: str, run_id: str) -> None:
                            "(check the path or bucket exists and is writable)") from None
 
 
-def _write_run_file(run_dir: Path, sweep: Sweep, run_id: str) -> None:
+def _write_run_file(run_dir: Path, sweep: Sweep, run_id: str, storage_uri: str) -> None:
     tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps({"run_id": run_id, "sweep": sweep.name, "source": sweep.source,
-                               "plan": plan_digest(sweep)}, indent=1))
+    tmp.write_text(json.dumps({"run_id": run_id, "sweep": sweep.name, "source": str(Path(sweep.source).resolve()),
+                               "plan": plan_digest(sweep), "storage": storage_uri}, indent=1))
     os.replace(tmp, run_dir / RUN_FILE)
 
 
@@ -334,7 +334,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     storage_uri = normalize_uri(storage or sweep.storage)
     run_id = run_id or new_run_id()
     check_storage(storage_uri, run_id)
-    _write_run_file(run_dir, sweep, run_id)
+    _write_run_file(run_dir, sweep, run_id, storage_uri)
     done = {"/".join(k) for k in zip(*(previous.column(d).to_pylist() for d in ("scenario", "format", "environment")))}
     todo = [c for c in cells if c.key not in done]
     with results.Journal(run_dir) as journal:

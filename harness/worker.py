@@ -51,6 +51,19 @@ class ReplayJob:
 
 
 @dataclass(frozen=True)
+class TraceJob:
+    """Reload one artifact and record every layer's inputs and outputs on its probe (explain)."""
+
+    scenario: str
+    format: str
+    artifact_path: str
+    manifest_sha256: str | None
+    batch_size: int
+    jit_compile: bool
+    output_path: str  # where the trace is written in storage (Arrow IPC)
+
+
+@dataclass(frozen=True)
 class JobFailed:
     """A job raised instead of returning its record (a bug in a scenario's code, or in ours)."""
 
@@ -155,6 +168,23 @@ class Worker:
             return self.replay(job).encoded()  # JSON encoded here, not on the driver
         except (Exception, SystemExit) as exc:  # a scenario's sys.exit() must not end the worker
             return JobFailed(error_text(exc))
+
+    def trace(self, job: TraceJob) -> list[str]:
+        """Trace every layer of the reloaded artifact on its probe; write it to storage; return the layer names."""
+        from . import arrays, formats, runtime
+        from .explain import trace_layers, trace_to_arrays
+        from .replay import read_reference
+        from .storage import Storage
+
+        runtime.configure(self.environment)
+        storage = Storage.open(self.storage_uri)
+        local, _ = storage.get_dir(job.artifact_path, expected_manifest_sha256=job.manifest_sha256)
+        inputs, _reference, _info = read_reference(local)
+        loaded = formats.get(job.format).load(f"{local}/{formats.MODEL_DIR}", self.scenarios[job.scenario], inputs)
+        trace = trace_layers(loaded.owner, inputs, job.batch_size, job.jit_compile)
+        storage.write_bytes(job.output_path, arrays.to_ipc_bytes(trace_to_arrays(trace), {
+            "scenario": job.scenario, "format": job.format, "environment": self.environment.name}))
+        return [call["name"] for call in trace]
 
     def train(self, job: TrainJob) -> TrainRecord:
         from .train import train
