@@ -150,7 +150,7 @@ def test_full_round_trip(tmp_path):
     assert sw.tolerance_for(plain) == sw.tolerance
     assert sw.batch_size_for(env) == 8 and sw.batch_size_for(plain) == 16
     assert env.knobs() == {"onednn": False, "threads": 2, "jit_compile": True, "batch_size": 8, "tf32": False,
-                           "op_determinism": True, "memory_growth": False, "num_gpus": 0.5}
+                           "op_determinism": True, "memory_growth": False, "num_gpus": 0.5, "cpu_isa": None}
 
 
 def test_scenario_paths_relative_to_sweep_file_not_cwd(tmp_path, monkeypatch):
