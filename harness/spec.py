@@ -378,7 +378,8 @@ class SweepFile(_Spec):
     storage: StorageURI = Field(".harness/store", description="pyarrow.fs URI: path, file://, s3://, gs://, hdfs://, "
                                                               "abfs://")
     scenario_paths: name_list(Annotated[str, Field(min_length=1), expecting("a directory path")],  # type: ignore
-                              allow_empty=True) = Field((), description="extra scenario directories, relative to this file")
+                              allow_empty=True, what="a list of directories") = Field(
+        (), description="extra scenario directories, relative to this file")
     scenarios: name_list(ScenarioName) = Field(  # type: ignore[valid-type]
         description="scenario names (required)", json_schema_extra=_NAMES)
     formats: name_list(choice(FORMATS)) = Field(  # type: ignore[valid-type]

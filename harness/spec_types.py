@@ -55,8 +55,8 @@ def fail(message: str, *at: str) -> PydanticCustomError:
     return PydanticCustomError("spec", "{message}", {"message": message, "at": tuple(str(a) for a in at)})
 
 
-def did_you_mean(value: Any, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
+def did_you_mean(value: Any, choices: tuple[str, ...] | list[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=cutoff)
     return f"did you mean {close[0]!r}?" if close else ""
 
 
@@ -110,12 +110,15 @@ def as_mapping(value: Any) -> Any:
     return dict(value)
 
 
-def _as_list(value: Any) -> Any:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)):
-        raise fail(f"expected a non-empty list of names, got {show(value)}")
-    return list(value)
+def _as_list(what: str) -> Callable[[Any], Any]:
+    def as_list(value: Any) -> Any:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"expected {what}, got {show(value)}")
+        return list(value)
+
+    return as_list
 
 
 def _unique(values: list) -> tuple:
@@ -131,10 +134,11 @@ def _non_empty(values: tuple) -> tuple:
     return values
 
 
-def name_list(item: Any, *, allow_empty: bool = False) -> Any:
+def name_list(item: Any, *, allow_empty: bool = False, what: str = "a non-empty list of names") -> Any:
     """A list of names (a single string is a list of one), without repeats; a tuple once validated."""
     checks = [AfterValidator(_unique)] + ([] if allow_empty else [AfterValidator(_non_empty)])
-    return Annotated[list[item], BeforeValidator(_as_list, json_schema_input_type=Union[item, list[item]]), *checks]
+    return Annotated[list[item], BeforeValidator(_as_list(what), json_schema_input_type=Union[item, list[item]]),
+                     *checks]
 
 
 def mapping(key: Any, value: Any) -> Any:
@@ -267,7 +271,7 @@ def storage_problem(uri: str) -> str | None:
     scheme = uri.split("://", 1)[0]
     schemes = storage_schemes()
     if scheme.lower() not in schemes:
-        hint = did_you_mean(scheme.lower(), list(schemes))
+        hint = did_you_mean(scheme.lower(), list(schemes), cutoff=0.5)  # schemes are short: s4 -> s3
         return (f"{show(uri)}: pyarrow.fs opens no {scheme!r} URIs; use a local path or "
                 f"{', '.join(s + '://' for s in schemes)}" + (f" ({hint})" if hint else ""))
     try:

@@ -107,6 +107,17 @@ class _BoundedLoader(yaml.SafeLoader):
             self._open.discard(anchor)
 
 
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    try:
+        return yaml.SafeLoader.construct_yaml_int(loader, node)
+    except ValueError:  # beyond Python's int-to-str limit (4300 digits)
+        raise YamlProblem("", f"invalid YAML at {_at(node.start_mark)}: an integer of {len(node.value)} characters; "
+                              "no sweep field takes numbers that large") from None
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def _key_identity(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     """What makes two keys the same key: their constructed value (``1`` and ``01`` are one key)."""
     if not isinstance(node, yaml.ScalarNode):
@@ -170,7 +181,7 @@ def parse_text(text: str) -> Any:
             problem = f"{context} {problem}"
         if "'\\t'" in problem:
             problem += " (indent with spaces: YAML does not allow tabs there)"
-        raise YamlProblem("", f"invalid YAML at {where}{problem}") from None
+        raise YamlProblem("", f"invalid YAML at {where}{problem}" if where else f"invalid YAML: {problem}") from None
     finally:
         loader.dispose()
 
