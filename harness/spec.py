@@ -462,7 +462,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
 
     Args:
         data: the YAML document.
-        source: file name used in error messages (its stem is the default sweep name).
+        source: file name used in error messages (its stem is the default sweep name; "sweep" for "<sweep>").
         base_dir: directory that relative ``scenario_paths`` and runtime_env paths are resolved against
             (default: the current directory).
 
@@ -480,7 +480,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
     name = doc.name
     if name is None:
         try:
-            name = _SWEEP_NAME.validate_python(Path(source).stem)
+            name = _SWEEP_NAME.validate_python(Path(source).stem if source != "<sweep>" else "sweep")
         except ValidationError as exc:
             err = spec_error(source, exc, prefix=("name",))
             raise SpecError(source, "name", f"{err.message} (taken from the file name); add a name: line") from None

@@ -160,3 +160,14 @@ def test_validate_and_run_refuse_it_in_one_line(path, tmp_path, monkeypatch, cap
     assert lines["validate"] == lines["run"]  # run stops at the same check
     assert not out.exists(), "run wrote into --out"
     assert list(tmp_path.iterdir()) == [], "something was written"
+
+
+@pytest.mark.parametrize("option", ["--storage", "--history"])
+def test_command_line_uris_are_checked_like_storage(option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    good = Path(__file__).resolve().parent.parent / "scenarios" / "sweeps" / "quickstart.yaml"
+    command = ["nightly", str(good), "--history", str(tmp_path / "h")] if option == "--storage" else ["nightly", str(good)]
+    code, err = _main(capsys, *command, option, "ftp://files.example.com/x", "--out", str(tmp_path / "out"))
+    assert code == cli.EXIT_INVALID and len(err) == 1, err
+    assert err[0].startswith(f"harness: error: {option}: 'ftp://files.example.com/x': pyarrow.fs opens no 'ftp'"), err
+    assert list(tmp_path.iterdir()) == []
