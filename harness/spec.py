@@ -30,9 +30,9 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from . import isa
 from .compare import Tolerance
 from .results import EXPECTATIONS
-from .spec_types import (AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount, LabelSelector, NAME_PATTERN,
-                         NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName, Text, Threads, Ulps,
-                         as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
+from .spec_types import (NAME_PATTERN, AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount,
+                         LabelSelector, NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName,
+                         Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
 from .spec_yaml import YamlProblem, read_document
 
 FORMATS = ("keras", "h5", "savedmodel", "tf-savedmodel", "weights")
@@ -110,7 +110,8 @@ def _tolerance_input(value: Any) -> Any:
 
 
 #: A tolerance mapping in the file, a ``compare.Tolerance`` once validated.
-ToleranceField = Annotated[ToleranceSettings, BeforeValidator(_tolerance_input, json_schema_input_type=Optional[ToleranceSettings]),
+ToleranceField = Annotated[ToleranceSettings,
+                           BeforeValidator(_tolerance_input, json_schema_input_type=Optional[ToleranceSettings]),
                            AfterValidator(ToleranceSettings.tolerance), PlainSerializer(_tolerance_doc)]
 
 
@@ -434,18 +435,22 @@ class Sweep(BaseModel):
     explain: bool = False
 
     def environment(self, name: str) -> Environment:
+        """The environment called ``name`` (``KeyError`` if there is none)."""
         for env in self.environments:
             if env.name == name:
                 return env
         raise KeyError(name)
 
     def expectation(self, env: Environment) -> str:
+        """``env``'s own expect, else the sweep's."""
         return env.expect or self.expect
 
     def tolerance_for(self, env: Environment) -> Tolerance:
+        """The sweep's tolerance with ``env``'s fields on top."""
         return self.tolerance.merged(env.tolerance)
 
     def batch_size_for(self, env: Environment) -> int:
+        """``env``'s prediction batch size, else the sweep's."""
         return env.batch_size or self.batch_size
 
 
