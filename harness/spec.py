@@ -160,19 +160,24 @@ def nullable(model: type[_Spec]) -> Any:
     return Annotated[model, BeforeValidator(_none_is_empty, json_schema_input_type=Optional[model])]
 
 
-def _resolve_local(value: str, base: Path, key: str, *, kind: str) -> str:
+_PATH_KINDS = {  # what a local path in a runtime_env must be: (description, check)
+    "dir": ("a directory (or .zip file)", lambda p: p.is_dir() or (p.is_file() and p.suffix == ".zip")),
+    "file": ("a file", Path.is_file),
+    "any": ("a file or directory", Path.exists),
+}
+
+
+def _resolve_local(value: str, base: Path, key: str, *, kind: str, hint: str = "") -> str:
     """``value`` made absolute against the sweep file's directory; it must exist."""
     path = (base / os.path.expanduser(value)).resolve()
-    ok = path.is_dir() or (path.is_file() and path.suffix == ".zip") if kind == "dir" else \
-        path.is_file() if kind == "file" else path.exists()
-    if not ok:
-        want = {"dir": "a directory (or .zip file)", "file": "a file"}.get(kind, "a file or directory")
+    want, exists = _PATH_KINDS[kind]
+    if not exists(path):
         raise fail(f"{value!r} is not {want}: looked for {path} (relative paths start at the sweep file's "
-                   "directory)", key)
+                   f"directory){hint}", key)
     return str(path)
 
 
-def _runtime_env(value: RuntimeEnvSettings | dict, info: ValidationInfo) -> dict[str, Any]:
+def _runtime_env(value: RuntimeEnvSettings, info: ValidationInfo) -> dict[str, Any]:
     """The runtime_env as a plain dict: local paths resolved and checked, then offered to Ray's ``RuntimeEnv``."""
     renv = {k: v for k, v in value.model_dump(exclude_unset=True).items() if v is not None}
     base = Path((info.context or {}).get("base_dir") or Path.cwd())
@@ -182,7 +187,8 @@ def _runtime_env(value: RuntimeEnvSettings | dict, info: ValidationInfo) -> dict
         renv["py_modules"] = [_resolve_local(m, base, f"py_modules.{i}", kind="any") if _local(m) else m
                               for i, m in enumerate(renv["py_modules"])]
     if isinstance(renv.get("pip"), str):
-        renv["pip"] = _resolve_local(renv["pip"], base, "pip", kind="file")
+        renv["pip"] = _resolve_local(renv["pip"], base, "pip", kind="file",
+                                     hint=f"; for one requirement write a list: [{renv['pip']}]")
     if isinstance(renv.get("conda"), str) and renv["conda"].endswith((".yml", ".yaml")):
         renv["conda"] = _resolve_local(renv["conda"], base, "conda", kind="file")
     if set(renv) - {"env_vars"}:
