@@ -1,4 +1,4 @@
-"""``harness``: run | validate | scenarios | envs | report | nightly | history.
+"""``harness``: run | validate | schema | scenarios | envs | report | nightly | history.
 
 Exit codes (also in the README):
     0  every cell met its expectation (nightly: nothing regressed)
@@ -33,11 +33,17 @@ def _err(msg: str) -> None:
 
 
 def _load(args) -> tuple[Any, dict]:
-    """Sweep + the scenarios it needs, or raise SpecError/ScenarioError."""
+    """Sweep + the scenarios it needs, or raise SpecError/ScenarioError/UsageError."""
     from .scenario import discover, select
     from .spec import load_sweep
+    from .spec_types import storage_problem
 
     sweep = load_sweep(args.sweep)
+    for option in ("storage", "history"):  # URIs given on the command line are checked like storage:
+        uri = getattr(args, option, None)
+        problem = storage_problem(uri) if uri else None
+        if problem:
+            raise UsageError(f"--{option}: {problem}")
     available = discover([*sweep.scenario_paths, *args.scenarios_path])
     chosen = select(available, sweep.scenarios, source=str(args.sweep))
     return sweep, {s.name: s for s in chosen}
@@ -115,6 +121,13 @@ def cmd_validate(args) -> int:
     cells = _plan(args, sweep)
     print(f"{args.sweep}: ok -- sweep {sweep.name!r}, {len(sweep.scenarios)} scenarios x {len(sweep.formats)} formats "
           f"x {len(sweep.environments)} environments = {len(cells)} cells; storage {sweep.storage}")
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from .spec import schema_text
+
+    sys.stdout.write(schema_text())
     return EXIT_OK
 
 
@@ -245,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("sweep", help="sweep YAML file")
         sp.add_argument("--scenarios-path", action="append", default=[], metavar="DIR",
                         help="extra directory of scenario modules (repeatable)")
-        sp.add_argument("--only", nargs="+", default=[], metavar="NAME",
-                        help="restrict to these scenarios / formats / environments")
+        sp.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="restrict to these scenarios / formats / environments (repeatable: all are kept)")
         if running:
             sp.add_argument("--address", default="local",
                             help="Ray: 'local' (embedded, default), 'auto', or ray://host:10001")
@@ -264,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a sweep (and its scenarios) without running it")
     sweep_args(v, running=False)
     v.set_defaults(func=cmd_validate)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of a sweep file (for editors)")
+    sc.set_defaults(func=cmd_schema)
 
     s = sub.add_parser("scenarios", help="list available scenarios")
     s.add_argument("--scenarios-path", action="append", default=[], metavar="DIR")

@@ -1,33 +1,41 @@
-"""Sweep, environment and tolerance specs, loaded from YAML and validated.
+"""Sweep, environment and tolerance specs: pydantic models, loaded from YAML, with our error messages.
 
 Every problem raises ``SpecError`` with one line that names the file, the
 field (dotted path), the bad value and the fix, e.g.::
 
     sweep.yaml: environments.cpu-xla.threads: expected a positive integer, got 'two'
 
-No TensorFlow or Ray here; the CLI maps ``SpecError`` to exit code 2.
+The models check the values (``harness.spec_types`` holds the constrained
+field types); ``spec_error`` turns pydantic's first error into that line.
+``SweepFile`` is the file as written (its JSON Schema is ``harness schema``);
+``Sweep`` is what the rest of the harness uses: the same settings, resolved
+(timeouts flattened, environments named, tolerances as ``compare.Tolerance``).
+
+No TensorFlow here, and Ray only to check label selectors and runtime_envs
+the way Ray itself would; the CLI maps ``SpecError`` to exit code 2.
 """
 
 from __future__ import annotations
 
-import difflib
+import copy
+import json
 import os
-import re
-from dataclasses import dataclass, field, fields
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Optional, Union
 
-import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictStr,
+                      TypeAdapter, ValidationError, ValidationInfo, model_validator)
 
+from . import isa
 from .compare import Tolerance
 from .results import EXPECTATIONS
+from .spec_types import (NAME_PATTERN, AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount,
+                         LabelSelector, NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName,
+                         Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
+from .spec_yaml import YamlProblem, read_document
 
 FORMATS = ("keras", "h5", "savedmodel", "tf-savedmodel", "weights")
-RUNTIME_ENV_KEYS = ("pip", "uv", "conda", "container", "image_uri", "env_vars", "py_modules",
-                    "working_dir", "py_executable", "config")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# YAML 1.1 (PyYAML) reads `1e-6` (no dot) as a string; accept it as the number the user meant.
-_EXP_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class SpecError(ValueError):
@@ -38,134 +46,254 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {field_path}: {message}" if field_path else f"{source}: {message}")
 
 
-class _Ctx:
-    """Where we are in the YAML document, for error messages."""
-
-    def __init__(self, source: str, path: str = ""):
-        self.source, self.path = source, path
-
-    def at(self, key: str) -> "_Ctx":
-        return _Ctx(self.source, f"{self.path}.{key}" if self.path else key)
-
-    def fail(self, message: str) -> SpecError:
-        return SpecError(self.source, self.path, message)
-
-
-def _mapping(ctx: _Ctx, value: Any) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ctx.fail(f"expected a mapping (key: value lines), got {type(value).__name__} {value!r}")
-    return dict(value)
+def spec_error(source: str, exc: ValidationError, prefix: tuple[str, ...] = ()) -> SpecError:
+    """Pydantic's first error as our one line: file, dotted field, value, fix."""
+    first = exc.errors(include_url=False)[0]
+    ctx = first.get("ctx") or {}
+    parts = [*prefix, *(str(p) for p in first["loc"] if p != "[key]"), *ctx.get("at", ())]
+    path = [p if p and p.isprintable() and len(p) <= 80 else show(p) for p in parts]
+    if first["type"] == "spec":  # ours, from harness.spec_types
+        message = ctx["message"]
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    else:  # a check without our wording: pydantic's, with the value
+        message = f"{first['msg'][:1].lower()}{first['msg'][1:]}, got {show(first.get('input'))}"
+    return SpecError(source, ".".join(path), message)
 
 
-def _check_keys(ctx: _Ctx, value: Mapping, allowed: tuple[str, ...]) -> None:
-    for key in value:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
-            raise ctx.at(str(key)).fail(f"unknown field; {hint}")
+class _Spec(BaseModel):
+    """A frozen model of one YAML mapping: unknown keys are errors with a "did you mean"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, BaseModel):
+            return data
+        data = as_mapping(data)
+        allowed = tuple(cls.model_fields)
+        for key in data:
+            if key not in allowed:
+                hint = did_you_mean(key, allowed) or f"allowed: {', '.join(allowed)}"
+                raise fail(f"unknown field; {hint}", key)
+        return data
 
 
-def _bool(ctx: _Ctx, v: Any) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    raise ctx.fail(f"expected true or false, got {v!r}")
+# -- tolerance -------------------------------------------------------------------------------
+class ToleranceSettings(_Spec):
+    """How far an output may be from its reference; an unset field falls back to the dtype's default.
+
+    An element passes when ``|obs - ref| <= atol + rtol * |ref|`` or its ULP distance is ``<= max_ulp``.
+    """
+
+    model_config = ConfigDict(title="Tolerance")
+
+    atol: Optional[NonNegative] = Field(None, description="absolute tolerance (>= 0); unset: the dtype's default")
+    rtol: Optional[NonNegative] = Field(None, description="relative tolerance, scaled by |reference| (>= 0)")
+    max_ulp: Optional[Ulps] = Field(None, description="units in the last place an element may differ (whole number)")
+
+    def tolerance(self) -> Tolerance:
+        return Tolerance(atol=self.atol, rtol=self.rtol, max_ulp=None if self.max_ulp is None else float(self.max_ulp))
 
 
-def _pos_int(ctx: _Ctx, v: Any) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ctx.fail(f"expected a positive integer, got {v!r}")
-    return v
+def _tolerance_doc(tol: Tolerance) -> dict[str, Any]:
+    """A ``Tolerance`` as the mapping a sweep file would hold (``max_ulp`` a whole number)."""
+    doc = {k: getattr(tol, k) for k in ("atol", "rtol", "max_ulp") if getattr(tol, k) is not None}
+    if isinstance(doc.get("max_ulp"), float) and doc["max_ulp"].is_integer():
+        doc["max_ulp"] = int(doc["max_ulp"])
+    return doc
 
 
-def _nonneg_number(ctx: _Ctx, v: Any, *, what: str = "a number >= 0") -> float | None:
-    if v is None:
-        return None
-    num = float(v) if isinstance(v, str) and _EXP_FLOAT_RE.match(v) else v
-    if isinstance(num, bool) or not isinstance(num, (int, float)) or num != num or num < 0:
-        raise ctx.fail(f"expected {what}, got {v!r}")
-    try:
-        return float(num)
-    except OverflowError:  # an integer too large for a float
-        raise ctx.fail(f"expected {what}, got an integer too large for a number") from None
+def _tolerance_input(value: Any) -> Any:
+    return _tolerance_doc(value) if isinstance(value, Tolerance) else value
 
 
-def _choice(ctx: _Ctx, v: Any, choices: tuple[str, ...]) -> str:
-    if v not in choices:
-        close = difflib.get_close_matches(str(v), choices, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ctx.fail(f"{v!r} is not one of {', '.join(choices)}{hint}")
-    return v
+#: A tolerance mapping in the file, a ``compare.Tolerance`` once validated.
+ToleranceField = Annotated[ToleranceSettings,
+                           BeforeValidator(_tolerance_input, json_schema_input_type=Optional[ToleranceSettings]),
+                           AfterValidator(ToleranceSettings.tolerance), PlainSerializer(_tolerance_doc)]
 
 
-def _str_map(ctx: _Ctx, v: Any) -> dict[str, str]:
-    out = {}
-    for k, val in _mapping(ctx, v).items():
-        if isinstance(val, (dict, list)) or val is None:
-            raise ctx.at(str(k)).fail(f"expected a string value, got {val!r}")
-        out[str(k)] = "true" if val is True else "false" if val is False else str(val)
-    return out
+# -- runtime_env -----------------------------------------------------------------------------
+def _local(value: str) -> bool:
+    return "://" not in value
 
 
-def _name_list(ctx: _Ctx, v: Any, *, allow_empty: bool = False) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or (not v and not allow_empty):
-        raise ctx.fail(f"expected a non-empty list of names, got {v!r}")
-    for i, item in enumerate(v):
-        if not isinstance(item, str):
-            raise ctx.at(str(i)).fail(f"expected a name, got {item!r}")
-    if len(set(v)) != len(v):
-        dup = sorted({x for x in v if v.count(x) > 1})
-        raise ctx.fail(f"duplicate entries {dup}")
-    return tuple(v)
+class RuntimeEnvSettings(_Spec):
+    """Ray ``runtime_env`` of an environment's workers; checked as Ray would check it, without a cluster."""
+
+    model_config = ConfigDict(title="RuntimeEnv")
+
+    pip: Optional[Annotated[Union[StrictStr, list[StrictStr], dict[StrictStr, Any]], expecting(
+        "a list of requirements such as [tensorflow-cpu==2.20.0], a requirements file, or {packages: [...]}")]] = \
+        Field(None, description="pip requirements installed into the workers' virtualenv")
+    uv: Optional[Annotated[Union[list[StrictStr], dict[StrictStr, Any]], expecting(
+        "a list of requirements or {packages: [...]}")]] = Field(None, description="like pip, installed with uv")
+    conda: Optional[Annotated[Union[StrictStr, dict[StrictStr, Any]], expecting(
+        "a conda environment name, an environment.yml file, or its contents as a mapping")]] = \
+        Field(None, description="conda environment name, environment.yml file or its contents")
+    container: Optional[Annotated[dict[StrictStr, Any], expecting("a mapping such as {image: repo/image:tag}")]] = \
+        Field(None, description="container to run the workers in (Ray's older container option)")
+    image_uri: Optional[Annotated[StrictStr, expecting("an image URI (a string)")]] = \
+        Field(None, description="container image the workers run in")
+    env_vars: Optional[EnvVars] = Field(None, description="environment variables of the workers (`env` wins)")
+    py_modules: Optional[Annotated[list[StrictStr], expecting("a list of paths or URIs")]] = \
+        Field(None, description="local directories or remote URIs shipped to the workers (relative to the sweep file)")
+    working_dir: Optional[Annotated[StrictStr, expecting("a directory path or URI")]] = \
+        Field(None, description="directory (relative to the sweep file), .zip or remote URI the workers start in")
+    py_executable: Optional[Annotated[StrictStr, expecting("a command (a string)")]] = \
+        Field(None, description="Python executable (or command prefix) the workers run")
+    config: Optional[Annotated[dict[StrictStr, Any], expecting("a mapping such as {setup_timeout_seconds: 600}")]] = \
+        Field(None, description="Ray RuntimeEnvConfig: setup_timeout_seconds, eager_install, log_files")
 
 
-def parse_tolerance(ctx: _Ctx, value: Any) -> Tolerance:
-    """``{atol, rtol, max_ulp}`` with non-negative numbers; missing -> dtype default."""
-    m = _mapping(ctx, value)
-    _check_keys(ctx, m, ("atol", "rtol", "max_ulp"))
-    return Tolerance(
-        atol=_nonneg_number(ctx.at("atol"), m.get("atol")),
-        rtol=_nonneg_number(ctx.at("rtol"), m.get("rtol")),
-        max_ulp=_nonneg_number(ctx.at("max_ulp"), m.get("max_ulp"), what="a whole number of ULPs >= 0"),
-    )
+RUNTIME_ENV_KEYS = tuple(RuntimeEnvSettings.model_fields)
 
 
-@dataclass(frozen=True)
-class Environment:
+def _none_is_empty(value: Any) -> Any:
+    return {} if value is None else value
+
+
+def nullable(model: type[_Spec]) -> Any:
+    """``model``, also written as an empty YAML block (``training:`` with nothing under it)."""
+    return Annotated[model, BeforeValidator(_none_is_empty, json_schema_input_type=Optional[model])]
+
+
+_PATH_KINDS = {  # what a local path in a runtime_env must be: (description, check)
+    "dir": ("a directory (or .zip file)", lambda p: p.is_dir() or (p.is_file() and p.suffix == ".zip")),
+    "file": ("a file", Path.is_file),
+    "any": ("a file or directory", Path.exists),
+}
+
+
+def _resolve_local(value: str, base: Path, key: str, *, kind: str, hint: str = "") -> str:
+    """``value`` made absolute against the sweep file's directory; it must exist."""
+    path = (base / os.path.expanduser(value)).resolve()
+    want, exists = _PATH_KINDS[kind]
+    if not exists(path):
+        raise fail(f"{value!r} is not {want}: looked for {path} (relative paths start at the sweep file's "
+                   f"directory){hint}", key)
+    return str(path)
+
+
+def _runtime_env(value: RuntimeEnvSettings, info: ValidationInfo) -> dict[str, Any]:
+    """The runtime_env as a plain dict: local paths resolved and checked, then offered to Ray's ``RuntimeEnv``."""
+    renv = {k: v for k, v in value.model_dump(exclude_unset=True).items() if v is not None}
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    if isinstance(renv.get("working_dir"), str) and _local(renv["working_dir"]):
+        renv["working_dir"] = _resolve_local(renv["working_dir"], base, "working_dir", kind="dir")
+    if "py_modules" in renv:
+        renv["py_modules"] = [_resolve_local(m, base, f"py_modules.{i}", kind="any") if _local(m) else m
+                              for i, m in enumerate(renv["py_modules"])]
+    if isinstance(renv.get("pip"), str):
+        renv["pip"] = _resolve_local(renv["pip"], base, "pip", kind="file",
+                                     hint=f"; for one requirement write a list: [{renv['pip']}]")
+    if isinstance(renv.get("conda"), str) and renv["conda"].endswith((".yml", ".yaml")):
+        renv["conda"] = _resolve_local(renv["conda"], base, "conda", kind="file")
+    if set(renv) - {"env_vars"}:
+        from ray.runtime_env import RuntimeEnv
+
+        sent = {**renv, "env_vars": {**renv.get("env_vars", {}), "HARNESS_ENVIRONMENT": "x"}}  # as ray_runtime_env()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                RuntimeEnv(**sent)
+            except Exception as exc:  # Ray raises TypeError / ValueError with its own wording
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                if len(reason) > 200 and ". " in reason:  # Ray's longer messages go on to explain; keep the verdict
+                    reason = reason.split(". ", 1)[0] + "."
+                raise fail(f"Ray rejects this runtime_env: {reason}")
+    return renv
+
+
+RuntimeEnvField = Annotated[nullable(RuntimeEnvSettings), AfterValidator(_runtime_env), PlainSerializer(copy.deepcopy)]
+
+
+# -- environment -----------------------------------------------------------------------------
+class EnvironmentSettings(_Spec):
     """Where a reload runs: Ray placement + TensorFlow knobs + optional runtime_env.
 
-    Knobs that TensorFlow reads at import (``onednn``, ``threads``, raw
-    ``env``) become environment variables of the worker process; the others
-    are applied right after import (``tf32``, ``op_determinism``,
+    Knobs that TensorFlow reads at import (``onednn``, ``threads``, ``cpu_isa``,
+    raw ``env``) become environment variables of the worker process; the
+    others are applied right after import (``tf32``, ``op_determinism``,
     ``memory_growth``) or at prediction time (``jit_compile``, ``batch_size``).
     """
 
-    name: str
-    description: str = ""
-    env: Mapping[str, str] = field(default_factory=dict)
-    onednn: bool | None = None
-    threads: int | None = None
-    jit_compile: bool = False
-    batch_size: int | None = None
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    accelerator_type: str | None = None
-    resources: Mapping[str, float] = field(default_factory=dict)
-    label_selector: Mapping[str, str] = field(default_factory=dict)
-    tf32: bool | None = None
-    op_determinism: bool = False
-    memory_growth: bool = True
-    runtime_env: Mapping[str, Any] = field(default_factory=dict)
-    tolerance: Tolerance | None = None
-    expect: str | None = None
+    model_config = ConfigDict(title="Environment")
+
+    description: Text = Field("", description="shown in reports")
+    env: EnvVars = Field(default_factory=dict, description="raw environment variables set before TensorFlow is "
+                                                           "imported (TF_XLA_FLAGS, TF_USE_LEGACY_KERAS, ...)")
+    onednn: Optional[Flag] = Field(None, description="TF_ENABLE_ONEDNN_OPTS: false sets 0, true sets 1; unset: TF's default")
+    threads: Optional[Threads] = Field(None, description="TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS and OMP_NUM_THREADS")
+    jit_compile: Flag = Field(False, description="predict through tf.function(jit_compile=True) (XLA)")
+    batch_size: Optional[BatchSize] = Field(None, description="prediction batch size; unset: the sweep's")
+    num_cpus: Amount = Field(1.0, description="Ray placement: CPUs per worker")
+    num_gpus: GpuAmount = Field(0.0, description="Ray placement: GPUs per worker (whole, or a fraction below 1)")
+    accelerator_type: Optional[AcceleratorType] = Field(None, description="Ray accelerator type, e.g. A10G, L4, H100")
+    resources: mapping(ResourceName, Amount) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="Ray custom resources, e.g. {train: 1} (not CPU/GPU: use num_cpus/num_gpus)")
+    label_selector: LabelSelector = Field(default_factory=dict, description="Ray node label selector: "
+                                          "{cpu-family: amd}, {gpu: 'in(a10g,l4)'}, {gpu: '!a10g'}")
+    tf32: Optional[Flag] = Field(None, description="enable_tensor_float_32_execution(...); unset: TF's default")
+    op_determinism: Flag = Field(False, description="tf.config.experimental.enable_op_determinism()")
+    memory_growth: Flag = Field(True, description="GPU memory growth")
+    runtime_env: RuntimeEnvField = Field(default_factory=dict, description="passed to Ray: pip, uv, conda, "
+                                         "container/image_uri, env_vars, py_modules, working_dir, ...")
+    tolerance: Optional[ToleranceField] = Field(None, description="overrides the sweep's tolerance, field by field")
+    expect: Optional[choice(EXPECTATIONS)] = Field(  # type: ignore[valid-type]
+        None, description="bitwise, tolerance or any; unset: the sweep's expect")
+    cpu_isa: Optional[choice(isa.ISA_LEVELS)] = Field(  # type: ignore[valid-type]
+        None, description="cap oneDNN (ONEDNN_MAX_CPU_ISA) and XLA's CPU code generation at this instruction set; "
+                          "turns oneDNN on")
+    optional: Flag = Field(False, description="this environment may not exist on every machine (e.g. an ISA level "
+                                              "above the CPU's)")
+
+    @model_validator(mode="after")
+    def _cpu_isa_consistent(self) -> "EnvironmentSettings":
+        if self.cpu_isa is None:
+            return self
+        if self.onednn is False:
+            raise fail(f"{self.cpu_isa} caps oneDNN's instruction set, but onednn: false turns oneDNN off, so the "
+                       "cap would mean nothing; remove cpu_isa or onednn: false", "cpu_isa")
+        for where, values in (("env", self.env), ("runtime_env.env_vars", self.runtime_env.get("env_vars", {}))):
+            at = where.split(".")
+            if values.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() not in ("1", "true"):
+                raise fail(f"TF_ENABLE_ONEDNN_OPTS={values['TF_ENABLE_ONEDNN_OPTS']} turns oneDNN off, but cpu_isa: "
+                           f"{self.cpu_isa} needs it on; remove one of them", *at, "TF_ENABLE_ONEDNN_OPTS")
+            if "ONEDNN_MAX_CPU_ISA" in values:
+                raise fail(f"cpu_isa: {self.cpu_isa} sets ONEDNN_MAX_CPU_ISA; remove it from {where}",
+                           *at, "ONEDNN_MAX_CPU_ISA")
+            if "--xla_cpu_max_isa" in values.get("XLA_FLAGS", ""):
+                raise fail(f"cpu_isa: {self.cpu_isa} sets --xla_cpu_max_isa; remove it from XLA_FLAGS", *at, "XLA_FLAGS")
+        return self
+
+
+ENVIRONMENT_FIELDS = tuple(EnvironmentSettings.model_fields)
+_KNOBS = ("onednn", "threads", "jit_compile", "batch_size", "num_gpus", "tf32", "op_determinism", "memory_growth",
+          "cpu_isa")
+
+
+class Environment(EnvironmentSettings):
+    """A named environment: ``Environment(name="cpu-xla", jit_compile=True)``.
+
+    Frozen and picklable (sent to Ray workers); ``repr`` is deterministic
+    (``harness.sweep.plan_digest`` hashes it).
+    """
+
+    name: EnvironmentName = Field(description="the environment's name (its key under environments:)")
+
+    def __repr_args__(self):  # name first, as in the sweep file
+        yield "name", self.name
+        yield from ((k, v) for k, v in super().__repr_args__() if k != "name")
 
     def env_vars(self) -> dict[str, str]:
-        """Environment variables the worker needs *before* TensorFlow is imported."""
+        """Environment variables the worker needs *before* TensorFlow is imported.
+
+        ``runtime_env.env_vars`` override the knobs, and ``env`` overrides both;
+        ``cpu_isa`` comes last (validation refuses variables that contradict it).
+        """
         out = {"TF_CPP_MIN_LOG_LEVEL": "2", "HARNESS_ENVIRONMENT": self.name}
         if self.onednn is not None:
             out["TF_ENABLE_ONEDNN_OPTS"] = "1" if self.onednn else "0"
@@ -174,6 +302,11 @@ class Environment:
             out.update(TF_NUM_INTRAOP_THREADS=n, TF_NUM_INTEROP_THREADS=n, OMP_NUM_THREADS=n)
         out.update(self.runtime_env.get("env_vars", {}))
         out.update(self.env)
+        if self.cpu_isa is not None:
+            out["TF_ENABLE_ONEDNN_OPTS"] = "1"  # a cap means nothing with oneDNN off
+            out["ONEDNN_MAX_CPU_ISA"] = isa.onednn_value(self.cpu_isa)
+            flag = f"--xla_cpu_max_isa={isa.xla_value(self.cpu_isa)}"
+            out["XLA_FLAGS"] = f"{out['XLA_FLAGS']} {flag}" if out.get("XLA_FLAGS") else flag
         return out
 
     def ray_runtime_env(self) -> dict[str, Any]:
@@ -183,69 +316,108 @@ class Environment:
         processes of its own (Ray pools workers by runtime_env) and TF is
         imported once per worker with exactly this environment's settings.
         """
-        renv = {k: v for k, v in self.runtime_env.items() if k != "env_vars"}
+        renv = {k: copy.deepcopy(v) for k, v in self.runtime_env.items() if k != "env_vars"}
         renv["env_vars"] = self.env_vars()
         return renv
 
     def knobs(self) -> dict[str, Any]:
-        """The TF knobs, as recorded in results and fingerprints."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name in ("onednn", "threads", "jit_compile", "batch_size", "tf32",
-                              "op_determinism", "memory_growth", "num_gpus")}
+        """The TF knobs, as recorded in results and fingerprints (and in training's content address)."""
+        return {k: getattr(self, k) for k in _KNOBS}
+
+    def derive(self, name: str, **changes: Any) -> "Environment":
+        """A validated copy named ``name`` with some fields changed: ``env.derive("cpu-1t", threads=1)``.
+
+        Raises:
+            SpecError: a change is not a valid environment field value.
+        """
+        data = {**{k: getattr(self, k) for k in ENVIRONMENT_FIELDS}, **changes, "name": name}
+        try:
+            return Environment.model_validate(data)
+        except ValidationError as exc:
+            raise spec_error(f"environment {self.name!r} derived as {name!r}", exc) from None
 
 
-ENVIRONMENT_FIELDS = tuple(f.name for f in fields(Environment) if f.name != "name")
+def environment_document(env: EnvironmentSettings) -> dict[str, Any]:
+    """The YAML-able mapping of ``env`` (without its name): the fields that differ from their defaults.
+
+    ``parse_sweep`` of a sweep holding ``{env.name: environment_document(env)}`` gives an equal environment.
+    """
+    doc: dict[str, Any] = {}
+    for name, field in EnvironmentSettings.model_fields.items():
+        value = getattr(env, name)
+        if value == field.get_default(call_default_factory=True):
+            continue
+        doc[name] = _tolerance_doc(value) if isinstance(value, Tolerance) else copy.deepcopy(value)
+    return doc
 
 
-def parse_environment(ctx: _Ctx, name: str, value: Any) -> Environment:
-    """Validate one environment mapping (``ctx`` points at it)."""
-    if not _NAME_RE.match(str(name)):
-        raise ctx.fail("environment names use letters, digits, '-', '_' and '.' only")
-    m = _mapping(ctx, value)
-    _check_keys(ctx, m, ENVIRONMENT_FIELDS)
-    resources = {}
-    for k, v in _mapping(ctx.at("resources"), m.get("resources")).items():
-        resources[str(k)] = _nonneg_number(ctx.at("resources").at(str(k)), v)
-    runtime_env = _mapping(ctx.at("runtime_env"), m.get("runtime_env"))
-    _check_keys(ctx.at("runtime_env"), runtime_env, RUNTIME_ENV_KEYS)
-    if "env_vars" in runtime_env:
-        runtime_env["env_vars"] = _str_map(ctx.at("runtime_env").at("env_vars"), runtime_env["env_vars"])
-    if "pip" in runtime_env and not isinstance(runtime_env["pip"], (list, dict, str)):
-        raise ctx.at("runtime_env").at("pip").fail("expected a list of requirements, e.g. [tensorflow-cpu==2.20.0]")
-    accel = m.get("accelerator_type")
-    if accel is not None and not isinstance(accel, str):
-        raise ctx.at("accelerator_type").fail(f"expected a string such as A10G or H100, got {accel!r}")
-    num_gpus = _nonneg_number(ctx.at("num_gpus"), m.get("num_gpus")) or 0.0
-    tf32 = _bool(ctx.at("tf32"), m.get("tf32"))
-    desc = m.get("description", "")
-    if not isinstance(desc, str):
-        raise ctx.at("description").fail(f"expected a string, got {desc!r}")
-    num_cpus = _nonneg_number(ctx.at("num_cpus"), m.get("num_cpus"))
-    return Environment(
-        name=str(name),
-        description=desc,
-        env=_str_map(ctx.at("env"), m.get("env")),
-        onednn=_bool(ctx.at("onednn"), m.get("onednn")),
-        threads=_pos_int(ctx.at("threads"), m.get("threads")),
-        jit_compile=bool(_bool(ctx.at("jit_compile"), m.get("jit_compile"))),
-        batch_size=_pos_int(ctx.at("batch_size"), m.get("batch_size")),
-        num_cpus=1.0 if num_cpus is None else num_cpus,
-        num_gpus=num_gpus,
-        accelerator_type=accel,
-        resources=resources,
-        label_selector=_str_map(ctx.at("label_selector"), m.get("label_selector")),
-        tf32=tf32,
-        op_determinism=bool(_bool(ctx.at("op_determinism"), m.get("op_determinism"))),
-        memory_growth=_bool(ctx.at("memory_growth"), m.get("memory_growth")) is not False,
-        runtime_env=runtime_env,
-        tolerance=parse_tolerance(ctx.at("tolerance"), m["tolerance"]) if "tolerance" in m else None,
-        expect=_choice(ctx.at("expect"), m["expect"], EXPECTATIONS) if "expect" in m else None,
-    )
+# -- sweep -----------------------------------------------------------------------------------
+class TimeoutSettings(_Spec):
+    """How long a sweep waits (seconds, > 0, at most 30 days)."""
+
+    model_config = ConfigDict(title="Timeouts")
+
+    cell_timeout_s: Seconds = Field(600.0, description="a running reload past this is cancelled: error")
+    schedule_timeout_s: Seconds = Field(300.0, description="a cell not started by then is unschedulable "
+                                                           "(counts runtime_env setup too)")
+    train_timeout_s: Seconds = Field(1800.0, description="training of one scenario, all formats")
 
 
-@dataclass(frozen=True)
-class Sweep:
-    """A validated sweep: scenarios x formats x environments, plus run settings."""
+TIMEOUT_FIELDS = tuple(TimeoutSettings.model_fields)
+
+
+def _environments(value: Any) -> Any:
+    if not isinstance(value, dict) or not value:
+        raise fail(f"expected a non-empty mapping of environment name -> settings, got {show(value)}")
+    return value
+
+
+_NAMES = {"minItems": 1, "uniqueItems": True}
+
+
+class SweepFile(_Spec):
+    """A sweep file as written: scenarios x formats x environments, plus run settings."""
+
+    model_config = ConfigDict(title="tf-repro-harness sweep")
+
+    name: Optional[SweepName] = Field(None, description="default: the file name without .yaml; letters, digits, - _ .")
+    description: Text = Field("", description="free text")
+    storage: StorageURI = Field(".harness/store", description="pyarrow.fs URI: path, file://, s3://, gs://, hdfs://, "
+                                                              "abfs://")
+    scenario_paths: name_list(Annotated[str, Field(min_length=1), expecting("a directory path")],  # type: ignore
+                              allow_empty=True, what="a list of directories") = Field(
+        (), description="extra scenario directories, relative to this file")
+    scenarios: name_list(ScenarioName) = Field(  # type: ignore[valid-type]
+        description="scenario names (required)", json_schema_extra=_NAMES)
+    formats: name_list(choice(FORMATS)) = Field(  # type: ignore[valid-type]
+        ("keras",), description="save formats", json_schema_extra=_NAMES)
+    training: nullable(EnvironmentSettings) = Field(default_factory=EnvironmentSettings,  # type: ignore[valid-type]
+                                          description="the training environment (same fields as an environment)")
+    environments: Annotated[dict[EnvironmentName, EnvironmentSettings], BeforeValidator(
+        _environments, json_schema_input_type=dict[str, Optional[EnvironmentSettings]])] = Field(
+        description="environment name -> settings (required)",
+        json_schema_extra={"minProperties": 1, "propertyNames": {"pattern": NAME_PATTERN}})
+    tolerance: ToleranceField = Field(default_factory=Tolerance, description="tolerance of every output; "
+                                                                             "missing fields: per-dtype defaults")
+    output_tolerances: mapping(StrictStr, ToleranceField) = Field(  # type: ignore[valid-type]
+        default_factory=dict, description="per output name, on top of tolerance")
+    expect: choice(EXPECTATIONS) = Field("tolerance", description="default expectation of every environment")  # type: ignore
+    expect_save: choice(EXPECTATIONS) = Field("bitwise", description="expectation for the save round trip")  # type: ignore
+    batch_size: BatchSize = Field(32, description="prediction batch size of the references")
+    timeouts: nullable(TimeoutSettings) = Field(default_factory=TimeoutSettings,  # type: ignore[valid-type]
+                                                description="seconds")
+    retries: Retries = Field(2, description="Ray retries of tasks lost with their worker or node (at most 1000)")
+    precheck: Flag = Field(True, description="check placements against the cluster's nodes first")
+    explain: Flag = Field(False, description="explain mismatches: per-layer traces and knob attribution")
+
+
+SWEEP_FIELDS = tuple(SweepFile.model_fields)
+
+
+class Sweep(BaseModel):
+    """A validated sweep as the harness uses it: environments named, timeouts flattened, paths resolved."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     name: str
     source: str
@@ -256,7 +428,7 @@ class Sweep:
     storage: str = ".harness/store"
     scenario_paths: tuple[str, ...] = ()
     tolerance: Tolerance = Tolerance()
-    output_tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+    output_tolerances: dict[str, Tolerance] = {}
     expect: str = "tolerance"
     expect_save: str = "bitwise"
     batch_size: int = 32
@@ -266,27 +438,34 @@ class Sweep:
     retries: int = 2
     precheck: bool = True
     description: str = ""
+    explain: bool = False
 
     def environment(self, name: str) -> Environment:
+        """The environment called ``name`` (``KeyError`` if there is none)."""
         for env in self.environments:
             if env.name == name:
                 return env
         raise KeyError(name)
 
     def expectation(self, env: Environment) -> str:
+        """``env``'s own expect, else the sweep's."""
         return env.expect or self.expect
 
     def tolerance_for(self, env: Environment) -> Tolerance:
+        """The sweep's tolerance with ``env``'s fields on top."""
         return self.tolerance.merged(env.tolerance)
 
     def batch_size_for(self, env: Environment) -> int:
+        """``env``'s prediction batch size, else the sweep's."""
         return env.batch_size or self.batch_size
 
 
-SWEEP_FIELDS = ("name", "description", "storage", "scenario_paths", "scenarios", "formats", "training",
-                "environments", "tolerance", "output_tolerances", "expect", "expect_save", "batch_size",
-                "timeouts", "retries", "precheck")
-TIMEOUT_FIELDS = ("cell_timeout_s", "schedule_timeout_s", "train_timeout_s")
+def _named(name: str, settings: EnvironmentSettings) -> Environment:
+    """``settings`` (validated) under ``name`` (validated as a key of environments)."""
+    return Environment.model_construct(name=name, **{k: getattr(settings, k) for k in ENVIRONMENT_FIELDS})
+
+
+_SWEEP_NAME = TypeAdapter(SweepName)
 
 
 def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike | None = None) -> Sweep:
@@ -294,67 +473,49 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
 
     Args:
         data: the YAML document.
-        source: file name used in error messages.
-        base_dir: directory that relative ``scenario_paths`` are resolved against.
+        source: file name used in error messages (its stem is the default sweep name; "sweep" for "<sweep>").
+        base_dir: directory that relative ``scenario_paths`` and runtime_env paths are resolved against
+            (default: the current directory).
 
     Raises:
         SpecError: one line naming the file, field and fix.
     """
-    ctx = _Ctx(source)
-    if not isinstance(data, Mapping):
-        raise ctx.fail(f"a sweep file is a YAML mapping with at least 'scenarios' and 'environments'; got {type(data).__name__}")
-    m = dict(data)
-    _check_keys(ctx, m, SWEEP_FIELDS)
-    for required in ("scenarios", "environments"):
-        if required not in m:
-            raise ctx.at(required).fail("required field is missing")
-    scenarios = _name_list(ctx.at("scenarios"), m["scenarios"])
-    formats = _name_list(ctx.at("formats"), m.get("formats", ["keras"]))
-    for i, f in enumerate(formats):
-        _choice(ctx.at("formats").at(str(i)), f, FORMATS)
-    envs_raw = m["environments"]
-    if not isinstance(envs_raw, Mapping) or not envs_raw:
-        raise ctx.at("environments").fail("expected a non-empty mapping of environment name -> settings")
-    environments = tuple(parse_environment(ctx.at("environments").at(str(k)), str(k), v) for k, v in envs_raw.items())
-    training = parse_environment(ctx.at("training"), "training", m.get("training"))
+    if not isinstance(data, dict):
+        raise SpecError(source, "", "a sweep file is a YAML mapping with at least 'scenarios' and 'environments'; "
+                                    f"got {type(data).__name__}")
     base = Path(base_dir) if base_dir else Path.cwd()
-    paths = _name_list(ctx.at("scenario_paths"), m.get("scenario_paths", []), allow_empty=True)
-    timeouts = _mapping(ctx.at("timeouts"), m.get("timeouts"))
-    _check_keys(ctx.at("timeouts"), timeouts, TIMEOUT_FIELDS)
-    tvals = {k: _nonneg_number(ctx.at("timeouts").at(k), timeouts[k], what="a number of seconds > 0")
-             for k in TIMEOUT_FIELDS if k in timeouts}
-    for k, v in tvals.items():
-        if v == 0:
-            raise ctx.at("timeouts").at(k).fail("expected a number of seconds > 0, got 0")
-    out_tols = {str(k): parse_tolerance(ctx.at("output_tolerances").at(str(k)), v)
-                for k, v in _mapping(ctx.at("output_tolerances"), m.get("output_tolerances")).items()}
-    retries = m.get("retries", 2)
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise ctx.at("retries").fail(f"expected a whole number >= 0, got {retries!r}")
-    storage = m.get("storage", ".harness/store")
-    if not isinstance(storage, str) or not storage:
-        raise ctx.at("storage").fail(f"expected a path or URI (s3://bucket/prefix), got {storage!r}")
-    name = m.get("name", Path(source).stem)
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ctx.at("name").fail(f"expected a name of letters, digits, '-', '_', '.', got {name!r}")
+    try:
+        doc = SweepFile.model_validate(data, context={"base_dir": base})
+    except ValidationError as exc:
+        raise spec_error(source, exc) from None
+    name = doc.name
+    if name is None:
+        try:
+            name = _SWEEP_NAME.validate_python(Path(source).stem if source != "<sweep>" else "sweep")
+        except ValidationError as exc:
+            err = spec_error(source, exc, prefix=("name",))
+            raise SpecError(source, "name", f"{err.message} (taken from the file name); add a name: line") from None
     return Sweep(
         name=name,
         source=source,
-        description=str(m.get("description", "")),
-        scenarios=scenarios,
-        formats=formats,
-        environments=environments,
-        training=training,
-        storage=storage,
-        scenario_paths=tuple(str((base / p).resolve()) for p in paths),
-        tolerance=parse_tolerance(ctx.at("tolerance"), m.get("tolerance")),
-        output_tolerances=out_tols,
-        expect=_choice(ctx.at("expect"), m.get("expect", "tolerance"), EXPECTATIONS),
-        expect_save=_choice(ctx.at("expect_save"), m.get("expect_save", "bitwise"), EXPECTATIONS),
-        batch_size=_pos_int(ctx.at("batch_size"), m.get("batch_size", 32)),
-        retries=retries,
-        precheck=bool(_bool(ctx.at("precheck"), m.get("precheck", True))),
-        **tvals,
+        description=doc.description,
+        scenarios=doc.scenarios,
+        formats=doc.formats,
+        environments=tuple(_named(n, s) for n, s in doc.environments.items()),
+        training=_named("training", doc.training),
+        storage=doc.storage,
+        scenario_paths=tuple(str((base / p).resolve()) for p in doc.scenario_paths),
+        tolerance=doc.tolerance,
+        output_tolerances=dict(doc.output_tolerances),
+        expect=doc.expect,
+        expect_save=doc.expect_save,
+        batch_size=doc.batch_size,
+        cell_timeout_s=doc.timeouts.cell_timeout_s,
+        schedule_timeout_s=doc.timeouts.schedule_timeout_s,
+        train_timeout_s=doc.timeouts.train_timeout_s,
+        retries=doc.retries,
+        precheck=doc.precheck,
+        explain=doc.explain,
     )
 
 
@@ -362,21 +523,22 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     """Read and validate a sweep YAML file.
 
     Raises:
-        SpecError: the file is missing, is not valid YAML, or fails validation.
+        SpecError: the file is missing, unreadable, too large, not UTF-8, empty, not safe YAML
+            (repeated keys, runaway nesting or aliases), or fails validation.
     """
-    p = Path(path)
     source = str(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError(source, "", f"cannot read sweep file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(source, "", f"not a UTF-8 text file (byte {exc.start}); save it as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. an int over 4300 digits
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(source, "", f"invalid YAML at {where}{problem}") from None
-    return parse_sweep(data, source=source, base_dir=p.parent)
+        data = read_document(path)
+    except YamlProblem as exc:
+        raise SpecError(source, exc.field, exc.message) from None
+    return parse_sweep(data, source=source, base_dir=Path(path).parent)
+
+
+def sweep_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a sweep file, from the same models that validate it."""
+    schema = SweepFile.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def schema_text() -> str:
+    return json.dumps(sweep_schema(), indent=2) + "\n"

@@ -316,6 +316,18 @@ def test_validate_shipped_sweeps(name):
     assert f"= {cells} cells" in proc.stdout, proc.stdout
 
 
+def test_only_repeated_keeps_every_name():
+    """``--only a b --only c`` means [a, b, c]: each dimension named is restricted to the names given."""
+    path = (SWEEPS / "quickstart.yaml").relative_to(REPO)
+    proc = run_cli("validate", path, "--only", "cpu-default", "--only", "cpu-xla", cwd=REPO)
+    assert proc.returncode == 0, explain(proc)
+    assert "= 18 cells" in proc.stdout, proc.stdout  # 3 scenarios x 3 formats x 2 environments
+    proc = run_cli("validate", path, "--only", "cpu-default", "keras", "--only", "cpu-xla",
+                   "--only", "seed-linear-regression", cwd=REPO)
+    assert proc.returncode == 0, explain(proc)
+    assert "= 2 cells" in proc.stdout, proc.stdout  # 1 scenario x 1 format x 2 environments
+
+
 def test_scenarios_lists_article_and_test_scenarios():
     builtin = run_cli("scenarios", cwd=REPO)
     assert builtin.returncode == 0, explain(builtin)

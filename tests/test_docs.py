@@ -35,3 +35,11 @@ def test_quick_start_is_the_two_make_targets():
     assert "make demo" in quick and "make test" in quick
     makefile = (Path(__file__).parent.parent / "Makefile").read_text()
     assert "scenarios/sweeps/quickstart.yaml" in makefile
+
+
+def test_every_cpu_isa_level_is_documented():
+    from harness.isa import ISA_LEVELS
+
+    row = next(line for line in README.splitlines() if line.startswith("| `cpu_isa` |"))
+    for level in ISA_LEVELS:
+        assert f"`{level}`" in row, level

@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from harness.compare import Tolerance
-from harness.spec import FORMATS, Environment, SpecError, Sweep, load_sweep, parse_sweep
+from harness.spec import FORMATS, Environment, SpecError, Sweep, environment_document, load_sweep, parse_sweep
 
 MINIMAL = """\
 scenarios: [mlp]
@@ -150,7 +150,7 @@ def test_full_round_trip(tmp_path):
     assert sw.tolerance_for(plain) == sw.tolerance
     assert sw.batch_size_for(env) == 8 and sw.batch_size_for(plain) == 16
     assert env.knobs() == {"onednn": False, "threads": 2, "jit_compile": True, "batch_size": 8, "tf32": False,
-                           "op_determinism": True, "memory_growth": False, "num_gpus": 0.5}
+                           "op_determinism": True, "memory_growth": False, "num_gpus": 0.5, "cpu_isa": None}
 
 
 def test_scenario_paths_relative_to_sweep_file_not_cwd(tmp_path, monkeypatch):
@@ -433,3 +433,189 @@ def test_junk_documents_parse_or_spec_error(tmp_path, doc, mutation):
         assert str(err).startswith(f"{p}: ")
     else:
         assert isinstance(sw, Sweep) and sw.scenarios and sw.environments
+
+
+# ---------------------------------------------------------------- safe YAML loading
+
+def test_duplicate_keys_are_errors_but_merge_keys_may_be_overridden(tmp_path):
+    msg, p = error(tmp_path, "scenarios: [mlp]\nenvironments:\n  cpu: {threads: 1}\n  gpu: {}\n  cpu: {threads: 2}\n")
+    assert msg == (f"{p}: environments.cpu: key 'cpu' appears twice (line 3 and line 5); YAML would silently keep "
+                   "only the last: remove or rename one")
+    msg, p = error(tmp_path, "formats: [keras]\n" + MINIMAL + "formats: [h5]\n")
+    assert msg.startswith(f"{p}: formats: key 'formats' appears twice (line 1 and line 5)")
+    sw = load_sweep(write(tmp_path, """\
+        scenarios: [mlp]
+        environments:
+          base: &base {threads: 2, jit_compile: true}
+          a:
+            <<: *base
+            threads: 4
+        """))
+    a = sw.environment("a")
+    assert (a.threads, a.jit_compile) == (4, True)
+
+
+def test_alias_bomb_and_deep_nesting_are_refused_fast(tmp_path):
+    import time
+
+    levels = ["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [
+        f"&{y} [" + ", ".join([f"*{x}"] * 9) + "]" for x, y in zip("abcdefgh", "bcdefghi")]
+    bomb = "scenarios: [mlp]\nenvironments:\n  cpu:\n    description: [" + ", ".join(levels) + "]\n"
+    assert len(bomb) < 600
+    start = time.perf_counter()
+    msg, _ = error(tmp_path, bomb)
+    assert "expands to more than" in msg and "line 4" in msg
+    msg, _ = error(tmp_path, "scenarios: [mlp]\nenvironments:\n  cpu:\n    description: " + "[" * 3000 + "\n")
+    assert "nested deeper than 50 levels" in msg
+    assert time.perf_counter() - start < 5
+    # a few aliases, as people really use them, are fine
+    sw = load_sweep(write(tmp_path, "scenarios: [mlp]\nenvironments:\n  a: &gpu {num_gpus: 1, tf32: false}\n  b: *gpu\n"))
+    assert sw.environment("b").num_gpus == 1.0
+
+
+def test_file_size_encoding_and_readability(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(MINIMAL + "description: " + "x" * (10 * 1024 * 1024) + "\n")
+    with pytest.raises(SpecError, match=r"larger than 10 MB"):
+        load_sweep(big)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert load_sweep(bom).scenarios == ("mlp",)
+    with pytest.raises(SpecError, match=r"cannot read sweep file: Is a directory"):
+        load_sweep(tmp_path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(MINIMAL.encode() + b"description: caf\xe9\n")
+    with pytest.raises(SpecError, match=r"not a UTF-8 text file \(byte \d+, line 4"):
+        load_sweep(bad)
+
+
+# ---------------------------------------------------------------- new fields and rules
+
+def test_cpu_isa_sets_onednn_and_xla_caps():
+    env = Environment(name="avx2", cpu_isa="avx2", runtime_env={"env_vars": {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}})
+    ev = env.env_vars()
+    assert ev["ONEDNN_MAX_CPU_ISA"] == "AVX2" and ev["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert ev["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_cpu_max_isa=AVX2"
+    assert Environment(name="sse", cpu_isa="sse41").env_vars()["XLA_FLAGS"] == "--xla_cpu_max_isa=SSE4_2"
+    assert env.knobs()["cpu_isa"] == "avx2"
+    assert env.ray_runtime_env()["env_vars"] == ev
+    with pytest.raises(SpecError, match=r"cpu_isa: avx2 caps oneDNN.*onednn: false"):
+        env.derive("avx2-off", onednn=False)
+
+
+def test_optional_and_explain_are_stored(tmp_path):
+    sw = load_sweep(write(tmp_path, "explain: true\n" + env_block("optional: true\ncpu_isa: avx512_core_amx\n")))
+    assert sw.explain is True and sw.environment("cpu").optional is True
+    plain = load_sweep(write(tmp_path, MINIMAL))
+    assert plain.explain is False and plain.environment("cpu").optional is False
+
+
+def test_runtime_env_paths_are_relative_to_the_sweep_file(tmp_path, monkeypatch):
+    (tmp_path / "code").mkdir()
+    (tmp_path / "requirements.txt").write_text("tensorflow-cpu==2.20.0\n")
+    p = write(tmp_path, env_block("runtime_env: {working_dir: code, pip: requirements.txt}\n"))
+    monkeypatch.chdir("/")
+    renv = load_sweep(p).environment("cpu").runtime_env
+    assert renv == {"working_dir": str(tmp_path / "code"), "pip": str(tmp_path / "requirements.txt")}
+    for uri in ("s3://bucket/code.zip", "https://example.com/code.zip"):
+        assert load_sweep(write(tmp_path, env_block(f"runtime_env: {{working_dir: '{uri}'}}\n"))) \
+            .environment("cpu").runtime_env == {"working_dir": uri}
+
+
+@pytest.mark.parametrize("selector", [{"cpu-family": "amd"}, {"gpu": "in(a10g,l4)"}, {"gpu": "!a10g"},
+                                      {"ray.io/node-id": "in(abc,def)"}, {"gpu": "!in(a10g, l4)"}])
+def test_label_selectors_ray_accepts(selector):
+    assert dict(parse_sweep({"scenarios": ["a"], "environments": {"e": {"label_selector": selector}}})
+                .environment("e").label_selector) == selector
+
+
+@pytest.mark.parametrize("uri", ["/data/store", "relative/store", "file:///data/store", "s3://bucket/prefix",
+                                 "s3://bucket/prefix?endpoint_override=127.0.0.1:9000&scheme=http", "gs://b/p",
+                                 "gcs://b/p", "hdfs://namenode:8020/p", "hdfs:///p", "viewfs://cluster/p"])
+def test_storage_uris_pyarrow_opens(uri):
+    assert parse_sweep({"scenarios": ["a"], "environments": {"e": {}}, "storage": uri}).storage == uri
+
+
+def test_amount_rules(tmp_path):
+    env = parse_sweep({"scenarios": ["a"], "environments": {"e": {"num_gpus": 0.25, "num_cpus": "1e1",
+                                                                  "resources": {"train": 0, "big": 1e6}}}})
+    e = env.environment("e")
+    assert (e.num_gpus, e.num_cpus, e.resources) == (0.25, 10.0, {"train": 0.0, "big": 1e6})
+    assert Environment(name="x", onednn=False, num_gpus=1).num_gpus == 1.0
+
+
+def test_max_ulp_is_a_whole_number(tmp_path):
+    assert load_sweep(write(tmp_path, MINIMAL + "tolerance: {max_ulp: 3}\n")).tolerance == Tolerance(max_ulp=3.0)
+    msg, p = error(tmp_path, MINIMAL + "tolerance: {max_ulp: 1.5}\n")
+    assert msg == f"{p}: tolerance.max_ulp: expected a whole number of ULPs >= 0, got 1.5"
+
+
+# ---------------------------------------------------------------- models: pickle, repr, derive, documents
+
+def test_environment_pickles_and_repr_is_deterministic(tmp_path):
+    import pickle
+
+    from ray import cloudpickle
+
+    a = load_sweep(write(tmp_path, FULL)).environment("cpu-full")
+    b = load_sweep(write(tmp_path, FULL)).environment("cpu-full")
+    assert repr(a) == repr(b) and repr(a).startswith("Environment(name='cpu-full', description='all the fields'")
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        c = loads(dumps(a))
+        assert c == a and repr(c) == repr(a) and c.env_vars() == a.env_vars()
+    sw = load_sweep(write(tmp_path, FULL))
+    assert pickle.loads(pickle.dumps(sw)) == sw
+
+
+def test_derive_validates_and_keeps_the_rest():
+    base = Environment(name="cpu", threads=2, env={"A": "1"}, tolerance=Tolerance(max_ulp=4.0))
+    one = base.derive("cpu-1t", threads=1)
+    assert (one.name, one.threads, one.env, one.tolerance) == ("cpu-1t", 1, {"A": "1"}, Tolerance(max_ulp=4.0))
+    assert base.threads == 2
+    with pytest.raises(SpecError, match=r"threads: expected a positive integer, got 0"):
+        base.derive("bad", threads=0)
+    with pytest.raises(SpecError, match=r"thread: unknown field; did you mean 'threads'\?"):
+        base.derive("bad", thread=1)
+    with pytest.raises(SpecError, match=r"name: environment names use"):
+        base.derive("bad name")
+
+
+_env_names = st.sampled_from(["TF_XLA_FLAGS", "TF_USE_LEGACY_KERAS", "OMP_NUM_THREADS", "MY_VAR", "XLA_FLAGS"])
+_env_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
+_environment_docs = st.fixed_dictionaries({}, optional={
+    "description": st.text(max_size=20),
+    "env": st.dictionaries(_env_names, _env_values, max_size=3),
+    "onednn": st.sampled_from([True, None]),
+    "threads": st.integers(1, 64),
+    "jit_compile": st.booleans(),
+    "batch_size": st.integers(1, 4096),
+    "num_cpus": st.sampled_from([0, 0.5, 1, 2, 4, 1.25]),
+    "num_gpus": st.sampled_from([0, 0.25, 0.5, 1, 2]),
+    "accelerator_type": st.sampled_from(["A10G", "L4", "H100"]),
+    "resources": st.dictionaries(st.sampled_from(["train", "big_mem", "special"]), st.sampled_from([0.25, 1, 2]),
+                                 max_size=2),
+    "label_selector": st.dictionaries(st.sampled_from(["cpu-family", "gpu", "node-role"]),
+                                      st.sampled_from(["amd", "intel", "in(a10g,l4)", "!a10g", "replay"]), max_size=2),
+    "tf32": st.booleans(),
+    "op_determinism": st.booleans(),
+    "memory_growth": st.booleans(),
+    "runtime_env": st.sampled_from([{}, {"pip": ["tensorflow-cpu==2.20.0"]}, {"env_vars": {"X": "1"}},
+                                    {"container": {"image": "img"}}, {"conda": "tf-env"}]),
+    "tolerance": st.fixed_dictionaries({}, optional={"atol": st.floats(0, 1), "rtol": st.floats(0, 1),
+                                                     "max_ulp": st.integers(0, 1 << 40)}),
+    "expect": st.sampled_from(["bitwise", "tolerance", "any"]),
+    "cpu_isa": st.sampled_from(["sse41", "avx2", "avx512_core_amx"]),
+    "optional": st.booleans(),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(doc=_environment_docs)
+def test_environment_document_round_trip(doc):
+    env = parse_sweep({"scenarios": ["a"], "environments": {"e": doc}}).environment("e")
+    again_doc = environment_document(env)
+    yaml.safe_load(yaml.safe_dump(again_doc))  # YAML-able
+    again = parse_sweep({"scenarios": ["a"], "environments": {"e": again_doc}}).environment("e")
+    assert again == env and repr(again) == repr(env)
+    assert env.derive("e") == env
+    assert Environment(name="e", **again_doc) == env
