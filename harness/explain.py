@@ -315,9 +315,7 @@ def _with(env: Any, name: str, knob: Knob, value: Any) -> Any:
 
 
 def _derive(env: Any, name: str, **changes: Any) -> Any:
-    if hasattr(env, "derive"):
-        return env.derive(name, **changes)
-    return dataclasses.replace(env, name=name, **changes)
+    return env.derive(name, **changes)
 
 
 def attribution_environments(sweep: Any, env: Any, knobs: Sequence[Knob]) -> list[tuple[Knob, str, Any]]:
@@ -656,7 +654,7 @@ def _attribute(sweep: Any, scenarios: Mapping[str, Any], row: Mapping[str, Any],
     derived = parse_sweep(doc, source=f"explain of {row['scenario']}/{row['format']}/{row['environment']}")
     out_dir = run_dir / "explain" / row["scenario"] / row["format"] / f"{row['environment']}.attribution"
     res = run_sweep(derived, scenarios, out_dir=out_dir, address=address, storage=storage_uri,
-                    resume=(out_dir / "results.parquet").exists(), verbose=verbose)
+                    resume=_reusable(out_dir, derived), verbose=verbose)
     st = Storage.open(storage_uri)
     cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, row["observation_uri"])))[0]
     by_env = {r["environment"]: r for r in res.table.to_pylist()}
@@ -678,6 +676,17 @@ def _attribute(sweep: Any, scenarios: Mapping[str, Any], row: Mapping[str, Any],
     return findings
 
 
+def _reusable(out_dir: Any, derived: Any) -> bool:
+    """Whether an earlier attribution of this cell, with the same plan, can be resumed (a cache by content)."""
+    from . import results
+    from .sweep import RunDirError, adopt
+
+    try:
+        return adopt(out_dir, derived).num_rows > 0
+    except (RunDirError, results.ResultsError):
+        return False
+
+
 def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
     from .compare import bits_equal
 
@@ -694,19 +703,6 @@ def _rel(st: Any, uri: str) -> str:
 
 def _env_doc(env: Any) -> dict[str, Any]:
     """The YAML-able mapping of an environment (what a sweep file would say)."""
-    try:
-        from .spec import environment_document
-    except ImportError:  # the dataclass spec: fields as they are
-        environment_document = None
-    if environment_document is not None:
-        return environment_document(env)
-    doc = {}
-    for f in dataclasses.fields(env):
-        value = getattr(env, f.name)
-        if f.name == "name" or value == f.default or (f.default_factory is not dataclasses.MISSING
-                                                     and value == f.default_factory()):
-            continue
-        if f.name == "tolerance":
-            value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
-        doc[f.name] = dict(value) if isinstance(value, Mapping) else value
-    return doc
+    from .spec import environment_document
+
+    return environment_document(env)
