@@ -139,6 +139,7 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
         "passed": sum(c.get("passed") is True for c in cells),
         "failed": sum(c.get("passed") is False for c in cells),
+        "not_judged": sum(c.get("passed") is None for c in cells),
     }
 
 
@@ -146,7 +147,8 @@ def summary_line(table: pa.Table) -> str:
     """``N cells: a bitwise, ...; P passed, F failed expectations``."""
     s = summarize(table)
     counts = ", ".join(f"{s['verdicts'][v]} {_LABELS[v]}" for v in VERDICTS)
-    return f"{s['cells']} cells: {counts}; {s['passed']} passed, {s['failed']} failed expectations"
+    judged = f"; {s['not_judged']} not judged (optional environments no node can host)" if s["not_judged"] else ""
+    return f"{s['cells']} cells: {counts}; {s['passed']} passed, {s['failed']} failed expectations{judged}"
 
 
 def _joined(cell: Cell, names: Iterable[str]) -> str:

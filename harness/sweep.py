@@ -164,7 +164,8 @@ class Collector:
         """Complete ``result`` with the run's columns, journal it and report progress (once per cell)."""
         if cell.key in self.done:
             return  # exactly one row per cell, whatever retried
-        expected = self.sweep.expectation(self._envs[cell.environment])
+        env = self._envs[cell.environment]
+        expected = self.sweep.expectation(env)
         save = {}
         if artifact is not None:
             save = dict(artifact_digest=artifact.digest, artifact_uri=artifact.uri, save_verdict=artifact.save_verdict,
@@ -178,7 +179,9 @@ class Collector:
         result = result.replace(
             run_id=self.run_id, sweep=self.sweep.name, scenario=cell.scenario, format=cell.format,
             environment=cell.environment, expected=expected, error=error,
-            passed=results.meets(result.verdict, expected) and save_ok,
+            # An optional environment no node can host is not judged: it may not exist on every machine.
+            passed=None if env.optional and result.verdict == "unschedulable"
+            else results.meets(result.verdict, expected) and save_ok,
             train_fingerprint=self.train_fingerprints.get(cell.scenario),
             attempts=result.attempts if attempts is None else attempts,
             # A cell that never started (unschedulable, failed save) is dated when decided.

@@ -6,12 +6,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import ray
 import yaml
 
-from harness import results
+from harness import arrays, results
 from harness.spec import parse_sweep
 from harness.sweep import plan, run_sweep
 
@@ -244,3 +245,38 @@ def test_resume_refuses_a_changed_plan_of_the_same_sweep(scenarios, store, tmp_p
         run_sweep(_sweep(changed), scenarios, out_dir=tmp_path, storage=store, inline=True, resume=True)
     again = run_sweep(_sweep(doc), scenarios, out_dir=tmp_path, storage=store, inline=True, resume=True)
     assert again.run_id == first.run_id and again.table.num_rows == 1
+
+
+def test_emulated_cpu_families(local_ray, scenarios, store, tmp_path):
+    """cpu_isa caps oneDNN's kernels; levels above this CPU are unschedulable (optional: not judged).
+
+    Which levels exist here comes from this machine's own CPU flags, never from a hard-coded CPU.
+    """
+    from harness import fingerprint, isa
+
+    flags = fingerprint.cpu_info()["cpu_flags"]
+    native = isa.native(flags)
+    above = next((level for level in isa.ISA_LEVELS if isa.missing_flags(level, flags)), None)
+    envs = {"cpu-default": {"expect": "bitwise"}, "onednn-on": {"onednn": True, "expect": "any"},
+            "isa-native": {"cpu_isa": native, "expect": "any"}, "isa-avx": {"cpu_isa": "avx", "expect": "any"}}
+    if above:
+        envs["isa-above"] = {"cpu_isa": above, "optional": True}
+    sweep = _sweep({"name": "isa", "scenarios": ["test-mlp"], "formats": ["keras"], "environments": envs,
+                    "scenario_paths": [str(TESTS / "scenarios")]})
+    res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=store)
+    rows = _by_env(res.table)
+    fps = {env: json.loads(rows[env][0]["fingerprint"]) for env in ("onednn-on", "isa-native", "isa-avx")}
+    assert fps["isa-avx"]["onednn"] is True and fps["isa-avx"]["onednn_max_isa"] == "avx"
+    assert fps["isa-native"]["onednn_max_isa"] == native and fps["isa-native"]["cpu_isa_native"] == native
+    assert "--xla_cpu_max_isa=AVX" in fps["isa-avx"]["env"]["XLA_FLAGS"]
+    obs = {env: arrays.read_ipc(rows[env][0]["observation_uri"])[0]["output"] for env in fps}
+    # A cap at the CPU's own level changes nothing against oneDNN on without a cap ...
+    assert np.array_equal(obs["isa-native"].view(np.uint32), obs["onednn-on"].view(np.uint32))
+    # ... while AVX (no FMA) picks other kernels, whose bits differ from the reference's (FMA or not).
+    avx = rows["isa-avx"][0]
+    assert avx["verdict"] in ("within_tolerance", "mismatch") and avx["max_ulp_diff"] > 0, avx
+    if above:
+        row = rows["isa-above"][0]
+        assert row["verdict"] == "unschedulable" and row["passed"] is None and res.passed
+        assert f"cpu_isa {above!r} needs CPU flags" in row["error"]
+        assert all(flag in row["error"] for flag in isa.missing_flags(above, flags))
