@@ -15,13 +15,19 @@ No TensorFlow, no Ray. Semantics (also in the README):
   integer and bool arrays it is ``|obs - ref|``.
 * A shape mismatch is never within tolerance; a dtype mismatch is reported as a
   mismatch even if the values agree after the cast.
+* Strings (object arrays of ``bytes``/``str``, numpy ``S``/``U``) are compared
+  exactly, element by element: equal is ``bitwise``, any difference is a
+  ``mismatch`` (no tolerance applies) naming the first differing element.
+* Weights (``compare_digests``): every model parameter is matched by name and
+  must have the original's shape, dtype and bytes; see ``WeightCheck``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -296,6 +302,8 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
                   dtype_ref=ref.dtype.name, dtype_obs=obs.dtype.name, atol=atol, rtol=rtol, max_ulp=max_ulp)
     if ref.shape != obs.shape:
         return OutputComparison(verdict="mismatch", reason=f"shape {obs.shape} != reference {ref.shape}", **common)
+    if _is_string(ref.dtype) or _is_string(obs.dtype):
+        return _compare_strings(ref, obs, common)
     same_dtype = ref.dtype == obs.dtype
     if same_dtype and bits_equal(ref, obs):
         zeros = dict(max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0, mismatch_fraction=0.0,
@@ -338,6 +346,38 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
         reason=reason,
         **common,
     )
+
+
+def _is_string(dtype: np.dtype) -> bool:
+    return dtype.kind in "OSU"
+
+
+def _compare_strings(ref: np.ndarray, obs: np.ndarray, common: dict) -> OutputComparison:
+    """Exact element-wise comparison of string arrays (same shape already checked)."""
+    if ref.dtype.kind != obs.dtype.kind:
+        return OutputComparison(verdict="mismatch", mismatch_fraction=1.0 if ref.size else 0.0,
+                                required_atol=math.inf, required_rtol=math.inf, required_ulp=math.inf, **common,
+                                reason=f"dtype {obs.dtype.name} != reference {ref.dtype.name}")
+    flat_ref, flat_obs = ref.reshape(-1), obs.reshape(-1)
+    # type() too: b"a" and "a" are different values, and numpy's == on object arrays is Python's ==
+    same = np.fromiter(((type(r) is type(o) and r == o) for r, o in zip(flat_ref, flat_obs)), bool, flat_ref.size)
+    if same.all():
+        return OutputComparison(verdict="bitwise", max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0,
+                                mismatch_fraction=0.0, required_atol=0.0, required_rtol=0.0, required_ulp=0.0,
+                                **common)
+    first = int(np.argmin(same))
+    index = tuple(int(i) for i in np.unravel_index(first, ref.shape))
+    bad = flat_ref.size - int(np.count_nonzero(same))
+    return OutputComparison(
+        verdict="mismatch", mismatch_fraction=bad / flat_ref.size, first_mismatch_index=index,
+        required_atol=math.inf, required_rtol=math.inf, required_ulp=math.inf, **common,
+        reason=(f"{bad} of {flat_ref.size} strings differ (strings are compared exactly, no tolerance applies), "
+                f"first at index {list(index)}: {_short(flat_obs[first])} != reference {_short(flat_ref[first])}"))
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _RANK = {"bitwise": 0, "within_tolerance": 1, "mismatch": 2}
