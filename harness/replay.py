@@ -80,7 +80,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     cmp = compare_outputs(reference, observed, tolerance, output_tolerances)
     # A list, not a dict: JSON key sorting would lose the variables' order.
     original_vars = {v["name"]: v for v in info["variables"]}
-    weights_equal, problems = compare_digests(original_vars, observed_vars)
+    check = compare_digests(original_vars, observed_vars)
+    weights_equal, problems = check.equal, check.problems
     verdict = cmp.verdict
     error = cmp.reason if verdict == "mismatch" else None
     if not weights_equal:
@@ -94,7 +95,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
     detail = {"outputs": [o.to_dict() for o in cmp.outputs], "weight_problems": problems,
-              "variables_checked": len(info["variables"]), "reference_kind": meta.get("reference_kind"),
+              "weight_notes": check.notes, "ignored_state": check.ignored_state,
+              "variables_checked": check.checked, "reference_kind": meta.get("reference_kind"),
               "batch_size": batch_size}
     return _finish(row, start, verdict=verdict, error=error,
                    max_abs_diff=_nan_to_none(cmp.max_abs_diff), max_rel_diff=_nan_to_none(cmp.max_rel_diff),

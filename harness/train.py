@@ -157,11 +157,12 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
                 loaded = formats.get(f).load(str(model_dir), scenario, probe)
                 reload_outputs = formats.predict(loaded.fn, probe, batch_size)
                 cmp = compare_outputs(in_memory, reload_outputs)
-                weights_ok, problems = compare_digests(original_vars, formats.variable_digests(loaded.variables))
-                verdict = cmp.verdict if weights_ok else "mismatch"
+                check = compare_digests(original_vars, formats.variable_digests(loaded.variables))
+                verdict = cmp.verdict if check.equal else "mismatch"
                 save = {"verdict": verdict, "max_abs_diff": cmp.max_abs_diff, "max_ulp_diff": cmp.max_ulp_diff,
-                        "weights_equal": weights_ok, "weight_problems": problems[:20],
-                        "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}
+                        "weights_equal": check.equal, "weight_problems": check.problems[:20],
+                        "weight_notes": check.notes[:20], "ignored_state": check.ignored_state,
+                        "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(check.problems[:5]))}
                 del loaded
             except Exception as exc:
                 save = {"verdict": "error", "error": f"reload in the training environment failed: {runtime.error_text(exc)}"}
