@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from . import arrays, formats
 from .compare import Tolerance, compare_digests, compare_outputs
-from .scenario import Scenario
+from .scenario import Scenario, activate
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
 
@@ -69,7 +69,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     inputs = formats.unflatten_inputs({k: ref_arrays[k] for k in info["inputs"]}, meta["input_layout"])
     reference = {k: ref_arrays[k] for k in info["outputs"]}
     try:
-        loaded = formats.get(fmt).load(f"{local}/{formats.MODEL_DIR}", scenario, inputs)
+        loaded = formats.get(fmt).load(f"{local}/{formats.MODEL_DIR}", activate(scenario), inputs)
         observed = formats.predict(loaded.fn, inputs, batch_size, jit_compile=environment.jit_compile)
         observed_vars = formats.variable_digests(loaded.variables)
     except Exception as exc:

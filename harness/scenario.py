@@ -5,6 +5,14 @@ directory that defines ``SCENARIO`` (one ``Scenario``) or ``SCENARIOS`` (a
 list). Modules are imported by file path under private names, so user
 directories need no ``__init__.py`` and nothing has to be installed on workers:
 the sweep ships scenarios to Ray workers by value.
+
+Custom Keras classes: a scenario carries its module's source text, and
+``activate`` (the first thing ``train`` and ``replay`` call) executes that
+module once per process and runs the scenario's ``setup`` hook once per
+process. So a class registered with ``keras.saving.register_keras_serializable``
+(at module level, or inside ``setup`` to keep TensorFlow out of the driver) is
+registered in every worker before a model is built or loaded, even in a worker
+that only unpickled the scenario.
 """
 
 from __future__ import annotations
@@ -18,7 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+#: Built-in search path: the article's scenarios and the zoo of real architectures.
+#: (``scenarios/sweeps/`` holds YAML only and is not searched.)
+BUILTIN_DIRS = (BUILTIN_DIR, BUILTIN_DIR / "zoo")
 _MODULE_PREFIX = "_harness_scenarios"
+#: Callable fields a scenario module defines; ``activate`` takes them from the
+#: module as executed in this process.
+_FUNCTION_FIELDS = ("probe", "build", "data", "train", "setup", "custom_objects")
 
 
 class ScenarioError(ValueError):
@@ -41,7 +55,12 @@ class Scenario:
         train: optional ``(seed) -> model`` replacing build+compile+fit, for
             custom training loops or plain ``tf.Module``s (save those with the
             ``tf-savedmodel`` format).
-        custom_objects: passed to ``keras.models.load_model``.
+        custom_objects: passed to ``keras.models.load_model``: a mapping, or a
+            function ``() -> mapping`` called in the worker (so the classes can
+            be defined inside functions, keeping Keras out of the driver).
+        setup: optional ``() -> None`` run once per process before anything is
+            built or loaded, e.g. to define and register custom Keras classes
+            with ``keras.saving.register_keras_serializable``.
         description: one line for ``harness scenarios``.
 
     Example:
@@ -58,10 +77,17 @@ class Scenario:
     fit: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     train: Callable[[int], Any] | None = None
-    custom_objects: Mapping[str, Any] | None = None
+    custom_objects: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    setup: Callable[[], Any] | None = None
     description: str = ""
     source_file: str = ""
     source_digest: str = ""
+    source_text: str = field(default="", repr=False)
+
+    def resolved_custom_objects(self) -> dict[str, Any]:
+        """``custom_objects`` as a dict (calling it if it is a function)."""
+        objs = self.custom_objects() if callable(self.custom_objects) else self.custom_objects
+        return dict(objs or {})
 
     def __post_init__(self):
         if self.train is None and (self.build is None or self.data is None):
@@ -75,20 +101,15 @@ def _module_name(path: Path) -> str:
     return f"{_MODULE_PREFIX}.m{tag}_{path.stem.replace('-', '_')}"
 
 
-def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
-    """Import one scenario file and return its scenarios, stamped with source info.
-
-    Raises:
-        ScenarioError: the file fails to import or defines no valid scenarios.
-    """
-    path = Path(path).resolve()
+def _exec_module(path: Path, text: str) -> list[Scenario]:
+    """Execute scenario source ``text`` as the private module of ``path``; stamp its scenarios."""
     name = _module_name(path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = type(sys)(name)
+    module.__file__ = str(path)
     sys.modules.setdefault(_MODULE_PREFIX, type(sys)(_MODULE_PREFIX))
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(text, str(path), "exec"), module.__dict__)
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ScenarioError(f"{path}: failed to import scenario module: {type(exc).__name__}: {exc}") from exc
@@ -96,19 +117,81 @@ def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
     if hasattr(module, "SCENARIO"):
         found.append(module.SCENARIO)
     found.extend(getattr(module, "SCENARIOS", []))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(text.encode()).hexdigest()
     out = []
     for s in found:
         if not isinstance(s, Scenario):
             raise ScenarioError(f"{path}: SCENARIO/SCENARIOS must hold harness.Scenario objects, got {type(s).__name__}")
-        out.append(replace(s, source_file=str(path), source_digest=digest))
+        out.append(replace(s, source_file=str(path), source_digest=digest, source_text=text))
+    _LOADED[(name, digest)] = {s.name: s for s in out}
     return out
 
 
+def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
+    """Import one scenario file and return its scenarios, stamped with source info
+    (file, sha256 and text of the module, so a worker can execute it again).
+
+    Raises:
+        ScenarioError: the file fails to import or defines no valid scenarios.
+    """
+    path = Path(path).resolve()
+    try:
+        text = path.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read scenario module: {exc}") from exc
+    return _exec_module(path, text)
+
+
+#: (module name, source digest) -> scenarios of that module as executed in this process.
+_LOADED: dict[tuple[str, str], dict[str, Scenario]] = {}
+#: (module name, source digest, scenario name) of scenarios whose setup hook ran here.
+_SET_UP: set[tuple[str, str, str]] = set()
+
+
+def activate(scenario: Scenario) -> Scenario:
+    """Make ``scenario`` ready to build or load models in this process; call it first.
+
+    Once per process and module source: executes the scenario's module (from
+    the source text it carries, so the file need not exist on this node)
+    unless this process already imported that exact source. Once per process
+    and scenario: runs its ``setup`` hook. Returns the scenario with its
+    functions taken from the module as executed here, so the classes a
+    model is built from are the very classes registered with Keras (a copy
+    unpickled by value would build from unregistered look-alikes).
+
+    A scenario made in code (no source text) only gets its ``setup`` run.
+
+    Raises:
+        ScenarioError: the module fails to execute here or no longer defines
+            the scenario.
+    """
+    active = scenario
+    key = (_module_name(Path(scenario.source_file)), scenario.source_digest) if scenario.source_text else None
+    if key is not None:
+        module_scenarios = _LOADED.get(key)
+        if module_scenarios is None:
+            if hashlib.sha256(scenario.source_text.encode()).hexdigest() != scenario.source_digest:
+                raise ScenarioError(f"{scenario.source_file}: scenario source text does not match its digest")
+            module_scenarios = {s.name: s for s in _exec_module(Path(scenario.source_file), scenario.source_text)}
+        own = module_scenarios.get(scenario.name)
+        if own is None:
+            raise ScenarioError(f"{scenario.source_file}: no scenario named {scenario.name!r} in this module")
+        # Take each function from the module unless the caller swapped in another one.
+        swaps = {f: getattr(own, f) for f in _FUNCTION_FIELDS
+                 if getattr(own, f) is not None and getattr(scenario, f) is not None
+                 and getattr(getattr(own, f), "__qualname__", None) == getattr(getattr(scenario, f), "__qualname__", None)}
+        active = replace(scenario, **swaps)
+    setup_key = (*(key or ("", str(id(scenario.setup)))), scenario.name)
+    if active.setup is not None and setup_key not in _SET_UP:
+        active.setup()
+        _SET_UP.add(setup_key)
+    return active
+
+
 def search_path(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Built-in ``scenarios/`` plus ``extra`` directories, de-duplicated, in order."""
+    """Built-in ``scenarios/`` and ``scenarios/zoo/`` plus ``extra`` directories, de-duplicated, in order."""
     seen, out = set(), []
-    for d in [BUILTIN_DIR, *map(Path, extra)]:
+    for d in [*BUILTIN_DIRS, *map(Path, extra)]:
         d = d.resolve()
         if d not in seen:
             seen.add(d)
@@ -126,7 +209,7 @@ def discover(extra: Iterable[str | os.PathLike] = ()) -> dict[str, Scenario]:
     scenarios: dict[str, Scenario] = {}
     for d in search_path(extra):
         if not d.is_dir():
-            if d == BUILTIN_DIR.resolve():
+            if d in {b.resolve() for b in BUILTIN_DIRS}:
                 continue
             raise ScenarioError(f"{d}: scenario directory does not exist (check --scenarios-path / scenario_paths)")
         for f in sorted(d.glob("*.py")):

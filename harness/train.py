@@ -27,7 +27,7 @@ import numpy as np
 
 from . import arrays, formats
 from .compare import compare_digests, compare_outputs
-from .scenario import Scenario
+from .scenario import Scenario, activate
 from .spec import Environment
 from .storage import Storage
 
@@ -117,6 +117,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
 
     start = time.time()
     runtime.configure(training)
+    scenario = activate(scenario)  # its module executed here once: custom Keras classes registered
     import keras
     import tensorflow as tf
 
