@@ -65,19 +65,14 @@ def artifact_digest(scenario: Scenario, fmt: str, tf_version: str, keras_version
     """Content address: scenario (+ its source), format, seed, TF/Keras, training knobs."""
     key = {"scenario": scenario.name, "source": scenario.source_digest, "format": fmt, "seed": scenario.seed,
            "tf": tf_version, "keras": keras_version, "training": training.env_vars() | training.knobs(),
-           "batch_size": batch_size}
+           "batch_size": batch_size, "recipe": formats.REFERENCE_RECIPE}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
     """Seed everything, train, and return ``(model, probe_inputs)``."""
-    import keras
-
-    keras.utils.set_random_seed(scenario.seed)
-    if scenario.train is not None:
-        model = scenario.train(scenario.seed)
-    else:
-        model = scenario.build()
+    model = formats.build_model(scenario)  # fresh Keras session, seeded; dtype policy scoped to the build
+    if scenario.train is None:
         model.compile(**dict(scenario.compile))
         data = scenario.data(np.random.default_rng([scenario.seed, 0]))
         fit_kwargs = {"verbose": 0, **dict(scenario.fit)}
