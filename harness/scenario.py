@@ -21,7 +21,7 @@ import hashlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,8 +30,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 #: (``scenarios/sweeps/`` holds YAML only and is not searched.)
 BUILTIN_DIRS = (BUILTIN_DIR, BUILTIN_DIR / "zoo")
 _MODULE_PREFIX = "_harness_scenarios"
-#: Callable fields a scenario module defines; ``activate`` takes them from the
-#: module as executed in this process.
+#: Callable fields of a scenario (compared by identity when pickling).
 _FUNCTION_FIELDS = ("probe", "build", "data", "train", "setup", "custom_objects")
 
 
@@ -83,6 +82,10 @@ class Scenario:
     source_file: str = ""
     source_digest: str = ""
     source_text: str = field(default="", repr=False)
+
+    def __reduce__(self):
+        """Pickle as (module source, name, changed fields), never functions by value: see ``activate``."""
+        return _reduce(self)
 
     def resolved_custom_objects(self) -> dict[str, Any]:
         """``custom_objects`` as a dict (calling it if it is a function)."""
@@ -144,48 +147,71 @@ def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
 
 #: (module name, source digest) -> scenarios of that module as executed in this process.
 _LOADED: dict[tuple[str, str], dict[str, Scenario]] = {}
-#: (module name, source digest, scenario name) of scenarios whose setup hook ran here.
-_SET_UP: set[tuple[str, str, str]] = set()
+#: setup hooks that already ran in this process.
+_SET_UP: set = set()
+
+
+def _module_scenarios(source_file: str, source_text: str, source_digest: str) -> dict[str, Scenario]:
+    """The scenarios of a module source, executing it first if this process has not."""
+    key = (_module_name(Path(source_file)), source_digest)
+    if key not in _LOADED:
+        if hashlib.sha256(source_text.encode()).hexdigest() != source_digest:
+            raise ScenarioError(f"{source_file}: scenario source text does not match its digest")
+        _exec_module(Path(source_file), source_text)
+    return _LOADED[key]
+
+
+def _restore(source_file: str, source_text: str, source_digest: str, name: str, changed: dict) -> Scenario:
+    """Unpickle a scenario: its module executed in this process, then the changed fields applied."""
+    own = _module_scenarios(source_file, source_text, source_digest).get(name)
+    if own is None:
+        raise ScenarioError(f"{source_file}: no scenario named {name!r} in this module")
+    return replace(own, **changed)
+
+
+def _from_fields(values: dict) -> Scenario:
+    return Scenario(**values)
+
+
+def _reduce(scenario: Scenario):
+    values = {f.name: getattr(scenario, f.name) for f in fields(scenario)}
+    if not scenario.source_text:
+        return _from_fields, (values,)
+    own = _module_scenarios(scenario.source_file, scenario.source_text, scenario.source_digest).get(scenario.name)
+    changed = {}
+    for k, v in values.items():
+        if k in ("name", "source_file", "source_text", "source_digest") or own is None:
+            continue
+        mine = getattr(own, k)
+        if v is mine or (k not in _FUNCTION_FIELDS and v == mine):
+            continue
+        changed[k] = v  # e.g. replace(scenario, seed=7): travels as a value
+    return _restore, (scenario.source_file, scenario.source_text, scenario.source_digest, scenario.name, changed)
 
 
 def activate(scenario: Scenario) -> Scenario:
     """Make ``scenario`` ready to build or load models in this process; call it first.
 
-    Once per process and module source: executes the scenario's module (from
-    the source text it carries, so the file need not exist on this node)
-    unless this process already imported that exact source. Once per process
-    and scenario: runs its ``setup`` hook. Returns the scenario with its
-    functions taken from the module as executed here, so the classes a
-    model is built from are the very classes registered with Keras (a copy
-    unpickled by value would build from unregistered look-alikes).
+    Executes the scenario's module in this process unless it already ran here
+    (from the source text the scenario carries: the file need not exist on
+    this node), so classes registered at module level with
+    ``keras.saving.register_keras_serializable`` are registered; then runs the
+    scenario's ``setup`` hook once per process. Returns the scenario.
 
-    A scenario made in code (no source text) only gets its ``setup`` run.
+    Scenarios pickle as (module source, name, changed fields) and unpickle by
+    executing that module once per process, so a worker builds models from
+    the very classes its module registered, never from by-value copies.
 
     Raises:
         ScenarioError: the module fails to execute here or no longer defines
             the scenario.
     """
-    active = scenario
-    key = (_module_name(Path(scenario.source_file)), scenario.source_digest) if scenario.source_text else None
-    if key is not None:
-        module_scenarios = _LOADED.get(key)
-        if module_scenarios is None:
-            if hashlib.sha256(scenario.source_text.encode()).hexdigest() != scenario.source_digest:
-                raise ScenarioError(f"{scenario.source_file}: scenario source text does not match its digest")
-            module_scenarios = {s.name: s for s in _exec_module(Path(scenario.source_file), scenario.source_text)}
-        own = module_scenarios.get(scenario.name)
-        if own is None:
-            raise ScenarioError(f"{scenario.source_file}: no scenario named {scenario.name!r} in this module")
-        # Take each function from the module unless the caller swapped in another one.
-        swaps = {f: getattr(own, f) for f in _FUNCTION_FIELDS
-                 if getattr(own, f) is not None and getattr(scenario, f) is not None
-                 and getattr(getattr(own, f), "__qualname__", None) == getattr(getattr(scenario, f), "__qualname__", None)}
-        active = replace(scenario, **swaps)
-    setup_key = (*(key or ("", str(id(scenario.setup)))), scenario.name)
-    if active.setup is not None and setup_key not in _SET_UP:
-        active.setup()
-        _SET_UP.add(setup_key)
-    return active
+    if scenario.source_text:
+        _module_scenarios(scenario.source_file, scenario.source_text, scenario.source_digest)
+    if scenario.setup is not None and scenario.setup not in _SET_UP:
+        scenario.setup()
+        _SET_UP.add(scenario.setup)
+    return scenario
 
 
 def search_path(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
