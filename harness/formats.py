@@ -153,6 +153,8 @@ def explain(fmt: str, stage: str, exc: BaseException) -> FormatLimitation | None
             first = text.splitlines()[0] if text else type(exc).__name__
             if isinstance(lim.match, type):  # our own check: its message is the whole story
                 return FormatLimitation(f"{LABELS.get(fmt, fmt)} {lim.phrase}: {first}; use {lim.instead}")
+            # Keras's "Please ensure you are using a custom_object_scope ..." advice does not apply here.
+            first = first.split(" Please ensure ", 1)[0]
             return FormatLimitation(f"{LABELS.get(fmt, fmt)} {lim.phrase}: {type(exc).__name__}: {first}; "
                                     f"use {lim.instead}")
     return None
