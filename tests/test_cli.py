@@ -318,13 +318,14 @@ def test_scenarios_lists_article_and_test_scenarios():
     builtin = run_cli("scenarios", cwd=REPO)
     assert builtin.returncode == 0, explain(builtin)
     listed = {line.split()[0] for line in builtin.stdout.splitlines()[2:] if line.strip()}
-    assert listed == set(ARTICLE), builtin.stdout
-    assert "scenarios/article.py" in builtin.stdout
+    zoo = set(yaml.safe_load((REPO / "scenarios/sweeps/zoo.yaml").read_text())["scenarios"])
+    assert len(zoo) >= 10 and listed == set(ARTICLE) | zoo, builtin.stdout
+    assert "scenarios/article.py" in builtin.stdout and "scenarios/zoo/" in builtin.stdout
 
     extra = run_cli("scenarios", "--scenarios-path", "tests/scenarios", cwd=REPO)
     assert extra.returncode == 0, explain(extra)
     listed = {line.split()[0] for line in extra.stdout.splitlines()[2:] if line.strip()}
-    assert listed == set(ARTICLE) | set(TEST_SCENARIOS), extra.stdout
+    assert listed == set(ARTICLE) | zoo | set(TEST_SCENARIOS), extra.stdout
 
 
 # -- 5. a user scenario directory outside the repo, through Ray ------------------------------
