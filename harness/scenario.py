@@ -142,7 +142,10 @@ def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
         text = path.read_bytes().decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot read scenario module: {exc}") from exc
-    return _exec_module(path, text)
+    # Once per process and source: discovering again returns the very same objects
+    # (functions, registered classes); an edited file is executed anew.
+    loaded = _LOADED.get((_module_name(path), hashlib.sha256(text.encode()).hexdigest()))
+    return list(loaded.values()) if loaded is not None else _exec_module(path, text)
 
 
 #: (module name, source digest) -> scenarios of that module as executed in this process.
@@ -173,6 +176,33 @@ def _from_fields(values: dict) -> Scenario:
     return Scenario(**values)
 
 
+def _same_definition(a: Any, b: Any) -> bool:
+    """Two functions made by the same source line of the same scenario module (another
+    execution of that module, or another call of a factory)."""
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_b is None:
+        a, b = getattr(a, "__wrapped__", None), getattr(b, "__wrapped__", None)  # functools.cache
+        code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_b is None or getattr(a, "__module__", None) != getattr(b, "__module__", 0):
+        return False
+    if (code_a.co_filename, code_a.co_firstlineno, code_a.co_name) != (code_b.co_filename, code_b.co_firstlineno,
+                                                                       code_b.co_name):
+        return False
+    # closures of one factory differ by what they captured: _images(8, 32, 3) is not _images(16, 16, 3)
+    cells_a = [c.cell_contents for c in a.__closure__ or ()] + list(a.__defaults__ or ())
+    cells_b = [c.cell_contents for c in b.__closure__ or ()] + list(b.__defaults__ or ())
+    return len(cells_a) == len(cells_b) and all(_same_value(x, y) for x, y in zip(cells_a, cells_b))
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if x is y or (callable(x) and callable(y) and _same_definition(x, y)):
+        return True
+    try:
+        return type(x) is type(y) and bool(x == y)
+    except Exception:  # arrays and other values without a plain truth value
+        return False
+
+
 def _reduce(scenario: Scenario):
     values = {f.name: getattr(scenario, f.name) for f in fields(scenario)}
     if not scenario.source_text:
@@ -183,7 +213,7 @@ def _reduce(scenario: Scenario):
         if k in ("name", "source_file", "source_text", "source_digest") or own is None:
             continue
         mine = getattr(own, k)
-        if v is mine or (k not in _FUNCTION_FIELDS and v == mine):
+        if v is mine or (k not in _FUNCTION_FIELDS and v == mine) or _same_definition(v, mine):
             continue
         changed[k] = v  # e.g. replace(scenario, seed=7): travels as a value
     return _restore, (scenario.source_file, scenario.source_text, scenario.source_digest, scenario.name, changed)
