@@ -439,7 +439,7 @@ def state_kind(name: str, digest: Mapping | None = None) -> str | None:
     parts = name.split("/")
     if parts[-1].split("#")[0] == "seed_generator_state":
         return "rng"
-    if _OPTIMIZER_RE.match(parts[0]) or parts[-1] in ("iteration", "iterations") and len(parts) <= 2:
+    if _OPTIMIZER_RE.match(parts[0]) or (parts[-1] in ("iteration", "iterations") and len(parts) <= 2):
         return "optimizer"
     return None
 

@@ -90,16 +90,21 @@ class VocabularyNotInConfig(ValueError):
     """Legacy HDF5 would drop an adapted lookup vocabulary (it is not in the layer config)."""
 
 
+class XlaStringInputs(ValueError):
+    """A ``jit_compile`` prediction would be given ``tf.string`` inputs."""
+
+
 @dataclass(frozen=True)
 class Limitation:
     """One known limitation: which failures it explains and what to say.
 
     Attributes:
-        formats: format names it applies to.
-        stages: ``save`` and/or ``load``.
+        formats: format names it applies to (``*``: every format).
+        stages: ``save``, ``load`` and/or ``predict``.
         match: exception class, or a regex searched in ``"<Type>: <message>"``.
-        phrase: the limitation in one phrase (after the format's label).
-        instead: the format(s) to use instead.
+        phrase: the limitation in one phrase (after the label).
+        instead: the format(s) or setting to use instead.
+        label: what the message starts with; default: the format's label.
     """
 
     formats: tuple[str, ...]
@@ -107,9 +112,10 @@ class Limitation:
     match: type | str
     phrase: str
     instead: str
+    label: str | None = None
 
     def matches(self, fmt: str, stage: str, exc: BaseException) -> bool:
-        if fmt not in self.formats or stage not in self.stages:
+        if (fmt not in self.formats and "*" not in self.formats) or stage not in self.stages:
             return False
         if isinstance(self.match, type):
             return isinstance(exc, self.match)
@@ -140,6 +146,11 @@ LIMITATIONS: tuple[Limitation, ...] = (
                "cannot reload this model in Keras 3 (its loader cannot rebuild the keras.ops nodes of a "
                "functional model: x + y, x + 3.0, x[:, 1:2], ops.argmax, the masks of Embedding(mask_zero=True))",
                "keras or savedmodel"),
+    Limitation(("*",), ("predict",), XlaStringInputs,
+               "cannot compile a model with string inputs (tf.string has no XLA type; TensorFlow 2.21 raises "
+               "'Detected unsupported operations' once, then aborts the whole process on the next try with "
+               "'Check failed: DataTypeCanUseMemcpy')", "an environment without jit_compile for string models",
+               label="XLA (jit_compile=True)"),
 )
 
 
@@ -151,12 +162,12 @@ def explain(fmt: str, stage: str, exc: BaseException) -> FormatLimitation | None
         if lim.matches(fmt, stage, exc):
             text = str(exc).strip()
             first = text.splitlines()[0] if text else type(exc).__name__
+            label = lim.label or LABELS.get(fmt, fmt)
             if isinstance(lim.match, type):  # our own check: its message is the whole story
-                return FormatLimitation(f"{LABELS.get(fmt, fmt)} {lim.phrase}: {first}; use {lim.instead}")
+                return FormatLimitation(f"{label} {lim.phrase}: {first}; use {lim.instead}")
             # Keras's "Please ensure you are using a custom_object_scope ..." advice does not apply here.
             first = first.split(" Please ensure ", 1)[0]
-            return FormatLimitation(f"{LABELS.get(fmt, fmt)} {lim.phrase}: {type(exc).__name__}: {first}; "
-                                    f"use {lim.instead}")
+            return FormatLimitation(f"{label} {lim.phrase}: {type(exc).__name__}: {first}; use {lim.instead}")
     return None
 
 
@@ -419,11 +430,14 @@ def predict(fn: Callable[[Any], Any], inputs: Any, batch_size: int, jit_compile:
     """
     import tensorflow as tf
 
+    flat_inputs = flatten(inputs, "input")
+    strings = [k for k, a in flat_inputs.items() if a.dtype.kind in "OSU"]
+    if jit_compile and strings:  # never let TensorFlow try: the second attempt aborts the process
+        raise explain("*", "predict", XlaStringInputs(f"string probe inputs {', '.join(strings)}"))
     if isinstance(fn, tf.types.experimental.GenericFunction) and not jit_compile:
         graph_fn = fn
     else:
         graph_fn = tf.function(fn, jit_compile=jit_compile, reduce_retracing=True)
-    flat_inputs = flatten(inputs, "input")
     n = next(iter(flat_inputs.values())).shape[0]
     chunks: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch_size):

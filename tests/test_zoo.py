@@ -217,3 +217,26 @@ def test_registered_custom_layers_reload_in_a_fresh_process(zoo_store, zoo_train
     assert "ChannelScale" in out["plain_load"], out["plain_load"]  # not registered without the harness
     for name in trained:
         assert out[name] == {"verdict": "bitwise", "weights_equal": True, "error": None}, out[name]
+
+
+def test_format_order_does_not_matter(scenarios, tmp_path):
+    """The weights loader starts a fresh Keras session in the training process; formats
+    saved after it (from the same in-memory model) must still be exact."""
+    name = "zoo-lstm-masking"  # Embedding mask + LSTM + Dropout seed state
+    order = ["weights", "savedmodel", "keras", "tf-savedmodel"]
+    res = train(scenarios[name], order, str(tmp_path), TRAINING)
+    for fmt in order:
+        art = res.artifacts[fmt]
+        assert art.error is None and art.save_verdict == "bitwise", (fmt, art.error, art.save_error)
+
+
+def test_xla_with_string_inputs_is_refused_before_tensorflow_aborts(scenarios, zoo_store, zoo_trained):
+    """TF 2.21 raises on the first jit_compile call with tf.string inputs and aborts the process on
+    the next one (tensor.cc 'Check failed: DataTypeCanUseMemcpy'): the harness must not try."""
+    xla = Environment(name="cpu-xla", jit_compile=True)
+    art = zoo_trained["zoo-string-lookup"].artifacts["keras"]
+    for _ in range(2):  # the second attempt is the one that would kill this very process
+        row = replay(scenarios["zoo-string-lookup"], "keras", art.path, zoo_store, xla, batch_size=32)
+        assert row["verdict"] == "error"
+        assert "XLA (jit_compile=True) cannot compile a model with string inputs" in row["error"]
+        assert "use an environment without jit_compile" in row["error"]
