@@ -7,6 +7,11 @@ an ordinary table. Otherwise each array is stored whole in a one-row layout.
 Dtypes Arrow has no tensor type for (bool, bfloat16, ...) are stored as the
 unsigned integer of the same width and restored from the recorded dtype, so
 round trips are bit exact.
+
+String arrays (what TensorFlow returns for ``tf.string``: object arrays of
+``bytes``; probes may also use ``str`` objects or numpy ``U``/``S`` arrays)
+are stored as Arrow ``binary`` / ``string`` values, one fixed-size list per
+row, and restored with the same element type and numpy dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +36,49 @@ def _dtype(name: str) -> np.dtype:
         return np.dtype(getattr(ml_dtypes, name))
 
 
+def _string_kind(a: np.ndarray) -> str | None:
+    """``bytes`` / ``str`` for string arrays (object, ``S``, ``U``), else ``None``.
+
+    Raises:
+        TypeError: an object array holds something other than only bytes or only str.
+    """
+    if a.dtype.kind == "S":
+        return "bytes"
+    if a.dtype.kind == "U":
+        return "str"
+    if a.dtype.kind != "O":
+        return None
+    types = {type(x) for x in a.reshape(-1)}
+    if types <= {bytes, np.bytes_}:
+        return "bytes"
+    if types <= {str, np.str_}:
+        return "str"
+    raise TypeError(f"cannot store an object array holding {sorted(t.__name__ for t in types)} in Arrow: "
+                    "only arrays of bytes or of str are supported")
+
+
+def _string_column(a: np.ndarray, kind: str, rows: bool) -> pa.Array:
+    typ = pa.binary() if kind == "bytes" else pa.string()
+    per_row = a.reshape(a.shape[0], int(np.prod(a.shape[1:]))) if rows and a.ndim else a.reshape(1, a.size)
+    values = pa.array([bytes(x) if kind == "bytes" else str(x) for x in per_row.reshape(-1)], typ)
+    if rows and a.ndim == 1:
+        return values
+    return pa.FixedSizeListArray.from_arrays(values, per_row.shape[1]) if per_row.shape[1] else \
+        pa.array([[]] * per_row.shape[0], pa.list_(typ, 0))
+
+
+def _strings_from_column(col: pa.Array, info: dict) -> np.ndarray:
+    if isinstance(col.type, pa.FixedSizeListType):
+        col = col.flatten()
+    values = col.to_pylist()
+    if info["dtype"] == "object":
+        out = np.empty(len(values), object)
+        out[:] = values
+    else:
+        out = np.array(values, dtype=np.dtype(info["dtype"]))
+    return out.reshape(info["shape"])
+
+
 def _storage_view(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     if a.dtype.name in _NATIVE:
@@ -41,6 +89,9 @@ def _storage_view(a: np.ndarray) -> np.ndarray:
 
 
 def _column(a: np.ndarray, rows: bool) -> pa.Array:
+    kind = _string_kind(a)
+    if kind is not None:
+        return _string_column(a, kind, rows)
     stored = _storage_view(a)
     if rows and stored.ndim == 1:
         return pa.array(stored)
@@ -55,6 +106,12 @@ def _column(a: np.ndarray, rows: bool) -> pa.Array:
     return pa.FixedShapeTensorArray.from_numpy_ndarray(stored)
 
 
+def _array_info(a: np.ndarray) -> dict:
+    kind = a.dtype.kind
+    # U/S dtypes carry their width (``<U7``); ``dtype.name`` ("str224") would not parse back
+    return {"dtype": a.dtype.str if kind in "SU" else a.dtype.name, "shape": list(a.shape)}
+
+
 def to_table(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, object] | None = None) -> pa.Table:
     """Arrays -> Arrow table (column order = mapping order).
 
@@ -66,7 +123,7 @@ def to_table(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, object] | 
     cols = {k: _column(v, rows) for k, v in arrays.items()}
     meta = {
         "layout": "rows" if rows else "single",
-        "arrays": {k: {"dtype": v.dtype.name, "shape": list(v.shape)} for k, v in arrays.items()},
+        "arrays": {k: _array_info(v) for k, v in arrays.items()},
         "user": dict(metadata or {}),
     }
     table = pa.table(cols) if cols else pa.table({})
@@ -84,6 +141,11 @@ def from_table(table: pa.Table) -> tuple[dict[str, np.ndarray], dict]:
         chunked = table.column(name)
         # combine_chunks() copies even a single chunk; take it as is to keep memory-mapped reads zero-copy
         col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
+        if pa.types.is_binary(col.type) or pa.types.is_string(col.type) or (
+                isinstance(col.type, (pa.FixedSizeListType, pa.ListType))
+                and (pa.types.is_binary(col.type.value_type) or pa.types.is_string(col.type.value_type))):
+            out[name] = _strings_from_column(col, info)
+            continue
         dtype = _dtype(info["dtype"])
         if 0 in info["shape"]:
             out[name] = np.empty(info["shape"], dtype)

@@ -15,14 +15,20 @@ No TensorFlow, no Ray. Semantics (also in the README):
   integer and bool arrays it is ``|obs - ref|``.
 * A shape mismatch is never within tolerance; a dtype mismatch is reported as a
   mismatch even if the values agree after the cast.
+* Strings (object arrays of ``bytes``/``str``, numpy ``S``/``U``) are compared
+  exactly, element by element: equal is ``bitwise``, any difference is a
+  ``mismatch`` (no tolerance applies) naming the first differing element.
+* Weights (``compare_digests``): every model parameter is matched by name and
+  must have the original's shape, dtype and bytes; see ``WeightCheck``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -359,6 +365,8 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
                   dtype_ref=ref.dtype.name, dtype_obs=obs.dtype.name, atol=atol, rtol=rtol, max_ulp=max_ulp)
     if ref.shape != obs.shape:
         return OutputComparison(verdict="mismatch", reason=f"shape {obs.shape} != reference {ref.shape}", **common)
+    if _is_string(ref.dtype) or _is_string(obs.dtype):
+        return _compare_strings(ref, obs, common)
     same_dtype = ref.dtype == obs.dtype
     if same_dtype and bits_equal(ref, obs):
         zeros = dict(max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0, mismatch_fraction=0.0,
@@ -403,6 +411,38 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
     )
 
 
+def _is_string(dtype: np.dtype) -> bool:
+    return dtype.kind in "OSU"
+
+
+def _compare_strings(ref: np.ndarray, obs: np.ndarray, common: dict) -> OutputComparison:
+    """Exact element-wise comparison of string arrays (same shape already checked)."""
+    if ref.dtype.kind != obs.dtype.kind:
+        return OutputComparison(verdict="mismatch", mismatch_fraction=1.0 if ref.size else 0.0,
+                                required_atol=math.inf, required_rtol=math.inf, required_ulp=math.inf, **common,
+                                reason=f"dtype {obs.dtype.name} != reference {ref.dtype.name}")
+    flat_ref, flat_obs = ref.reshape(-1), obs.reshape(-1)
+    # type() too: b"a" and "a" are different values, and numpy's == on object arrays is Python's ==
+    same = np.fromiter(((type(r) is type(o) and r == o) for r, o in zip(flat_ref, flat_obs)), bool, flat_ref.size)
+    if same.all():
+        return OutputComparison(verdict="bitwise", max_abs_diff=0.0, max_rel_diff=0.0, max_ulp_diff=0.0,
+                                mismatch_fraction=0.0, required_atol=0.0, required_rtol=0.0, required_ulp=0.0,
+                                **common)
+    first = int(np.argmin(same))
+    index = tuple(int(i) for i in np.unravel_index(first, ref.shape))
+    bad = flat_ref.size - int(np.count_nonzero(same))
+    return OutputComparison(
+        verdict="mismatch", mismatch_fraction=bad / flat_ref.size, first_mismatch_index=index,
+        required_atol=math.inf, required_rtol=math.inf, required_ulp=math.inf, **common,
+        reason=(f"{bad} of {flat_ref.size} strings differ (strings are compared exactly, no tolerance applies), "
+                f"first at index {list(index)}: {_short(flat_obs[first])} != reference {_short(flat_ref[first])}"))
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 _RANK = {"bitwise": 0, "within_tolerance": 1, "mismatch": 2}
 
 
@@ -436,52 +476,177 @@ def compare_outputs(reference: Mapping[str, np.ndarray], observed: Mapping[str, 
     return Comparison(verdict=verdict, outputs=tuple(results), reason=reason)
 
 
-def compare_digests(reference: Mapping[str, dict], observed: Mapping[str, dict]) -> tuple[bool, list[str]]:
-    """Compare per-variable digests ``{name: {"sha256", "shape", "dtype"}}``.
+# ---------------------------------------------------------------- weights
 
-    Names are matched exactly first, then by unique suffix (a loaded model may
-    drop or add the outer model's name, e.g. ``dense/kernel`` vs
-    ``sequential/dense/kernel``), then by position among the remaining ones.
+#: Kinds of variables that are not model parameters (see ``state_kind``).
+STATE_KINDS = ("rng", "optimizer", "metric")
+_OPTIMIZERS = ("optimizer", "loss_scale_optimizer", "adam", "adamw", "adamax", "nadam", "sgd", "rmsprop",
+               "adagrad", "adadelta", "adafactor", "ftrl", "lion", "lamb", "muon")
+_OPTIMIZER_RE = re.compile(rf"^({'|'.join(_OPTIMIZERS)})(_\d+)?$")
+_UID_RE = re.compile(r"^(.*?)(?:_(\d+))?$")
 
-    Returns:
-        ``(all_equal, problems)`` where problems name each differing, missing or
-        extra variable.
+
+def state_kind(name: str, digest: Mapping | None = None) -> str | None:
+    """Which kind of non-parameter state a variable is, or ``None`` for a model parameter.
+
+    The digest's own ``kind`` wins when the saver knew it; otherwise the name
+    decides: Keras ``SeedGenerator`` states (``.../seed_generator_state``) are
+    ``rng``; variables under an optimizer's scope (``adam/...``,
+    ``loss_scale_optimizer/...``) or named ``iteration(s)`` are ``optimizer``.
+    Metric accumulators are recognised only through ``kind`` (their names,
+    e.g. ``mean/total``, are indistinguishable from parameters).
     """
-    ref_names = list(reference)
+    kind = (digest or {}).get("kind")
+    if kind:
+        return None if kind == "parameter" else kind
+    parts = name.split("/")
+    if parts[-1].split("#")[0] == "seed_generator_state":
+        return "rng"
+    if _OPTIMIZER_RE.match(parts[0]) or (parts[-1] in ("iteration", "iterations") and len(parts) <= 2):
+        return "optimizer"
+    return None
+
+
+def _structural_names(names: Iterable[str]) -> dict[str, str]:
+    """Variable paths with auto-generated layer uids replaced by their rank.
+
+    Keras names unnamed layers ``dense``, ``dense_1``, ... from a per-process
+    counter, so the same model built after another one is ``dense_2``,
+    ``dense_3``. Within each parent, components sharing a base name are ranked
+    by their numeric suffix: ``dense_2 -> dense#0``, ``dense_3 -> dense#1``
+    on one side and ``dense -> dense#0``, ``dense_1 -> dense#1`` on the other.
+    """
+    split = {n: n.split("/") for n in names}
+    canon: dict[str, list[str]] = {n: [] for n in split}
+    depth = max((len(p) for p in split.values()), default=0)
+    for d in range(depth):
+        groups: dict[tuple, set] = {}
+        parsed = {}
+        for n, parts in split.items():
+            if d < len(parts):
+                m = _UID_RE.match(parts[d])
+                base, num = m.group(1), int(m.group(2) or 0)
+                parsed[n] = (tuple(canon[n]), base, num, parts[d])
+                groups.setdefault((tuple(canon[n]), base), set()).add((num, parts[d]))
+        for n, (parent, base, num, comp) in parsed.items():
+            canon[n].append(f"{base}#{sorted(groups[(parent, base)]).index((num, comp))}")
+    return {n: "/".join(c) for n, c in canon.items()}
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """Outcome of ``compare_digests``.
+
+    Attributes:
+        equal: every model parameter of the reference was restored with the
+            same shape, dtype and bytes, and no unknown parameter appeared.
+        problems: one line per failing parameter (missing, extra, other
+            shape/dtype, other bytes).
+        notes: how names were matched when not exactly, and state that was
+            ignored (present on one side only, or differing) -- never a failure.
+        checked: number of reference parameters compared.
+        ignored_state: names of non-parameter variables (RNG, optimizer,
+            metric state) left out of the verdict.
+    """
+
+    equal: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked: int = 0
+    ignored_state: list[str] = field(default_factory=list)
+
+
+def compare_digests(reference: Mapping[str, dict], observed: Mapping[str, dict]) -> WeightCheck:
+    """Compare per-variable digests ``{name: {"sha256", "shape", "dtype"[, "kind"]}}``.
+
+    Pairing, by name only, in this order (never by position):
+
+    1. the same name;
+    2. a unique ``/``-suffix match (a loaded model may drop or add the outer
+       model's name: ``dense/kernel`` vs ``sequential/dense/kernel``);
+    3. the same structural path (``_structural_names``: auto-generated layer
+       uids replaced by their rank), unique on both sides; reported in ``notes``.
+
+    Model parameters that stay unpaired fail the check (missing or extra);
+    non-parameter state (``state_kind``: RNG seed states, optimizer slots and
+    counters, metric accumulators) present on one side only, or with other
+    bytes, is listed in ``notes`` / ``ignored_state`` and does not fail it.
+
+    Example:
+        >>> d = {"sha256": "00" * 32, "shape": [2], "dtype": "float32"}
+        >>> check = compare_digests({"sequential/dense/bias": d},
+        ...                         {"sequential_1/dense_2/bias": d, "seed_generator/seed_generator_state": d})
+        >>> check.equal, check.checked, check.ignored_state
+        (True, 1, ['seed_generator/seed_generator_state'])
+    """
+    ref_left = dict(reference)
     obs_left = dict(observed)
-    pairs: list[tuple[str, str | None]] = []
-    unmatched = []
-    for name in ref_names:
+    pairs: list[tuple[str, str]] = []
+    notes: list[str] = []
+    for name in list(ref_left):
         if name in obs_left:
             pairs.append((name, name))
-            obs_left.pop(name)
-        else:
-            unmatched.append(name)
-    still = []
-    for name in unmatched:
+            ref_left.pop(name), obs_left.pop(name)
+    for name in list(ref_left):
         cands = [o for o in obs_left if o.endswith("/" + name) or name.endswith("/" + o)]
-        if len(cands) == 1:
+        back = [r for r in ref_left if cands and (cands[0].endswith("/" + r) or r.endswith("/" + cands[0]))]
+        if len(cands) == 1 and back == [name]:
             pairs.append((name, cands[0]))
-            obs_left.pop(cands[0])
-        else:
-            still.append(name)
-    for name, obs_name in zip(still, list(obs_left)):
-        pairs.append((name, obs_name))
-        obs_left.pop(obs_name)
-    problems = []
-    matched_ref = {p[0] for p in pairs}
-    for name in ref_names:
-        if name not in matched_ref:
-            problems.append(f"{name}: not restored")
-    for obs_name in obs_left:
-        problems.append(f"{obs_name}: unexpected extra variable")
+            ref_left.pop(name), obs_left.pop(cands[0])
+    if ref_left and obs_left:
+        ref_struct, obs_struct = _structural_names(reference), _structural_names(observed)
+        by_struct: dict[str, list[str]] = {}
+        for o in obs_left:
+            by_struct.setdefault(obs_struct[o], []).append(o)
+        ref_count: dict[str, int] = {}
+        for r in ref_left:
+            ref_count[ref_struct[r]] = ref_count.get(ref_struct[r], 0) + 1
+        renamed = []
+        for name in list(ref_left):
+            cands = by_struct.get(ref_struct[name], [])
+            if len(cands) == 1 and ref_count[ref_struct[name]] == 1:
+                pairs.append((name, cands[0]))
+                renamed.append(f"{cands[0]} -> {name}")
+                ref_left.pop(name), obs_left.pop(cands[0])
+        if renamed:
+            notes.append(f"{len(renamed)} variable(s) matched by structural path (auto-generated layer names "
+                         f"differ): " + "; ".join(renamed[:10]) + (" ..." if len(renamed) > 10 else ""))
+
+    problems: list[str] = []
+    ignored: list[str] = []
+    checked = 0
     for name, obs_name in pairs:
         r, o = reference[name], observed[obs_name]
+        kind = state_kind(name, r) or state_kind(obs_name, o)
+        if kind is None:
+            checked += 1
         if list(r["shape"]) != list(o["shape"]) or r["dtype"] != o["dtype"]:
-            problems.append(f"{name}: {o['dtype']}{list(o['shape'])} != original {r['dtype']}{list(r['shape'])}")
+            text = f"{name}: {o['dtype']}{list(o['shape'])} != original {r['dtype']}{list(r['shape'])}"
         elif r["sha256"] != o["sha256"]:
-            problems.append(f"{name}: restored bytes differ from the original (sha256 {o['sha256'][:12]} != {r['sha256'][:12]})")
-    return not problems, problems
+            text = f"{name}: restored bytes differ from the original (sha256 {o['sha256'][:12]} != {r['sha256'][:12]})"
+        else:
+            continue
+        if kind is None:
+            problems.append(text)
+        else:
+            ignored.append(name)
+            notes.append(f"{kind} state {text} (not a model parameter: ignored)")
+    for name, d in ref_left.items():
+        kind = state_kind(name, d)
+        if kind is None:
+            checked += 1
+            problems.append(f"{name}: not restored")
+        else:
+            ignored.append(name)
+            notes.append(f"{kind} state {name}: only in the original (not a model parameter: ignored)")
+    for name, d in obs_left.items():
+        kind = state_kind(name, d)
+        if kind is None:
+            problems.append(f"{name}: unexpected extra variable")
+        else:
+            ignored.append(name)
+            notes.append(f"{kind} state {name}: only in the reloaded artifact (not a model parameter: ignored)")
+    return WeightCheck(equal=not problems, problems=problems, notes=notes, checked=checked, ignored_state=ignored)
 
 
 # -- prediction impact: do the differences change a decision? ------------------------------

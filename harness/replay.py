@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from . import arrays, formats
 from .compare import Tolerance, compare_digests, compare_outputs
 from .records import CellResult
-from .scenario import Scenario
+from .scenario import Scenario, activate
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
 
@@ -74,7 +74,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         return _finish(cell, start, fp, verdict="corrupt",
                        error=f"reference of {storage.name_of(artifact_path)} is unreadable: {runtime.error_text(exc)}")
     try:
-        loaded = formats.get(fmt).load(f"{local}/{formats.MODEL_DIR}", scenario, inputs)
+        loaded = formats.get(fmt).load(f"{local}/{formats.MODEL_DIR}", activate(scenario), inputs)
         observed = formats.predict(loaded.fn, inputs, batch_size, jit_compile=environment.jit_compile)
         observed_vars = formats.variable_digests(loaded.variables)
     except Exception as exc:
@@ -83,7 +83,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     del loaded
 
     cmp = compare_outputs(reference, observed, tolerance, output_tolerances)
-    weights_equal, problems = compare_digests(original_vars, observed_vars)
+    check = compare_digests(original_vars, observed_vars)
+    weights_equal, problems = check.equal, check.problems
     verdict = cmp.verdict
     error = cmp.reason if verdict == "mismatch" else None
     if not weights_equal:
@@ -98,7 +99,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
     detail = {"outputs": [o.to_dict() for o in cmp.outputs], "weight_problems": problems,
-              "variables_checked": len(info["variables"]), "reference_kind": info.get("reference_kind"),
+              "weight_notes": check.notes, "ignored_state": check.ignored_state,
+              "variables_checked": check.checked, "reference_kind": info.get("reference_kind"),
               "batch_size": batch_size}
     return _finish(cell, start, fp, verdict=verdict, error=error, observation_uri=observation_uri,
                    max_abs_diff=_nan_to_none(cmp.max_abs_diff), max_rel_diff=_nan_to_none(cmp.max_rel_diff),

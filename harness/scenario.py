@@ -5,6 +5,14 @@ directory that defines ``SCENARIO`` (one ``Scenario``) or ``SCENARIOS`` (a
 list). Modules are imported by file path under private names, so user
 directories need no ``__init__.py`` and nothing has to be installed on workers:
 the sweep ships scenarios to Ray workers by value.
+
+Custom Keras classes: a scenario carries its module's source text, and
+``activate`` (the first thing ``train`` and ``replay`` call) executes that
+module once per process and runs the scenario's ``setup`` hook once per
+process. So a class registered with ``keras.saving.register_keras_serializable``
+(at module level, or inside ``setup`` to keep TensorFlow out of the driver) is
+registered in every worker before a model is built or loaded, even in a worker
+that only unpickled the scenario.
 """
 
 from __future__ import annotations
@@ -13,12 +21,17 @@ import hashlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+#: Built-in search path: the article's scenarios and the zoo of real architectures.
+#: (``scenarios/sweeps/`` holds YAML only and is not searched.)
+BUILTIN_DIRS = (BUILTIN_DIR, BUILTIN_DIR / "zoo")
 _MODULE_PREFIX = "_harness_scenarios"
+#: Callable fields of a scenario (compared by identity when pickling).
+_FUNCTION_FIELDS = ("probe", "build", "data", "train", "setup", "custom_objects")
 
 
 class ScenarioError(ValueError):
@@ -41,7 +54,12 @@ class Scenario:
         train: optional ``(seed) -> model`` replacing build+compile+fit, for
             custom training loops or plain ``tf.Module``s (save those with the
             ``tf-savedmodel`` format).
-        custom_objects: passed to ``keras.models.load_model``.
+        custom_objects: passed to ``keras.models.load_model``: a mapping, or a
+            function ``() -> mapping`` called in the worker (so the classes can
+            be defined inside functions, keeping Keras out of the driver).
+        setup: optional ``() -> None`` run once per process before anything is
+            built or loaded, e.g. to define and register custom Keras classes
+            with ``keras.saving.register_keras_serializable``.
         description: one line for ``harness scenarios``.
 
     Example:
@@ -58,10 +76,21 @@ class Scenario:
     fit: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     train: Callable[[int], Any] | None = None
-    custom_objects: Mapping[str, Any] | None = None
+    custom_objects: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+    setup: Callable[[], Any] | None = None
     description: str = ""
     source_file: str = ""
     source_digest: str = ""
+    source_text: str = field(default="", repr=False)
+
+    def __reduce__(self):
+        """Pickle as (module source, name, changed fields), never functions by value: see ``activate``."""
+        return _reduce(self)
+
+    def resolved_custom_objects(self) -> dict[str, Any]:
+        """``custom_objects`` as a dict (calling it if it is a function)."""
+        objs = self.custom_objects() if callable(self.custom_objects) else self.custom_objects
+        return dict(objs or {})
 
     def __post_init__(self):
         if self.train is None and (self.build is None or self.data is None):
@@ -75,20 +104,15 @@ def _module_name(path: Path) -> str:
     return f"{_MODULE_PREFIX}.m{tag}_{path.stem.replace('-', '_')}"
 
 
-def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
-    """Import one scenario file and return its scenarios, stamped with source info.
-
-    Raises:
-        ScenarioError: the file fails to import or defines no valid scenarios.
-    """
-    path = Path(path).resolve()
+def _exec_module(path: Path, text: str) -> list[Scenario]:
+    """Execute scenario source ``text`` as the private module of ``path``; stamp its scenarios."""
     name = _module_name(path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = type(sys)(name)
+    module.__file__ = str(path)
     sys.modules.setdefault(_MODULE_PREFIX, type(sys)(_MODULE_PREFIX))
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(text, str(path), "exec"), module.__dict__)
     except Exception as exc:
         sys.modules.pop(name, None)
         raise ScenarioError(f"{path}: failed to import scenario module: {type(exc).__name__}: {exc}") from exc
@@ -96,19 +120,134 @@ def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
     if hasattr(module, "SCENARIO"):
         found.append(module.SCENARIO)
     found.extend(getattr(module, "SCENARIOS", []))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(text.encode()).hexdigest()
     out = []
     for s in found:
         if not isinstance(s, Scenario):
             raise ScenarioError(f"{path}: SCENARIO/SCENARIOS must hold harness.Scenario objects, got {type(s).__name__}")
-        out.append(replace(s, source_file=str(path), source_digest=digest))
+        out.append(replace(s, source_file=str(path), source_digest=digest, source_text=text))
+    _LOADED[(name, digest)] = {s.name: s for s in out}
     return out
 
 
+def load_module_scenarios(path: str | os.PathLike) -> list[Scenario]:
+    """Import one scenario file and return its scenarios, stamped with source info
+    (file, sha256 and text of the module, so a worker can execute it again).
+
+    Raises:
+        ScenarioError: the file fails to import or defines no valid scenarios.
+    """
+    path = Path(path).resolve()
+    try:
+        text = path.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read scenario module: {exc}") from exc
+    # Once per process and source: discovering again returns the very same objects
+    # (functions, registered classes); an edited file is executed anew.
+    loaded = _LOADED.get((_module_name(path), hashlib.sha256(text.encode()).hexdigest()))
+    return list(loaded.values()) if loaded is not None else _exec_module(path, text)
+
+
+#: (module name, source digest) -> scenarios of that module as executed in this process.
+_LOADED: dict[tuple[str, str], dict[str, Scenario]] = {}
+#: setup hooks that already ran in this process.
+_SET_UP: set = set()
+
+
+def _module_scenarios(source_file: str, source_text: str, source_digest: str) -> dict[str, Scenario]:
+    """The scenarios of a module source, executing it first if this process has not."""
+    key = (_module_name(Path(source_file)), source_digest)
+    if key not in _LOADED:
+        if hashlib.sha256(source_text.encode()).hexdigest() != source_digest:
+            raise ScenarioError(f"{source_file}: scenario source text does not match its digest")
+        _exec_module(Path(source_file), source_text)
+    return _LOADED[key]
+
+
+def _restore(source_file: str, source_text: str, source_digest: str, name: str, changed: dict) -> Scenario:
+    """Unpickle a scenario: its module executed in this process, then the changed fields applied."""
+    own = _module_scenarios(source_file, source_text, source_digest).get(name)
+    if own is None:
+        raise ScenarioError(f"{source_file}: no scenario named {name!r} in this module")
+    return replace(own, **changed)
+
+
+def _from_fields(values: dict) -> Scenario:
+    return Scenario(**values)
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+    """Two functions made by the same source line of the same scenario module (another
+    execution of that module, or another call of a factory)."""
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_b is None:
+        a, b = getattr(a, "__wrapped__", None), getattr(b, "__wrapped__", None)  # functools.cache
+        code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    if code_a is None or code_b is None or getattr(a, "__module__", None) != getattr(b, "__module__", 0):
+        return False
+    if (code_a.co_filename, code_a.co_firstlineno, code_a.co_name) != (code_b.co_filename, code_b.co_firstlineno,
+                                                                       code_b.co_name):
+        return False
+    # closures of one factory differ by what they captured: _images(8, 32, 3) is not _images(16, 16, 3)
+    cells_a = [c.cell_contents for c in a.__closure__ or ()] + list(a.__defaults__ or ())
+    cells_b = [c.cell_contents for c in b.__closure__ or ()] + list(b.__defaults__ or ())
+    return len(cells_a) == len(cells_b) and all(_same_value(x, y) for x, y in zip(cells_a, cells_b))
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if x is y or (callable(x) and callable(y) and _same_definition(x, y)):
+        return True
+    try:
+        return type(x) is type(y) and bool(x == y)
+    except Exception:  # arrays and other values without a plain truth value
+        return False
+
+
+def _reduce(scenario: Scenario):
+    values = {f.name: getattr(scenario, f.name) for f in fields(scenario)}
+    if not scenario.source_text:
+        return _from_fields, (values,)
+    own = _module_scenarios(scenario.source_file, scenario.source_text, scenario.source_digest).get(scenario.name)
+    changed = {}
+    for k, v in values.items():
+        if k in ("name", "source_file", "source_text", "source_digest") or own is None:
+            continue
+        mine = getattr(own, k)
+        if v is mine or (k not in _FUNCTION_FIELDS and v == mine) or _same_definition(v, mine):
+            continue
+        changed[k] = v  # e.g. replace(scenario, seed=7): travels as a value
+    return _restore, (scenario.source_file, scenario.source_text, scenario.source_digest, scenario.name, changed)
+
+
+def activate(scenario: Scenario) -> Scenario:
+    """Make ``scenario`` ready to build or load models in this process; call it first.
+
+    Executes the scenario's module in this process unless it already ran here
+    (from the source text the scenario carries: the file need not exist on
+    this node), so classes registered at module level with
+    ``keras.saving.register_keras_serializable`` are registered; then runs the
+    scenario's ``setup`` hook once per process. Returns the scenario.
+
+    Scenarios pickle as (module source, name, changed fields) and unpickle by
+    executing that module once per process, so a worker builds models from
+    the very classes its module registered, never from by-value copies.
+
+    Raises:
+        ScenarioError: the module fails to execute here or no longer defines
+            the scenario.
+    """
+    if scenario.source_text:
+        _module_scenarios(scenario.source_file, scenario.source_text, scenario.source_digest)
+    if scenario.setup is not None and scenario.setup not in _SET_UP:
+        scenario.setup()
+        _SET_UP.add(scenario.setup)
+    return scenario
+
+
 def search_path(extra: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Built-in ``scenarios/`` plus ``extra`` directories, de-duplicated, in order."""
+    """Built-in ``scenarios/`` and ``scenarios/zoo/`` plus ``extra`` directories, de-duplicated, in order."""
     seen, out = set(), []
-    for d in [BUILTIN_DIR, *map(Path, extra)]:
+    for d in [*BUILTIN_DIRS, *map(Path, extra)]:
         d = d.resolve()
         if d not in seen:
             seen.add(d)
@@ -126,7 +265,7 @@ def discover(extra: Iterable[str | os.PathLike] = ()) -> dict[str, Scenario]:
     scenarios: dict[str, Scenario] = {}
     for d in search_path(extra):
         if not d.is_dir():
-            if d == BUILTIN_DIR.resolve():
+            if d in {b.resolve() for b in BUILTIN_DIRS}:
                 continue
             raise ScenarioError(f"{d}: scenario directory does not exist (check --scenarios-path / scenario_paths)")
         for f in sorted(d.glob("*.py")):

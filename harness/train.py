@@ -28,7 +28,7 @@ import numpy as np
 from . import arrays, formats
 from .compare import compare_digests, compare_outputs
 from .records import ArtifactRecord, TrainRecord
-from .scenario import Scenario, ScenarioError
+from .scenario import Scenario, ScenarioError, activate
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
 
@@ -38,19 +38,14 @@ def artifact_digest(scenario: Scenario, fmt: str, tf_version: str, keras_version
     """Content address: scenario (+ its source), format, seed, TF/Keras, training knobs."""
     key = {"scenario": scenario.name, "source": scenario.source_digest, "format": fmt, "seed": scenario.seed,
            "tf": tf_version, "keras": keras_version, "training": training.env_vars() | training.knobs(),
-           "batch_size": batch_size}
+           "batch_size": batch_size, "recipe": formats.REFERENCE_RECIPE}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def fit_scenario(scenario: Scenario) -> tuple[Any, Any]:
     """Seed everything, train, and return ``(model, probe_inputs)``."""
-    import keras
-
-    keras.utils.set_random_seed(scenario.seed)
-    if scenario.train is not None:
-        model = scenario.train(scenario.seed)
-    else:
-        model = scenario.build()
+    model = formats.build_model(scenario)  # fresh Keras session, seeded; dtype policy scoped to the build
+    if scenario.train is None:
         model.compile(**dict(scenario.compile))
         data = scenario.data(np.random.default_rng([scenario.seed, 0]))
         fit_kwargs = {"verbose": 0, **dict(scenario.fit)}
@@ -126,6 +121,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
 
     start = time.time()
     runtime.configure(training)
+    scenario = activate(scenario)  # its module executed here once: custom Keras classes registered
     import keras
     import tensorflow as tf
 
@@ -210,13 +206,15 @@ class _Trained:
             loaded = formats.get(fmt).load(model_dir, self.scenario, self.probe)
             outputs = formats.predict(loaded.fn, self.probe, self.batch_size)
             cmp = compare_outputs(self.in_memory, outputs)
-            weights_ok, problems = compare_digests(self.variables, formats.variable_digests(loaded.variables))
+            check = compare_digests(self.variables, formats.variable_digests(loaded.variables))
+            del loaded
         except Exception as exc:
             return {"verdict": "error", "error": f"reload in the training environment failed: {runtime.error_text(exc)}"}, None
-        verdict = cmp.verdict if weights_ok else "mismatch"
+        verdict = cmp.verdict if check.equal else "mismatch"
         return {"verdict": verdict, "max_abs_diff": cmp.max_abs_diff, "max_ulp_diff": cmp.max_ulp_diff,
-                "weights_equal": weights_ok, "weight_problems": problems[:20],
-                "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(problems[:5]))}, outputs
+                "weights_equal": check.equal, "weight_problems": check.problems[:20],
+                "weight_notes": check.notes[:20], "ignored_state": check.ignored_state,
+                "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(check.problems[:5]))}, outputs
 
 
 def _json_default(o):

@@ -36,6 +36,26 @@ def scenarios():
 def store(tmp_path_factory):
     return str(tmp_path_factory.mktemp("store"))
 
+
+@pytest.fixture(scope="session")
+def zoo_store(tmp_path_factory):
+    """Storage holding every zoo scenario trained once per session (see ``zoo_trained``)."""
+    return str(tmp_path_factory.mktemp("zoo-store"))
+
+
+@pytest.fixture(scope="session")
+def zoo_trained(scenarios, zoo_store):
+    """``{name: TrainResult}``: each zoo scenario trained once, in this process, saved in every format.
+
+    Plain ``train()`` calls, one after the other in one process, as a reused Ray
+    worker would run them: leaks of Keras global state between scenarios show.
+    """
+    from harness.spec import FORMATS, Environment
+    from harness.train import train
+
+    names = [n for n in scenarios if n.startswith("zoo-")]
+    return {n: train(scenarios[n], list(FORMATS), zoo_store, Environment(name="training")) for n in names}
+
 _DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -15,6 +15,7 @@ from harness.compare import (
     Comparison,
     Tolerance,
     compare_arrays,
+    WeightCheck,
     compare_digests,
     compare_outputs,
     ordered_bits,
@@ -495,47 +496,47 @@ def _d(sha="aa" * 32, shape=(2, 3), dtype="float32"):
 
 def test_digests_exact():
     ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
-    assert compare_digests(ref, dict(ref)) == (True, [])
+    check = compare_digests(ref, dict(ref))
+    assert check == WeightCheck(equal=True, problems=[], notes=[], checked=2, ignored_state=[])
 
 
 def test_digests_suffix_match_both_ways():
     ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
     obs = {"sequential/dense/bias": _d(shape=(3,)), "sequential/dense/kernel": _d()}
-    assert compare_digests(ref, obs) == (True, [])
-    assert compare_digests(obs, ref) == (True, [])
+    assert compare_digests(ref, obs).equal and compare_digests(ref, obs).checked == 2
+    assert compare_digests(obs, ref).equal
 
 
-def test_digests_positional_fallback():
+def test_digests_never_pair_by_position():
+    """Unrelated names are not paired, even when shapes and bytes would fit."""
     ref = {"kernel": _d("11" * 32), "bias": _d("22" * 32, shape=(3,))}
     obs = {"variable": _d("11" * 32), "variable_1": _d("22" * 32, shape=(3,))}
-    assert compare_digests(ref, obs) == (True, [])
-    # positional pairing still catches swapped content
-    obs_swapped = {"variable": _d("22" * 32, shape=(3,)), "variable_1": _d("11" * 32)}
-    ok, problems = compare_digests(ref, obs_swapped)
-    assert not ok and len(problems) == 2
+    check = compare_digests(ref, obs)
+    assert not check.equal
+    assert sorted(check.problems) == ["bias: not restored", "kernel: not restored",
+                                      "variable: unexpected extra variable", "variable_1: unexpected extra variable"]
 
 
 def test_digests_differing_bytes_shape_dtype():
     ref = {"k": _d("11" * 32), "b": _d(shape=(3,)), "m": _d()}
     obs = {"k": _d("99" * 32), "b": _d(shape=(4,)), "m": _d(dtype="float16")}
-    ok, problems = compare_digests(ref, obs)
-    assert not ok
-    text = "\n".join(problems)
+    check = compare_digests(ref, obs)
+    problems = check.problems
+    assert not check.equal and check.checked == 3
     assert len(problems) == 3
     assert any(p.startswith("k:") and "bytes differ" in p and "999999999999" in p for p in problems)
     assert any(p.startswith("b:") and "[4]" in p and "[3]" in p for p in problems)
     assert any(p.startswith("m:") and "float16" in p and "float32" in p for p in problems)
-    assert "b:" in text
 
 
 def test_digests_missing_and_extra():
     ref = {"dense/kernel": _d(), "dense/bias": _d(shape=(3,))}
-    ok, problems = compare_digests(ref, {"dense/kernel": _d()})
-    assert not ok and problems == ["dense/bias: not restored"]
-    ok, problems = compare_digests(ref, {**ref, "extra/var": _d()})
-    assert not ok and problems == ["extra/var: unexpected extra variable"]
-    ok, problems = compare_digests({}, {})
-    assert ok and problems == []
+    check = compare_digests(ref, {"dense/kernel": _d()})
+    assert not check.equal and check.problems == ["dense/bias: not restored"]
+    check = compare_digests(ref, {**ref, "extra/var": _d()})
+    assert not check.equal and check.problems == ["extra/var: unexpected extra variable"]
+    check = compare_digests({}, {})
+    assert check.equal and check.problems == [] and check.checked == 0
 
 
 # ---------------------------------------------------------------- prediction impact
