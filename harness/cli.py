@@ -36,7 +36,7 @@ def _load(args) -> tuple[Any, dict]:
     """Sweep + the scenarios it needs, or raise SpecError/ScenarioError/UsageError."""
     from .scenario import discover, select
     from .spec import load_sweep
-    from .spec_types import storage_problem
+    from .spec_types import normalize_scheme, storage_problem
 
     sweep = load_sweep(args.sweep)
     for option in ("storage", "history"):  # URIs given on the command line are checked like storage:
@@ -44,6 +44,8 @@ def _load(args) -> tuple[Any, dict]:
         problem = storage_problem(uri) if uri else None
         if problem:
             raise UsageError(f"--{option}: {problem}")
+        if uri:
+            setattr(args, option, normalize_scheme(uri))
     available = discover([*sweep.scenario_paths, *args.scenarios_path])
     chosen = select(available, sweep.scenarios, source=str(args.sweep))
     return sweep, {s.name: s for s in chosen}

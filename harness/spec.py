@@ -191,6 +191,15 @@ def _runtime_env(value: RuntimeEnvSettings, info: ValidationInfo) -> dict[str, A
                                      hint=f"; for one requirement write a list: [{renv['pip']}]")
     if isinstance(renv.get("conda"), str) and renv["conda"].endswith((".yml", ".yaml")):
         renv["conda"] = _resolve_local(renv["conda"], base, "conda", kind="file")
+    if isinstance(renv.get("config"), dict):
+        from ray.runtime_env import RuntimeEnvConfig
+
+        known = sorted(RuntimeEnvConfig.known_fields)
+        for key in renv["config"]:
+            if key not in known:  # Ray only warns and ignores it: the setting the user meant would not apply
+                hint = did_you_mean(key, known)
+                raise fail(f"Ray's runtime_env config has no setting {key!r}" + (f" ({hint})" if hint else "")
+                           + f"; known: {', '.join(known)}", "config", key)
     if set(renv) - {"env_vars"}:
         from ray.runtime_env import RuntimeEnv
 

@@ -32,6 +32,7 @@ RAY_RESOLUTION = 1e-4      # Ray rejects a non-zero amount below this
 MAX_SECONDS = 30 * 24 * 3600.0
 MAX_RETRIES = 1000
 MAX_THREADS = 4096
+MAX_GPUS = 64              # per worker: more than any node has; a larger number is a typo that would pend forever
 MAX_BATCH_SIZE = 2 ** 31 - 1
 MAX_ULP = 2 ** 64          # the distance between any two float64 values fits below this
 
@@ -164,6 +165,9 @@ def _ray_resolution(value: float) -> float:
 
 
 def _whole_or_fraction(value: float) -> float:
+    if value > MAX_GPUS:
+        raise fail(f"got {value:g} GPUs per worker; at most {MAX_GPUS} (no node has more, so the worker would never "
+                   "be scheduled)")
     if value > 1 and not value.is_integer():
         raise fail(f"got {value:g} GPUs; Ray takes a whole number of GPUs, or a fraction below 1 "
                    "(several environments sharing one GPU)")
@@ -286,14 +290,36 @@ def storage_problem(uri: str) -> str | None:
     elif scheme in ("s3", "gs", "gcs", "abfs", "abfss") and not parts.hostname:
         what = "container" if scheme.startswith("abfs") else "bucket"
         return f"{show(uri)} names no {what}; expected {scheme}://{what}/prefix"
+    if scheme == "s3" and parts.query:
+        from urllib.parse import parse_qsl
+
+        for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in S3_URI_OPTIONS:
+                hint = did_you_mean(key, S3_URI_OPTIONS)
+                return (f"{show(uri)}: pyarrow's S3 URIs take no option {key!r}" + (f" ({hint})" if hint else "")
+                        + f"; known options: {', '.join(S3_URI_OPTIONS)}")
     return None
+
+
+#: The query options pyarrow's ``FileSystem.from_uri`` takes for S3 (checked against pyarrow 26). It refuses
+#: any other key only when the run opens the storage; here a typo (``endpoint_overide``) is an exit-2 with a hint.
+S3_URI_OPTIONS = ("region", "scheme", "endpoint_override", "allow_bucket_creation", "allow_bucket_deletion",
+                  "tls_ca_file_path", "tls_verify_certificates")
+
+
+def normalize_scheme(uri: str) -> str:
+    """``uri`` with its scheme in lower case (RFC 3986: schemes are case-insensitive; pyarrow's are not)."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme.lower()}://{rest}"
+    return uri
 
 
 def _storage(uri: str) -> str:
     problem = storage_problem(uri)
     if problem:
         raise fail(problem)
-    return uri
+    return normalize_scheme(uri)
 
 
 StorageURI = Annotated[str, Strict(), Field(min_length=1), expecting("a path or URI (s3://bucket/prefix)"),

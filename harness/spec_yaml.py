@@ -163,8 +163,9 @@ def _check_duplicate_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
 
 def parse_text(text: str) -> Any:
     """The document in ``text``, or ``YamlProblem`` (bad syntax, a repeated key, runaway nesting or aliases)."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses NUL and other control characters right here
         root = loader.get_single_node()
         if root is None:
             return None
@@ -175,6 +176,9 @@ def parse_text(text: str) -> Any:
     except (yaml.YAMLError, ValueError, TypeError) as exc:  # ValueError: e.g. an int over 4300 digits
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character: the reader knows its offset only
+            before = text[:exc.position]
+            where = f"line {before.count(chr(10)) + 1}, column {len(before.rsplit(chr(10), 1)[-1]) + 1}: "
         problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
         context = getattr(exc, "context", None)
         if context and problem.startswith("but "):  # "expected a single document in the stream but found another"
@@ -183,7 +187,8 @@ def parse_text(text: str) -> Any:
             problem += " (indent with spaces: YAML does not allow tabs there)"
         raise YamlProblem("", f"invalid YAML at {where}{problem}" if where else f"invalid YAML: {problem}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_document(path: str | os.PathLike) -> Any:

@@ -37,6 +37,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "multiple-documents": ("invalid YAML at line 8", "single document"),
     "python-tag": ("invalid YAML at line 9", "python/object"),
     "huge-int": ("invalid YAML at line 9", "5001 characters"),
+    "nul-byte": ("invalid YAML at line 1, column 10", "#x0000"),
     # sweep fields
     "unknown-field": ("retry: unknown field", "did you mean 'retries'?"),
     "scenarios-missing": ("scenarios: required field is missing",),
@@ -56,6 +57,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "storage-ftp": ("storage:", "'ftp'", "s3://"),
     "storage-typo-scheme": ("storage:", "'s4'", "did you mean 's3'?"),
     "storage-s3-no-bucket": ("storage:", "names no bucket"),
+    "storage-s3-option-typo": ("storage:", "no option 'endpoint_overide'", "did you mean 'endpoint_override'?"),
     "storage-file-relative": ("storage:", "absolute path"),
     "storage-empty": ("storage: expected a path or URI",),
     "storage-not-a-string": ("storage: expected a path or URI",),
@@ -76,6 +78,9 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "scenario-paths-not-a-list": ("scenario_paths: expected a list of directories",),
     "training-unknown-field": ("training.jit: unknown field",),
     # environment fields
+    "num-gpus-absurd": ("environments.cpu-xla.num_gpus:", "at most 64"),
+    "runtime-env-config-typo": ("environments.cpu-xla.runtime_env.config.setup_timeout_secnds:",
+                                "did you mean 'setup_timeout_seconds'?"),
     "unknown-environment-field": ("environments.cpu-bad.thread: unknown field", "did you mean 'threads'?"),
     "environment-not-a-mapping": ("environments.cpu-bad: expected a mapping",),
     "threads-zero": ("environments.cpu-bad.threads: expected a positive integer, got 0",),

@@ -619,3 +619,28 @@ def test_environment_document_round_trip(doc):
     assert again == env and repr(again) == repr(env)
     assert env.derive("e") == env
     assert Environment(name="e", **again_doc) == env
+
+
+@pytest.mark.parametrize("written", ["S3://bucket/p?region=x", "s3://bucket/p?region=x", "S3://bucket/p?region=x"])
+def test_storage_scheme_is_case_insensitive_and_stored_in_lower_case(tmp_path, written):
+    """RFC 3986 schemes are case-insensitive; pyarrow's ``from_uri`` is not (``S3://`` is 'Unrecognized')."""
+    doc = {"scenarios": ["seed-linear-regression"], "environments": {"cpu": {}}, "storage": written}
+    sw = load_sweep(write(tmp_path, yaml.safe_dump(doc)))
+    assert sw.storage == "s3://bucket/p?region=x"
+
+
+def test_s3_query_options_are_exactly_those_pyarrow_takes():
+    """Each listed option opens (no network: endpoint on 127.0.0.1); anything else pyarrow itself refuses."""
+    import pyarrow.fs as pafs
+
+    from harness.spec_types import S3_URI_OPTIONS, storage_problem
+
+    values = {"allow_bucket_creation": "true", "allow_bucket_deletion": "false", "tls_verify_certificates": "false"}
+    base = "s3://b/p?endpoint_override=127.0.0.1:1&scheme=http&region=x"
+    for key in S3_URI_OPTIONS:
+        uri = f"{base}&{key}={values.get(key, 'x' if key != 'scheme' else 'http')}"
+        assert storage_problem(uri) is None
+        pafs.FileSystem.from_uri(uri)
+    assert "no option 'bogus'" in storage_problem(f"{base}&bogus=1")
+    with pytest.raises(Exception, match="bogus"):
+        pafs.FileSystem.from_uri(f"{base}&bogus=1")
