@@ -104,6 +104,20 @@ def _module_name(path: Path) -> str:
     return f"{_MODULE_PREFIX}.m{tag}_{path.stem.replace('-', '_')}"
 
 
+def _import_failure(exc: BaseException, path: Path) -> str:
+    """What went wrong executing a scenario module, with the module's own line where it happened."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+    where = f"line {lines[-1]}: " if lines else ""
+    if isinstance(exc, SystemExit):
+        return f"{where}it called sys.exit({exc.code!r}) at import; a scenario module must only define scenarios"
+    if isinstance(exc, KeyboardInterrupt):
+        return f"{where}KeyboardInterrupt raised at import"
+    detail = " ".join(str(exc).split())
+    return f"{where}{type(exc).__name__}" + (f": {detail}" if detail else "")
+
+
 def _exec_module(path: Path, text: str) -> list[Scenario]:
     """Execute scenario source ``text`` as the private module of ``path``; stamp its scenarios."""
     name = _module_name(path)
@@ -113,9 +127,9 @@ def _exec_module(path: Path, text: str) -> list[Scenario]:
     sys.modules[name] = module
     try:
         exec(compile(text, str(path), "exec"), module.__dict__)
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 -- sys.exit()/KeyboardInterrupt in a module must not end the run
         sys.modules.pop(name, None)
-        raise ScenarioError(f"{path}: failed to import scenario module: {type(exc).__name__}: {exc}") from exc
+        raise ScenarioError(f"{path}: failed to import scenario module: {_import_failure(exc, path)}") from None
     found = []
     if hasattr(module, "SCENARIO"):
         found.append(module.SCENARIO)

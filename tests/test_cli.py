@@ -278,14 +278,25 @@ def test_validate_missing_sweep_file(tmp_path):
     assert_one_line_error(run_cli("validate", "missing.yaml", cwd=tmp_path), "missing.yaml", "cannot read sweep file")
 
 
-def test_scenario_module_that_raises_on_import(tmp_path):
+@pytest.mark.parametrize("body, fragment", [
+    ("raise RuntimeError('boom while importing')", "line 2: RuntimeError: boom while importing"),
+    ("import sys; sys.exit(0)", "line 2: it called sys.exit(0) at import"),
+    ("raise SystemExit(3)", "line 2: it called sys.exit(3) at import"),
+    ("raise KeyboardInterrupt", "line 2: KeyboardInterrupt raised at import"),
+    ("raise BaseException('odd')", "line 2: BaseException: odd"),
+], ids=["error", "sys-exit-0", "system-exit", "keyboard-interrupt", "base-exception"])
+def test_scenario_module_that_raises_on_import(tmp_path, body, fragment):
+    """Whatever a module raises at import -- even sys.exit(0) -- is exit 2 naming it, never a silent exit 0."""
     mods = tmp_path / "broken-scenarios"
     mods.mkdir()
-    (mods / "broken.py").write_text("raise RuntimeError('boom while importing')\n")
+    (mods / "broken.py").write_text(f"# a scenario module\n{body}\n")
     write_sweep(tmp_path, "bad.yaml", BASE)
-    fragments = [str(mods / "broken.py"), "failed to import scenario module", "RuntimeError: boom while importing"]
+    fragments = [str(mods / "broken.py"), "failed to import scenario module", fragment]
     assert_one_line_error(run_cli("validate", "bad.yaml", "--scenarios-path", mods, cwd=tmp_path), *fragments)
     assert_one_line_error(run_cli("scenarios", "--scenarios-path", mods, cwd=tmp_path), *fragments)
+    assert_one_line_error(run_cli("run", "bad.yaml", "--scenarios-path", mods, "--out", tmp_path / "out",
+                                  cwd=tmp_path), *fragments)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("doc, extra, fragments", [
