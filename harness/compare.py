@@ -729,3 +729,34 @@ def prediction_impact(ref: np.ndarray, obs: np.ndarray, kind: str | None = None)
     np.put_along_axis(obs_rank, obs_order, np.arange(classes)[None, :].repeat(len(o), 0), axis=-1)
     moved = np.abs(np.take_along_axis(obs_rank, ref_order[:, :k], axis=-1) - np.arange(k)[None, :])
     return Impact(kind, positions=len(r), flips=flips, k=k, max_rank_change=int(moved.max()))
+
+
+def prediction_impacts(reference: Mapping[str, np.ndarray], observed: Mapping[str, np.ndarray],
+                       kinds: Mapping[str, str] | None = None) -> dict[str, Impact]:
+    """``prediction_impact`` of every output both sides have, using a declared kind where ``kinds`` names one.
+
+    Outputs with no decision (regression), another shape or missing are left out.
+    """
+    kinds = kinds or {}
+    out = {}
+    for name, ref in reference.items():
+        if name in observed:
+            impact = prediction_impact(ref, observed[name], kinds.get(name))
+            if impact is not None:
+                out[name] = impact
+    return out
+
+
+def impact_summary(impacts: Mapping[str, Impact]) -> tuple[int | None, float | None, int | None]:
+    """``(flips, worst flip fraction, largest top-k rank change)`` over outputs; ``None`` where nothing applies.
+
+    Example:
+        >>> impact_summary({"a": Impact("binary", 4, flips=1), "b": Impact("classes", 2, flips=0, k=2, max_rank_change=1)})
+        (1, 0.25, 1)
+    """
+    decided = [i for i in impacts.values() if i.flips is not None]
+    if not decided:
+        return None, None, None
+    ranks = [i.max_rank_change for i in decided if i.max_rank_change is not None]
+    return (sum(i.flips for i in decided), max(i.flip_fraction or 0.0 for i in decided),
+            max(ranks) if ranks else None)

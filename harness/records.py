@@ -112,6 +112,12 @@ class CellResult:
     max_rel_diff: float | None = _col(pa.float64(), "max |observed - reference| / |reference|")
     max_ulp_diff: float | None = _col(pa.float64(), "max distance in units in the last place of the reference dtype")
     mismatch_fraction: float | None = _col(pa.float64(), "fraction of output elements whose bits differ")
+    prediction_flips: int | None = _col(pa.int64(), "decisions changed, summed over outputs: top-1 class (scores over "
+                                        "classes), 0.5 threshold (one score in [0, 1]) or label (null: no output decides)")
+    prediction_flip_fraction: float | None = _col(pa.float64(), "largest fraction of one output's predictions whose "
+                                                  "decision changed")
+    max_rank_change: int | None = _col(pa.int64(), "largest move in rank of one of the reference's top-k classes "
+                                       "(k = 5 or the number of classes)")
     weights_equal: bool | None = _col(pa.bool_(), "every restored model parameter has the original's bytes (null if not checked)")
     save_verdict: str | None = _col(pa.string(), "in-memory model vs reload in the training environment")
     save_max_abs_diff: float | None = _col(pa.float64(), "max abs diff of that save round trip")

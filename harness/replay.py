@@ -13,7 +13,7 @@ import time
 from typing import Any, Mapping
 
 from . import arrays, formats
-from .compare import Tolerance, compare_digests, compare_outputs
+from .compare import Tolerance, compare_digests, compare_outputs, impact_summary, prediction_impacts
 from .records import CellResult
 from .scenario import Scenario, activate
 from .spec import Environment
@@ -98,13 +98,17 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         observation_uri = storage.uri_of(observation_path)
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
-    detail = {"outputs": [o.to_dict() for o in cmp.outputs], "weight_problems": problems,
+    impacts = prediction_impacts(reference, observed, scenario.outputs)
+    flips, flip_fraction, rank_change = impact_summary(impacts)
+    detail = {"outputs": [{**o.to_dict(), "impact": impacts[o.name].to_dict() if o.name in impacts else None}
+                          for o in cmp.outputs], "weight_problems": problems,
               "weight_notes": check.notes, "ignored_state": check.ignored_state,
               "variables_checked": check.checked, "reference_kind": info.get("reference_kind"),
               "batch_size": batch_size}
     return _finish(cell, start, fp, verdict=verdict, error=error, observation_uri=observation_uri,
                    max_abs_diff=_nan_to_none(cmp.max_abs_diff), max_rel_diff=_nan_to_none(cmp.max_rel_diff),
                    max_ulp_diff=_nan_to_none(cmp.max_ulp_diff), mismatch_fraction=_nan_to_none(cmp.mismatch_fraction),
+                   prediction_flips=flips, prediction_flip_fraction=flip_fraction, max_rank_change=rank_change,
                    weights_equal=weights_equal, atol=_nan_to_none(atol), rtol=_nan_to_none(rtol),
                    max_ulp=_nan_to_none(max_ulp), required_atol=_nan_to_none(req_atol),
                    required_rtol=_nan_to_none(req_rtol), required_ulp=_nan_to_none(req_ulp), detail=detail)

@@ -167,6 +167,7 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
     facts = [
         ("verdict", _outcome_text(cell)),
         ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
+        ("prediction impact", _impact_text(cell)),
         ("save round trip", _joined(cell, ("save_verdict", "save_max_abs_diff", "save_max_ulp_diff"))),
         ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
         ("required tolerance", _required_text(cell)),
@@ -174,6 +175,22 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
         ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "artifact_digest"))),
     ]
     return [(label, text) for label, text in facts if text]
+
+
+def _flips(cell: Cell) -> int:
+    """Decisions the cell's differences changed (0 when none, or no output decides anything)."""
+    flips = cell.get("prediction_flips")
+    return int(flips) if flips is not None and flips == flips else 0
+
+
+def _impact_text(cell: Cell) -> str:
+    """``3 predictions changed their decision (worst output 4.7%); top-k rank moved by up to 2``, or ''."""
+    if cell.get("prediction_flips") is None or cell.get("verdict") not in ("within_tolerance", "mismatch"):
+        return ""
+    flips, rank = _flips(cell), cell.get("max_rank_change")
+    text = (f"{flips} prediction(s) changed their decision (worst output {100 * (cell.get('prediction_flip_fraction') or 0):.3g}%)"
+            if flips else "no decision changed")
+    return text + (f"; top-k rank moved by up to {int(rank)}" if rank else "")
 
 
 def _required_text(cell: Cell) -> str:
@@ -220,11 +237,14 @@ def _short(cell: Cell | None) -> str:
         text = f"MISMATCH {_ulp(cell.get('max_ulp_diff'))}ulp"
     else:
         text = _SHORT.get(verdict, verdict.upper())
+    if _flips(cell):
+        text += f" {_flips(cell)}flip"
     return text + (" ✗" if _failed(cell) else "")
 
 
 MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp = within tolerance, at most N ULP from the "
-                 "reference; MISMATCH Nulp = outside tolerance; ✗ = missed its expectation; save = in-memory "
+                 "reference; MISMATCH Nulp = outside tolerance; Kflip = K predictions changed their decision "
+                 "(top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save = in-memory "
                  "model vs its reload in the training environment")
 
 
@@ -267,7 +287,8 @@ def _md_cell(cell: Cell | None) -> str:
         return "-"
     text = cell["verdict"]
     if text in ("within_tolerance", "mismatch"):
-        text += f" ({_ulp(cell.get('max_ulp_diff'))} ulp, {_num(cell.get('max_abs_diff'))})"
+        flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
+        text += f" ({_ulp(cell.get('max_ulp_diff'))} ulp, {_num(cell.get('max_abs_diff'))}{flips})"
     return f"**{text}** ✗" if _failed(cell) else text
 
 
@@ -444,6 +465,8 @@ def _tooltip(cell: Cell) -> str:
     parts = [f"{cell['scenario']}/{cell['format']} @ {cell['environment']}: {cell.get('verdict')}",
              f"expected {cell.get('expected')}", f"max ulp {_ulp(cell.get('max_ulp_diff'))}",
              f"max abs {_num(cell.get('max_abs_diff'))}"]
+    if _flips(cell):
+        parts.append(f"{_flips(cell)} prediction(s) changed their decision")
     if _failed(cell):
         parts.append("FAILED expectation")
     if first := _first_line(cell.get("error")):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from .compare import OUTPUT_KINDS
+
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 #: Built-in search path: the article's scenarios and the zoo of real architectures.
 #: (``scenarios/sweeps/`` holds YAML only and is not searched.)
@@ -61,6 +63,11 @@ class Scenario:
             built or loaded, e.g. to define and register custom Keras classes
             with ``keras.saving.register_keras_serializable``.
         description: one line for ``harness scenarios``.
+        outputs: what each output is, for prediction impact, by output name
+            (``output`` for a single output, ``output_0``... for a list, the
+            keys of a dict): ``classes``, ``binary``, ``labels`` or
+            ``regression``. Unnamed outputs are guessed (see
+            ``harness.compare.output_kind``).
 
     Example:
         >>> SCENARIO = Scenario(name="seed-linear-regression", build=build, data=data,
@@ -79,6 +86,7 @@ class Scenario:
     custom_objects: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
     setup: Callable[[], Any] | None = None
     description: str = ""
+    outputs: Mapping[str, str] = field(default_factory=dict)
     source_file: str = ""
     source_digest: str = ""
     source_text: str = field(default="", repr=False)
@@ -97,6 +105,13 @@ class Scenario:
             raise ScenarioError(f"scenario {self.name!r}: give build= and data= (or a train= hook)")
         if not callable(self.probe):
             raise ScenarioError(f"scenario {self.name!r}: probe= must be a function rng -> inputs")
+        if not isinstance(self.outputs, Mapping):
+            raise ScenarioError(f"scenario {self.name!r}: outputs= must map output names to one of "
+                                f"{', '.join(OUTPUT_KINDS)}, got {type(self.outputs).__name__}")
+        for out, kind in self.outputs.items():
+            if kind not in OUTPUT_KINDS:
+                raise ScenarioError(f"scenario {self.name!r}: outputs[{out!r}] is {kind!r}; use one of "
+                                    f"{', '.join(OUTPUT_KINDS)}")
 
 
 def _module_name(path: Path) -> str:

@@ -155,6 +155,10 @@ class _Trained:
     def __init__(self, scenario: Scenario, model: Any, probe: Any, batch_size: int):
         self.scenario, self.model, self.probe, self.batch_size = scenario, model, probe, batch_size
         self.in_memory = formats.predict(lambda x: formats.call_model(model, x), probe, batch_size)
+        unknown = sorted(set(scenario.outputs) - set(self.in_memory))
+        if unknown:
+            raise ScenarioError(f"scenario {scenario.name!r}: outputs= names {', '.join(map(repr, unknown))}, but the "
+                                f"model's outputs are {', '.join(map(repr, self.in_memory))}")
         self.variables = formats.variable_digests(model.weights if formats._is_keras(model) else model.variables)
 
     @classmethod

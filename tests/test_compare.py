@@ -587,3 +587,30 @@ def test_sequence_outputs_count_positions_and_bfloat16_works():
     ref = np.random.default_rng(1).random((4, 6, 3)).astype(ml_dtypes.bfloat16)
     impact = prediction_impact(ref, ref.copy())
     assert impact.positions == 24 and impact.flips == 0
+
+
+def test_impacts_per_output_use_declared_kinds_and_summarize():
+    from harness.compare import impact_summary, prediction_impacts
+
+    ref = {"cls": np.array([[0.9, 0.1], [0.4, 0.6]], np.float32), "reg": np.array([[0.2], [0.7]], np.float32)}
+    obs = {"cls": np.array([[0.9, 0.1], [0.6, 0.4]], np.float32), "reg": np.array([[0.6], [0.7]], np.float32)}
+    guessed = prediction_impacts(ref, obs)
+    assert guessed["reg"] == Impact("binary", positions=2, flips=1)  # values in [0, 1]: taken for a score
+    declared = prediction_impacts(ref, obs, {"reg": "regression"})
+    assert set(declared) == {"cls"} and declared["cls"].flips == 1
+    assert impact_summary(guessed) == (2, 0.5, 1)
+    assert impact_summary(declared) == (1, 0.5, 1)
+    assert impact_summary({}) == (None, None, None)
+    assert prediction_impacts(ref, {"cls": obs["cls"][:1]}) == {}  # other shape, or missing: nothing to say
+
+
+def test_scenario_outputs_must_name_known_kinds():
+    from harness.scenario import Scenario, ScenarioError
+
+    def probe(rng):
+        return np.zeros((2, 2), np.float32)
+
+    with pytest.raises(ScenarioError, match=r"outputs\['y'\] is 'probabilities'; use one of classes"):
+        Scenario(name="s", train=lambda seed: None, probe=probe, outputs={"y": "probabilities"})
+    with pytest.raises(ScenarioError, match="outputs= must map output names"):
+        Scenario(name="s", train=lambda seed: None, probe=probe, outputs=["classes"])

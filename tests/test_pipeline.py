@@ -47,6 +47,10 @@ def test_article_claim_same_predictions_and_every_variable_restored(scenarios, s
     assert row.detail["variables_checked"] == {"seed-binary-classifier": 4, "seed-linear-regression": 2,
                                                   "seed-dense-regression": 4}[name]
     assert row.max_ulp_diff == 0 and row.mismatch_fraction == 0
+    if name == "seed-binary-classifier":  # one sigmoid score: decided at 0.5, and bitwise decides the same
+        assert (row.prediction_flips, row.prediction_flip_fraction, row.max_rank_change) == (0, 0.0, None)
+        assert row.detail["outputs"][0]["impact"] == {"kind": "binary", "positions": 64, "flips": 0, "k": None,
+                                                      "max_rank_change": None, "flip_fraction": 0.0}
 
 
 def test_both_references_are_recorded_apart(trained, store):
@@ -139,6 +143,10 @@ def test_multi_input_multi_output_with_non_trainable_variables(scenarios, tmp_pa
         row = replay(scenarios["test-multi-io"], fmt, art.path, str(tmp_path), DEFAULT, batch_size=7)
         assert row.verdict in ("bitwise", "within_tolerance"), (fmt, row.error)
         assert {o["name"] for o in row.detail["outputs"]} == {"cls", "reg"}
+        impact = {o["name"]: o["impact"] for o in row.detail["outputs"]}
+        assert impact["reg"] is None  # declared a regression: no decision to flip, whatever its values
+        assert impact["cls"]["kind"] == "classes" and impact["cls"]["k"] == 2
+        assert row.prediction_flips == impact["cls"]["flips"] and row.max_rank_change == impact["cls"]["max_rank_change"]
         # 3 Dense layers x 2 + BatchNorm gamma/beta/moving_mean/moving_variance
         assert row.detail["variables_checked"] == 10 and row.weights_equal
 
@@ -182,3 +190,13 @@ def test_artifacts_are_content_addressed_and_reused(scenarios, store, trained):
     assert first["keras"].digest != first["h5"].digest
     other_batch = train(scenarios["seed-linear-regression"], ["keras"], store, TRAINING, batch_size=8)
     assert other_batch.artifacts["keras"].digest != first["keras"].digest
+
+
+def test_outputs_naming_an_unknown_output_is_refused_at_training(scenarios, tmp_path):
+    from dataclasses import replace as dc_replace
+
+    from harness.scenario import ScenarioError
+
+    bad = dc_replace(scenarios["test-multi-io"], outputs={"cls": "classes", "score": "binary"})
+    with pytest.raises(ScenarioError, match=r"outputs= names 'score', but the model's outputs are 'cls', 'reg'"):
+        train(bad, ["keras"], str(tmp_path), TRAINING)

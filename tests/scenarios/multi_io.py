@@ -56,7 +56,8 @@ def _train_module(seed):
 SCENARIOS = [
     Scenario(name="test-multi-io", build=_build_multi, data=_multi_data, probe=_multi_probe,
              compile={"optimizer": "adam", "loss": {"cls": "sparse_categorical_crossentropy", "reg": "mse"}},
-             fit={"epochs": 2, "batch_size": 16}, seed=3, description="two inputs, two outputs, BatchNorm"),
+             fit={"epochs": 2, "batch_size": 16}, seed=3, description="two inputs, two outputs, BatchNorm",
+             outputs={"cls": "classes", "reg": "regression"}),
     Scenario(name="test-tf-module", train=_train_module,
              probe=lambda rng: rng.normal(size=(16, 4)).astype(np.float32), seed=5,
              description="plain tf.Module, custom training loop"),
