@@ -93,10 +93,35 @@ def cmd_run(args) -> int:
     except BaseException:
         _write_partial_report(out, sweep.name)  # what finished is kept, with its report
         raise
+    explanations = _explain_differences(sweep, scenarios, args, result) if not result.harness_failures else {}
     print(report.matrix_text(result.table))
-    (out / "report.md").write_text(report.render(result.table, "md", title=f"Sweep {sweep.name}"))
+    (out / "report.md").write_text(report.render(result.table, "md", title=f"Sweep {sweep.name}",
+                                                 explanations=explanations))
     print(f"\nresults: {out / 'results.parquet'}\nreport:  {out / 'report.md'}")
     return _exit_code(result)
+
+
+def _explain_differences(sweep, scenarios, args, result) -> dict:
+    """With ``explain: true``, explain every cell that is not bitwise; the run's explanations, by cell.
+
+    An explanation that cannot be made is reported and skipped: it never
+    changes the run's results or its exit code.
+    """
+    from .explain import cells_to_explain, explain_cells, load_explanations
+
+    cells = cells_to_explain(result.table) if sweep.explain and not getattr(args, "inline", False) else []
+    if cells:
+        print(f"harness: explain: true -- explaining {len(cells)} cell(s) that are not bitwise", file=sys.stderr)
+        try:
+            for exp in explain_cells(sweep, scenarios, result.run_dir, cells, address=args.address,
+                                     storage=args.storage, verbose=args.verbose):
+                where = exp.localisation.first if exp.localisation and exp.localisation.first else "-"
+                print(f"  {text.one_line(exp.cell)}: starts at {text.one_line(where)}; "
+                      f"{text.one_line(exp.summary or exp.message or '')}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 -- the run's results stand without their explanations
+            reason = text.one_line(f"{type(exc).__name__}: {exc}", 300)
+            print(f"harness: warning: explain failed: {reason}", file=sys.stderr)
+    return load_explanations(result.run_dir)
 
 
 def _exit_code(result) -> int:
@@ -192,7 +217,10 @@ def cmd_report(args) -> int:
         table = results.read_table(args.run_dir)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
-    text = report.render(table, args.format, title=f"Run {Path(args.run_dir).name}")
+    from .explain import load_explanations
+
+    text = report.render(table, args.format, title=f"Run {Path(args.run_dir).name}",
+                         explanations=load_explanations(args.run_dir))
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -216,10 +244,11 @@ def cmd_nightly(args) -> int:
     if result.harness_failures:
         _write_partial_report(Path(result.run_dir), sweep.name)
         return _exit_code(result)
+    explanations = _explain_differences(sweep, scenarios, args, result)
     history.append_run(result.table, args.history)
     trend = history.load_history(args.history, sweep=sweep.name)
     paths = report.write_all(result.table, result.run_dir, history=trend, changes=changes,
-                             title=f"Nightly {sweep.name}")
+                             title=f"Nightly {sweep.name}", explanations=explanations)
     print(report.matrix_text(result.table))
     print(history.render_changes_md(changes))
     for fmt, path in paths.items():

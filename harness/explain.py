@@ -505,15 +505,31 @@ def find_cell(table: Any, cell: str) -> dict[str, Any]:
 
 def run_explain(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cell: str, *, address: str = "local",
                 storage: str | None = None, attribution: bool = True, verbose: bool = False) -> Explanation:
-    """Explain one cell of a finished run, store the explanation, and return it.
+    """Explain one cell of a finished run, store the explanation, and return it (see ``explain_cells``)."""
+    return explain_cells(sweep, scenarios, run_dir, [cell], address=address, storage=storage,
+                         attribution=attribution, verbose=verbose)[0]
 
-    Layer traces run on workers of the training and of the cell's environment
-    (the engine's worker class, placement and runtime_env); attribution
-    re-runs the cell through the normal engine in derived environments, in a
-    run directory of its own under ``RUN_DIR/explain`` (re-running resumes it).
+
+def cells_to_explain(table: Any) -> list[str]:
+    """The cells of a run that have a difference to explain: numeric verdicts other than bitwise."""
+    return [f"{r['scenario']}/{r['format']}/{r['environment']}" for r in table.to_pylist()
+            if r["verdict"] in ("within_tolerance", "mismatch")]
+
+
+def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells: Sequence[str], *,
+                  address: str = "local", storage: str | None = None, attribution: bool = True,
+                  verbose: bool = False) -> list[Explanation]:
+    """Explain cells of a finished run, store each explanation, and return them in the order asked.
+
+    Layer traces run on workers of the training and of each cell's
+    environment (the engine's worker class, placement and runtime_env).
+    Attribution re-runs the cells through the normal engine in derived
+    environments: one derived sweep per environment covers every cell of it
+    asked for, in a run directory of its own under ``RUN_DIR/attribution``
+    (asking again resumes it: a cache by content).
 
     Raises:
-        UnknownCell: ``cell`` is not in the run.
+        UnknownCell: a cell is not in the run (checked before anything runs).
         FileNotFoundError / results.ResultsError: ``run_dir`` holds no results.
     """
     from pathlib import Path
@@ -523,38 +539,50 @@ def run_explain(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cell: st
 
     run_dir = Path(run_dir)
     table = results.read_table(run_dir)
-    row = find_cell(table, cell)
-    verdict = row["verdict"]
-    if verdict == "bitwise":
-        return _store(run_dir, Explanation(cell, verdict, message="bitwise: the environment reproduced the "
-                                                                 "reference exactly, there is nothing to explain"))
-    if verdict not in results.NUMERIC_VERDICTS:
-        return _store(run_dir, Explanation(cell, verdict, message=f"{verdict}: the cell produced no outputs to "
-                                                                 f"explain ({row['error']})"))
-    storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
-    env = sweep.environment(row["environment"])
-    from .sweep import _init_ray, _register_scenarios_by_value
+    rows = {cell: find_cell(table, cell) for cell in cells}
+    done: dict[str, Explanation] = {}
+    for cell, row in rows.items():
+        if row["verdict"] == "bitwise":
+            done[cell] = _store(run_dir, Explanation(cell, "bitwise", message=(
+                "bitwise: the environment reproduced the reference exactly, there is nothing to explain")))
+        elif row["verdict"] not in results.NUMERIC_VERDICTS:
+            done[cell] = _store(run_dir, Explanation(cell, row["verdict"], message=(
+                f"{row['verdict']}: the cell produced no outputs to explain ({row['error']})")))
+    todo = {cell: row for cell, row in rows.items() if cell not in done}
+    if todo:
+        storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
+        from .sweep import _init_ray, _register_scenarios_by_value
 
-    owned = _init_ray(address, verbose)
-    try:
-        _register_scenarios_by_value(scenarios.values())
-        loc = _localise(sweep, scenarios, table, row, env, storage_uri)
-        findings: tuple[KnobFinding, ...] = ()
-        knobs = knob_differences(sweep, env)
-        if attribution and knobs:
-            findings = tuple(_attribute(sweep, scenarios, row, env, knobs, run_dir, storage_uri, address, verbose))
-    finally:
-        if owned:
-            import ray
+        owned = _init_ray(address, verbose)
+        try:
+            _register_scenarios_by_value(scenarios.values())
+            locs = {cell: _localise(sweep, scenarios, table, row, sweep.environment(row["environment"]), storage_uri)
+                    for cell, row in todo.items()}
+            findings: dict[str, list[KnobFinding]] = {}
+            for env_name in dict.fromkeys(row["environment"] for row in todo.values()) if attribution else ():
+                env = sweep.environment(env_name)
+                knobs = knob_differences(sweep, env)
+                if knobs:
+                    group = [row for row in todo.values() if row["environment"] == env_name]
+                    findings.update(_attribute(sweep, scenarios, group, env, knobs, run_dir, storage_uri, address,
+                                               verbose))
+        finally:
+            if owned:
+                import ray
 
-            ray.shutdown()
-    unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]), knobs))
-    explanation = Explanation(cell, verdict, localisation=loc, findings=findings, unattributable=unattributable,
-                              summary=summarize_attribution(findings, unattributable) if attribution else None)
-    if loc.layers:
+                ray.shutdown()
         st = Storage.open(storage_uri)
-        st.write_bytes(f"runs/{row['run_id']}/explain/{cell}.arrow", _layers_ipc(loc.layers))
-    return _store(run_dir, explanation)
+        for cell, row in todo.items():
+            knobs = knob_differences(sweep, sweep.environment(row["environment"]))
+            unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]), knobs))
+            found = tuple(findings.get(cell, ()))
+            loc = locs[cell]
+            if loc.layers:
+                st.write_bytes(f"runs/{row['run_id']}/explain/{cell}.arrow", _layers_ipc(loc.layers))
+            done[cell] = _store(run_dir, Explanation(
+                cell, row["verdict"], localisation=loc, findings=found, unattributable=unattributable,
+                summary=summarize_attribution(found, unattributable) if attribution else None))
+    return [done[cell] for cell in cells]
 
 
 def _json(text: Any) -> dict[str, Any]:
@@ -637,43 +665,52 @@ def _localise(sweep: Any, scenarios: Mapping[str, Any], table: Any, row: Mapping
     return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None)
 
 
-def _attribute(sweep: Any, scenarios: Mapping[str, Any], row: Mapping[str, Any], env: Any, knobs: Sequence[Knob],
-               run_dir: Any, storage_uri: str, address: str, verbose: bool) -> list[KnobFinding]:
+def _attribute(sweep: Any, scenarios: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], env: Any,
+               knobs: Sequence[Knob], run_dir: Any, storage_uri: str, address: str,
+               verbose: bool) -> dict[str, list[KnobFinding]]:
+    """Findings per cell for ``rows`` (cells of ``env``), from one derived sweep over their scenarios and formats."""
+    import hashlib
+
     from . import arrays
     from .spec import parse_sweep
     from .storage import Storage
     from .sweep import run_sweep
 
     variants = attribution_environments(sweep, env, knobs)
-    doc = {"name": f"explain-{sweep.name}", "scenarios": [row["scenario"]], "formats": [row["format"]],
+    names = sorted({f"{r['scenario']}/{r['format']}" for r in rows})
+    doc = {"name": f"explain-{sweep.name}", "scenarios": sorted({r["scenario"] for r in rows}),
+           "formats": sorted({r["format"] for r in rows}),
            "training": _env_doc(sweep.training), "batch_size": sweep.batch_size, "expect": "any",
            "expect_save": "any", "precheck": sweep.precheck, "retries": sweep.retries,
            "timeouts": {"cell_timeout_s": sweep.cell_timeout_s, "schedule_timeout_s": sweep.schedule_timeout_s,
                         "train_timeout_s": sweep.train_timeout_s},
            "environments": {variant.name: {**_env_doc(variant), "expect": "any"} for _, _, variant in variants}}
-    derived = parse_sweep(doc, source=f"explain of {row['scenario']}/{row['format']}/{row['environment']}")
-    out_dir = run_dir / "explain" / row["scenario"] / row["format"] / f"{row['environment']}.attribution"
+    derived = parse_sweep(doc, source=f"attribution of environment {env.name} for {', '.join(names)}")
+    key = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    out_dir = run_dir / "attribution" / env.name / key
     res = run_sweep(derived, scenarios, out_dir=out_dir, address=address, storage=storage_uri,
                     resume=_reusable(out_dir, derived), verbose=verbose)
     st = Storage.open(storage_uri)
-    cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, row["observation_uri"])))[0]
-    by_env = {r["environment"]: r for r in res.table.to_pylist()}
-    findings = []
-    for knob in knobs:
-        only = by_env.get(f"{env.name}.only-{knob.slug}")
-        without = by_env.get(f"{env.name}.without-{knob.slug}")
-        broken = next((r for r in (only, without) if r is None or r["verdict"] not in ("bitwise", "within_tolerance",
-                                                                                     "mismatch")), None)
-        if broken is not None:
-            findings.append(KnobFinding(knob, None, None, None, None,
-                                        error=(broken or {}).get("error") or "the variant did not run"))
-            continue
-        only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only["observation_uri"])))[0]
-        same = set(only_outputs) == set(cell_outputs) and all(
-            _bits_equal(only_outputs[k], cell_outputs[k]) for k in cell_outputs)
-        findings.append(KnobFinding(knob, same, only["max_ulp_diff"], without["verdict"] == "bitwise",
-                                    without["max_ulp_diff"]))
-    return findings
+    by_cell = {(r["scenario"], r["format"], r["environment"]): r for r in res.table.to_pylist()}
+    out: dict[str, list[KnobFinding]] = {}
+    for row in rows:
+        cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, row["observation_uri"])))[0]
+        findings = out.setdefault(f"{row['scenario']}/{row['format']}/{row['environment']}", [])
+        for knob in knobs:
+            only = by_cell.get((row["scenario"], row["format"], f"{env.name}.only-{knob.slug}"))
+            without = by_cell.get((row["scenario"], row["format"], f"{env.name}.without-{knob.slug}"))
+            broken = next((r for r in (only, without) if r is None or r["verdict"] not in (
+                "bitwise", "within_tolerance", "mismatch")), None)
+            if broken is not None or only is None or without is None:
+                findings.append(KnobFinding(knob, None, None, None, None,
+                                            error=(broken or {}).get("error") or "the variant did not run"))
+                continue
+            only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only["observation_uri"])))[0]
+            same = set(only_outputs) == set(cell_outputs) and all(
+                _bits_equal(only_outputs[k], cell_outputs[k]) for k in cell_outputs)
+            findings.append(KnobFinding(knob, same, only["max_ulp_diff"], without["verdict"] == "bitwise",
+                                        without["max_ulp_diff"]))
+    return out
 
 
 def _reusable(out_dir: Any, derived: Any) -> bool:

@@ -32,6 +32,7 @@ from tabulate import tabulate
 
 from harness import history as hist
 from harness import text as text_
+from harness.explain import Explanation, LayerDiff
 from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
 
 #: Report formats and the file each is written to by :func:`write_all`.
@@ -328,7 +329,8 @@ def _md_failure(cell: Cell) -> list[str]:
     return lines + [""]
 
 
-def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None) -> str:
+def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
+              explained: list[Explanation] = ()) -> str:
     lay = _layout(table)
     lines = _md_header(table, lay, title)
     if not lay.cells:
@@ -338,9 +340,61 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None) 
         failures = [c for c in lay.ordered() if _failed(c)]
         lines += ["## Failed expectations", ""]
         lines += [line for c in failures for line in _md_failure(c)] or ["None.", ""]
+    if explained:
+        lines += ["## Explanations", ""] + [line for e in explained for line in _md_explanation(e)]
     if changes is not None:
         lines += ["## What changed", "", hist.render_changes_md(changes)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+# -- explanations (harness explain) ---------------------------------------------------------
+_LAYER_HEADERS = ["#", "layer", "outputs", "max ulp", "max abs diff", "mismatch fraction", "growth"]
+
+
+def _explained(table: pa.Table, explanations: Mapping[str, Explanation] | None) -> list[Explanation]:
+    """The explanations of this table's cells that found something, in matrix order."""
+    if not explanations:
+        return []
+    order = [f"{c['scenario']}/{c['format']}/{c['environment']}" for c in _layout(table).ordered()]
+    return [explanations[k] for k in order if k in explanations and explanations[k].message is None]
+
+
+def _growth(layer: LayerDiff) -> str:
+    if layer.growth is None:
+        return "-"
+    return "starts here" if math.isinf(layer.growth) else f"x{layer.growth:.3g}"
+
+
+def _layer_row(layer: LayerDiff) -> list[str]:
+    return [str(layer.index), layer.name, layer.verdict, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
+            _num(layer.mismatch_fraction), _growth(layer)]
+
+
+def _explanation_facts(exp: Explanation) -> list[tuple[str, str]]:
+    loc, facts = exp.localisation, []
+    if exp.summary:
+        facts.append(("setting", exp.summary))
+    if loc is not None and loc.error:
+        facts.append(("layers", f"cannot localise: {loc.error}"))
+    elif loc is not None:
+        facts.append(("starts at layer", loc.first or "(every layer bitwise)"))
+        facts.append(("grows most at", loc.growth or "-"))
+        if loc.note:
+            facts.append(("traced", loc.note))
+    facts += [("knob", f.sentence()) for f in exp.findings]
+    if exp.unattributable:
+        facts.append(("not attributable here", "; ".join(exp.unattributable)))
+    return facts
+
+
+def _md_explanation(exp: Explanation) -> list[str]:
+    scenario, fmt, env = exp.cell.split("/")
+    lines = [f"### {text_.code(scenario + '/' + fmt)} @ {text_.code(env)}: {_md_escape(exp.verdict)}", ""]
+    lines += [f"- {label}: {_md_escape(text)}" for label, text in _explanation_facts(exp)]
+    layers = exp.localisation.layers if exp.localisation else ()
+    if layers:
+        lines += ["", *_md_table(_LAYER_HEADERS, [_layer_row(d) for d in layers])]
+    return lines + [""]
 
 
 # -- HTML ------------------------------------------------------------------------------
@@ -387,6 +441,9 @@ td.cell.failed{outline:3px solid #111;outline-offset:-4px}
 #fingerprints tr.differs th{color:#b2182b}
 #fingerprints td.diff{background:#fde0c5;font-weight:600}
 #fingerprints details summary{cursor:pointer;color:#2166ac}
+#explanations dl{display:grid;grid-template-columns:max-content 1fr;gap:1px 10px}
+#explanations dd{margin:0}.depth{display:block;margin:8px 0}
+table.layers th,table.layers td{border:1px solid #ddd;padding:2px 8px;font-size:12px;text-align:left}
 """
 
 # Only one detail panel open at a time; Escape closes it.
@@ -569,7 +626,48 @@ def _fingerprints_html(lay: _Layout) -> str:
     return f'<table id="fingerprints"><thead><tr><th>key</th>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
-def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None) -> str:
+def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int = 120) -> str:
+    """Inline SVG: one bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
+    the first layer that is not bitwise is outlined."""
+    layers = list(layers)
+    if not layers:
+        return ""
+    values = [math.log10(1 + d.max_ulp_diff) if d.max_ulp_diff is not None and math.isfinite(d.max_ulp_diff)
+              else 0.0 for d in layers]
+    top = max(max(values), 1.0)
+    step = width / len(layers)
+    first = next((d.index for d in layers if d.verdict != "bitwise"), None)
+    bars = []
+    for d, v in zip(layers, values):
+        h = max(2.0, (height - 14) * v / top)
+        outline = ' stroke="#111" stroke-width="2"' if d.index == first else ""
+        bars.append(f'<rect x="{d.index * step + 1:.1f}" y="{height - 12 - h:.1f}" width="{max(step - 2, 1):.1f}" '
+                    f'height="{h:.1f}" fill="{_COLOURS.get(d.verdict, "#999999")}"{outline}>'
+                    f"<title>{_e(f'{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp')}</title></rect>")
+    return (f'<svg class="depth" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="max ULP difference by layer depth">'
+            f'<line x1="0" y1="{height - 12}" x2="{width}" y2="{height - 12}" stroke="#888"/>{"".join(bars)}'
+            f'<text x="0" y="{height - 1}" font-size="10" fill="#555">input</text>'
+            f'<text x="{width}" y="{height - 1}" font-size="10" fill="#555" text-anchor="end">output '
+            f"(bar height: log10(1 + max ulp), up to {10 ** top - 1:.3g} ulp)</text></svg>")
+
+
+def _explanations_html(explained: list[Explanation]) -> str:
+    parts = ['<h2>Explanations</h2><section id="explanations">']
+    for exp in explained:
+        layers = exp.localisation.layers if exp.localisation else ()
+        parts.append(f"<h3>{_e(exp.cell)}: {_e(exp.verdict)}</h3>")
+        parts.append(_dl([(k, _e(v)) for k, v in _explanation_facts(exp)]))
+        if layers:
+            rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in _layer_row(d)) + "</tr>" for d in layers)
+            parts.append(_divergence_svg(layers))
+            parts.append(f'<table class="layers"><thead><tr>{"".join(f"<th>{_e(h)}</th>" for h in _LAYER_HEADERS)}'
+                         f"</tr></thead><tbody>{rows}</tbody></table>")
+    return "".join(parts) + "</section>"
+
+
+def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None,
+          explained: list[Explanation] = ()) -> str:
     lay = _layout(table)
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
@@ -579,6 +677,8 @@ def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | Non
             f'<p class="summary">{_e(summary_line(table))}</p>', _legend_html()]
     body.append(_matrix_html(lay, history))
     body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
+    if explained:
+        body.append(_explanations_html(explained))
     if changes is not None:
         body += ['<h2>What changed</h2><section id="changes">',
                  f"<pre>{_e(hist.render_changes_md(changes))}</pre></section>"]
@@ -702,7 +802,8 @@ def _json_environments(lay: _Layout) -> list[dict[str, Any]]:
     return out
 
 
-def _json(table: pa.Table, changes: hist.Changes | None, title: str | None) -> str:
+def _json(table: pa.Table, changes: hist.Changes | None, title: str | None,
+          explained: list[Explanation] = ()) -> str:
     lay = _layout(table)
     started = _started(lay.cells.values())
     doc = {
@@ -713,13 +814,15 @@ def _json(table: pa.Table, changes: hist.Changes | None, title: str | None) -> s
         "environments": _json_environments(lay),
         "cells": [_json_cell(c) for c in lay.ordered()],
         "changes": changes.to_dict() if changes is not None else None,
+        "explanations": [e.to_dict() for e in explained],
     }
     return json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n"
 
 
 # -- public entry points ----------------------------------------------------------------------
 def render(table: pa.Table, fmt: str, *, history: pa.Table | None = None,
-           changes: hist.Changes | None = None, title: str | None = None) -> str:
+           changes: hist.Changes | None = None, title: str | None = None,
+           explanations: Mapping[str, Explanation] | None = None) -> str:
     """Render a results table as text in one report format.
 
     Args:
@@ -730,18 +833,22 @@ def render(table: pa.Table, fmt: str, *, history: pa.Table | None = None,
         changes: ``harness.history.diff_runs`` against the previous run; adds a
             "What changed" section (``changes`` in JSON).
         title: report title (default: "Reproducibility report: <sweep>").
+        explanations: ``harness.explain.load_explanations`` of the run; the
+            Markdown and HTML reports show each (summary, findings, per-layer
+            table; in HTML a chart of divergence by depth), JSON includes them.
 
     Raises:
         ValueError: ``fmt`` is not one of the formats above.
     """
+    explained = _explained(table, explanations)
     if fmt == "md":
-        return _markdown(table, changes, title)
+        return _markdown(table, changes, title, explained)
     if fmt == "html":
-        return _html(table, history, changes, title)
+        return _html(table, history, changes, title, explained)
     if fmt == "junit":
         return _junit(table, title)
     if fmt == "json":
-        return _json(table, changes, title)
+        return _json(table, changes, title, explained)
     raise ValueError(f"unknown report format {fmt!r}; use one of {', '.join(FILES)}")
 
 
@@ -752,7 +859,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_all(table: pa.Table, out_dir: str | os.PathLike, *, history: pa.Table | None = None,
-              changes: hist.Changes | None = None, title: str | None = None) -> dict[str, Path]:
+              changes: hist.Changes | None = None, title: str | None = None,
+              explanations: Mapping[str, Explanation] | None = None) -> dict[str, Path]:
     """Write report.md, report.html, report.xml (JUnit) and report.json into ``out_dir``.
 
     Each file is written atomically (temporary file + rename).
@@ -765,5 +873,6 @@ def write_all(table: pa.Table, out_dir: str | os.PathLike, *, history: pa.Table 
     written = {}
     for fmt, name in FILES.items():
         written[fmt] = out / name
-        _write_atomic(written[fmt], render(table, fmt, history=history, changes=changes, title=title))
+        _write_atomic(written[fmt], render(table, fmt, history=history, changes=changes, title=title,
+                                           explanations=explanations))
     return written

@@ -243,5 +243,5 @@ def rows(table: pa.Table) -> list[dict[str, Any]]:
 def schema_markdown() -> str:
     """The results schema as a Markdown table (used in the README)."""
     lines = ["| column | type | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{n}` | {t} | {d} |" for n, t, d in COLUMNS]
+    lines += [f"| `{n}` | {t} | {d.replace('|', chr(92) + '|')} |" for n, t, d in COLUMNS]  # \| keeps a cell whole
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from .compare import Tolerance
 from .records import ArtifactRecord, CellResult, TrainRecord
-from .scenario import Scenario
+from .scenario import Scenario, activate
 from .spec import Environment
 
 
@@ -180,7 +180,8 @@ class Worker:
         storage = Storage.open(self.storage_uri)
         local, _ = storage.get_dir(job.artifact_path, expected_manifest_sha256=job.manifest_sha256)
         inputs, _reference, _info = read_reference(local)
-        loaded = formats.get(job.format).load(f"{local}/{formats.MODEL_DIR}", self.scenarios[job.scenario], inputs)
+        scenario = activate(self.scenarios[job.scenario])  # its module executed here: custom classes registered
+        loaded = formats.get(job.format).load(f"{local}/{formats.MODEL_DIR}", scenario, inputs)
         trace = trace_layers(loaded.owner, inputs, job.batch_size, job.jit_compile)
         storage.write_bytes(job.output_path, arrays.to_ipc_bytes(trace_to_arrays(trace), {
             "scenario": job.scenario, "format": job.format, "environment": self.environment.name}))

@@ -69,7 +69,7 @@ def keras_models():
     keras.utils.set_random_seed(0)
     inp = keras.Input((8,))
     h = keras.layers.Dense(16, activation="relu", name="d1")(inp)
-    functional = keras.Model(inp, keras.layers.Dense(4, name="d2")(h))
+    functional = keras.Model(inp, keras.layers.Dense(4, name="d2")(h), name="functional")  # not numbered by history
     nested = keras.Sequential([keras.Input((8,)), functional, keras.layers.Dense(1, name="head")])
     recurrent = keras.Sequential([keras.Input((6,)), keras.layers.Embedding(20, 4, mask_zero=True, name="emb"),
                                   keras.layers.LSTM(3, name="lstm"), keras.layers.Dense(2, name="out")])
@@ -89,3 +89,121 @@ def test_trace_layers_of_functional_nested_and_recurrent_models(keras_models, ji
     assert names == ["emb", "lstm", "out"]  # the LSTM is one step: its cell runs inside a loop
     # The model's own call is untouched afterwards.
     assert "wrapper" not in repr(functional.layers[1].call)
+
+
+# -- end to end: a difference known to start at one layer, caused by one knob ------------------
+# tests/scenarios/nudge.py: Rescaling -> BatchNudge (+1 ULP at batch size 1) -> Dense.
+# ``two-knobs`` sets batch_size 1 *and* threads 1; the single-knob environments are run alongside,
+# so the attribution is checked against what each knob really does on this machine.
+import json  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from test_cli import RUN_TIMEOUT, explain as explain_proc, rows_by_cell, run_cli, write_sweep  # noqa: E402
+
+from harness import results  # noqa: E402
+from harness.storage import Storage  # noqa: E402
+
+TESTS = Path(__file__).parent
+NUDGE = "test-batch-nudge"
+
+
+@pytest.fixture(scope="module")
+def nudged(tmp_path_factory):
+    """A CLI run with ``explain: true``: (run dir, its process, its cells)."""
+    tmp = tmp_path_factory.mktemp("explain")
+    doc = {"name": "explain-nudge", "storage": str(tmp / "store"), "scenarios": [NUDGE], "formats": ["keras"],
+           "explain": True, "timeouts": {"schedule_timeout_s": 120, "cell_timeout_s": 180},
+           "environments": {"same": {}, "two-knobs": {"batch_size": 1, "threads": 1, "expect": "any"},
+                            "only-batch": {"batch_size": 1, "expect": "any"},
+                            "only-threads": {"threads": 1, "expect": "any"}}}
+    write_sweep(tmp, "sweep.yaml", doc)
+    proc = run_cli("run", "sweep.yaml", "--scenarios-path", TESTS / "scenarios", "--out", tmp / "run",
+                   cwd=tmp, timeout=2 * RUN_TIMEOUT)
+    assert proc.returncode == 0, explain_proc(proc)
+    return tmp / "run", proc, {env: row for (_, _, env), row in rows_by_cell(tmp / "run").items()}
+
+
+def _outputs(row: dict) -> dict[str, np.ndarray]:
+    uri = row["observation_uri"]
+    base = str(Path(uri.split("://", 1)[-1]))
+    return arrays.read_ipc(Path(base).read_bytes())[0]
+
+
+def _same_bits(a: dict, b: dict) -> bool:
+    from harness.compare import bits_equal
+
+    return set(a) == set(b) and all(bits_equal(a[k], b[k]) for k in a)
+
+
+def test_localisation_names_the_layer_where_the_difference_starts(nudged):
+    run_dir, proc, rows = nudged
+    assert rows["two-knobs"]["verdict"] in ("within_tolerance", "mismatch"), rows["two-knobs"]
+    exp = json.loads((run_dir / "explain" / NUDGE / "keras" / "two-knobs.json").read_text())
+    loc = exp["localisation"]
+    names = [layer["name"] for layer in loc["layers"]]
+    assert names == ["scale", "nudge", "head"], names
+    assert [layer["verdict"] for layer in loc["layers"]][0] == "bitwise"  # elementwise: same bits at any batch
+    assert loc["first"] == "nudge" and loc["layers"][1]["verdict"] != "bitwise"
+    assert loc["layers"][1]["growth"] == "inf"  # its inputs were bitwise: the difference starts here
+    assert f"{NUDGE}/keras/two-knobs: starts at nudge" in proc.stderr
+    # the per-layer comparison is also stored as Arrow next to the cell's observation
+    store = Storage.open(str(run_dir.parent / "store"))
+    assert store.exists(f"runs/{rows['two-knobs']['run_id']}/explain/{NUDGE}/keras/two-knobs.arrow")
+
+
+def test_attribution_agrees_with_the_single_knob_environments(nudged):
+    run_dir, _, rows = nudged
+    exp = json.loads((run_dir / "explain" / NUDGE / "keras" / "two-knobs.json").read_text())
+    findings = {f["knob"]["name"]: f for f in exp["findings"]}
+    assert set(findings) == {"batch_size", "threads"}, findings
+    cell = _outputs(rows["two-knobs"])
+    for knob, env in (("batch_size", "only-batch"), ("threads", "only-threads")):
+        alone = _outputs(rows[env])  # run independently, in the sweep itself
+        assert findings[knob]["only_reproduces"] == _same_bits(alone, cell), (knob, findings[knob])
+    # by construction batch size 1 changes layer `nudge` on every CPU: batch_size alone gives the cell's bits
+    assert findings["batch_size"]["only_reproduces"] is True
+    if rows["only-threads"]["verdict"] == "bitwise":  # threads 1 changed nothing here: batch_size explains it all
+        assert findings["batch_size"]["without_restores"] is True  # the cell minus batch size 1 = threads 1 alone
+        assert findings["threads"]["only_ulp"] == 0 and findings["threads"]["without_restores"] is False
+        assert exp["summary"] == "explained by batch size 1"
+
+
+def test_reports_show_the_explanation(nudged):
+    run_dir, _, _ = nudged
+    md = (run_dir / "report.md").read_text()
+    assert "## Explanations" in md and "starts at layer: nudge" in md
+    assert "| 1 | nudge |" in md  # the per-layer table
+    proc = run_cli("report", run_dir, "--format", "html")
+    assert proc.returncode == 0, explain_proc(proc)
+    assert '<section id="explanations">' in proc.stdout and '<svg class="depth"' in proc.stdout
+    assert proc.stdout.count("<rect") >= 3  # one bar per layer call
+
+
+def test_explain_command_reuses_the_attribution_and_prints_json(nudged):
+    run_dir, _, _ = nudged
+    proc = run_cli("explain", run_dir, f"{NUDGE}/keras/two-knobs", "--scenarios-path", TESTS / "scenarios",
+                   "--json", timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, explain_proc(proc)
+    again = json.loads(proc.stdout)
+    stored = json.loads((run_dir / "explain" / NUDGE / "keras" / "two-knobs.json").read_text())
+    assert again == stored and again["localisation"]["first"] == "nudge"
+
+
+def test_a_bitwise_cell_has_nothing_to_explain(nudged):
+    run_dir, _, rows = nudged
+    assert rows["same"]["verdict"] == "bitwise"
+    proc = run_cli("explain", run_dir, f"{NUDGE}/keras/same", "--scenarios-path", TESTS / "scenarios")
+    assert proc.returncode == 0, explain_proc(proc)
+    assert "nothing to explain" in proc.stdout
+
+
+@pytest.mark.parametrize("cell, fragment", [
+    (f"{NUDGE}/keras/two-knob", "did you mean"),
+    ("not-a-cell", "name a cell as SCENARIO/FORMAT/ENVIRONMENT"),
+])
+def test_bad_cell_names_are_exit_2(nudged, cell, fragment):
+    run_dir, _, _ = nudged
+    proc = run_cli("explain", run_dir, cell, "--scenarios-path", TESTS / "scenarios")
+    assert proc.returncode == 2, explain_proc(proc)
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

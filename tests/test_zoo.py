@@ -62,19 +62,19 @@ def test_zoo_default_column(scenarios, zoo_store, zoo_trained, name, fmt):
     limitation = LIMITATIONS.get((name, fmt))
     if limitation:
         # a save that fails leaves no artifact; a reload that fails is an error in both references
-        texts = [art.error] if art.error else [art.save_error, row["error"]]
-        assert art.error or (art.save_verdict == "error" and row["verdict"] == "error")
+        texts = [art.error] if art.error else [art.save_error, row.error]
+        assert art.error or (art.save_verdict == "error" and row.verdict == "error")
         for text in texts:
             assert limitation in text, text
             assert "; use " in text and "Please ensure" not in text, text
         return
     assert art.error is None, art.error
     assert art.save_verdict == "bitwise", art.save_error
-    assert row["verdict"] == "bitwise", row["error"]
-    detail = row["detail"]
-    assert row["weights_equal"] is True and detail["weight_problems"] == []
+    assert row.verdict == "bitwise", row.error
+    detail = row.detail
+    assert row.weights_equal is True and detail["weight_problems"] == []
     assert detail["variables_checked"] > 0
-    assert row["max_ulp_diff"] == 0 and row["mismatch_fraction"] == 0
+    assert row.max_ulp_diff == 0 and row.mismatch_fraction == 0
     # the reference came from the reload in the training environment, not the in-memory fallback
     assert detail["reference_kind"] == "reload"
 
@@ -119,15 +119,15 @@ def test_string_probes_and_outputs_round_trip(scenarios, zoo_store, zoo_trained)
     assert set(label.reshape(-1)) <= {b"warm", b"cool", b"neutral"}
     row = replay(scenarios["zoo-string-lookup"], "savedmodel", zoo_trained["zoo-string-lookup"].artifacts[
         "savedmodel"].path, zoo_store, DEFAULT, batch_size=5)
-    outputs = {o["name"]: o for o in row["detail"]["outputs"]}
+    outputs = {o["name"]: o for o in row.detail["outputs"]}
     assert outputs["label"]["verdict"] == "bitwise" and outputs["label"]["dtype_ref"] == "object"
 
 
 def test_rng_state_of_an_export_is_reported_not_failed(scenarios, zoo_store, zoo_trained):
     art = zoo_trained["zoo-transformer-encoder"].artifacts["savedmodel"]
     row = replay(scenarios["zoo-transformer-encoder"], "savedmodel", art.path, zoo_store, DEFAULT, batch_size=32)
-    detail = row["detail"]
-    assert row["verdict"] == "bitwise" and row["weights_equal"] is True
+    detail = row.detail
+    assert row.verdict == "bitwise" and row.weights_equal is True
     assert detail["ignored_state"] and all(n.endswith("seed_generator_state") for n in detail["ignored_state"])
     assert all(n.startswith("rng state ") for n in detail["weight_notes"])
 
@@ -139,8 +139,8 @@ def test_weights_names_do_not_depend_on_what_the_process_built_before(scenarios,
         keras.Sequential([keras.Input((2,)), keras.layers.Dense(1), keras.layers.BatchNormalization()])
     art = zoo_trained["zoo-resnet-block"].artifacts["weights"]
     row = replay(scenarios["zoo-resnet-block"], "weights", art.path, zoo_store, DEFAULT, batch_size=32)
-    assert row["verdict"] == "bitwise" and row["weights_equal"] is True
-    assert row["detail"]["weight_notes"] == []  # every name matched exactly: no structural matching needed
+    assert row.verdict == "bitwise" and row.weights_equal is True
+    assert row.detail["weight_notes"] == []  # every name matched exactly: no structural matching needed
     _, info = _reference(zoo_store, zoo_trained, "zoo-resnet-block", "weights")
     names = [v["name"] for v in info["variables"]]
     # fresh session: numbering starts at batch_normalization whatever the process built before
@@ -184,7 +184,7 @@ _CHILD = textwrap.dedent('''
     for job in jobs:
         scenario = pickle.loads(open(job["pickle"], "rb").read())
         row = replay(scenario, "keras", job["path"], job["store"], Environment(name="cpu-default"), batch_size=32)
-        out[scenario.name] = {k: row.get(k) for k in ("verdict", "weights_equal", "error")}
+        out[scenario.name] = {k: getattr(row, k) for k in ("verdict", "weights_equal", "error")}
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -237,6 +237,6 @@ def test_xla_with_string_inputs_is_refused_before_tensorflow_aborts(scenarios, z
     art = zoo_trained["zoo-string-lookup"].artifacts["keras"]
     for _ in range(2):  # the second attempt is the one that would kill this very process
         row = replay(scenarios["zoo-string-lookup"], "keras", art.path, zoo_store, xla, batch_size=32)
-        assert row["verdict"] == "error"
-        assert "XLA (jit_compile=True) cannot compile a model with string inputs" in row["error"]
-        assert "use an environment without jit_compile" in row["error"]
+        assert row.verdict == "error"
+        assert "XLA (jit_compile=True) cannot compile a model with string inputs" in row.error
+        assert "use an environment without jit_compile" in row.error
