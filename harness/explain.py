@@ -253,6 +253,8 @@ class Knob:
             return f"oneDNN {'on' if value else 'off' if value is False else 'default'}"
         if self.name == "jit_compile":
             return "XLA" if value else "no XLA"
+        if self.name == "cpu_isa":
+            return f"oneDNN ISA capped at {value}" if value else "no ISA cap"
         if self.name.startswith("env:"):
             return f"{self.name[4:]}={value}" if value is not None else f"without {self.name[4:]}"
         return f"{self.name.replace('_', ' ')} {value}"
