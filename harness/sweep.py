@@ -398,8 +398,10 @@ def _init_ray(address: str, verbose: bool) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address == "local":
-        # No idle default-env workers: every worker of ours has its environment's runtime_env.
-        kwargs.update(address="local", include_dashboard=False, _system_config={"enable_worker_prestart": False})
+        # No idle default-env workers (neither prestarted nor started for the first driver): every
+        # worker of ours has its environment's runtime_env, and each idle one costs ~1 s of CPU.
+        kwargs.update(address="local", include_dashboard=False,
+                      _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     else:
         # Workers of a real cluster get this very harness code through Ray,
         # so a node needs only Python, Ray and TensorFlow installed.
