@@ -662,7 +662,10 @@ def _localise(sweep: Any, scenarios: Mapping[str, Any], table: Any, row: Mapping
     from . import arrays
 
     ref, obs = (arrays_to_trace(arrays.read_ipc(st.read_bytes(job.output_path))[0]) for _, job in jobs)
-    diffs = compare_traces(ref, obs)
+    try:
+        diffs = compare_traces(ref, obs)
+    except ValueError as exc:  # the two reloads called different layers (a model that depends on its environment)
+        return Localisation(fmt, note, error=f"cannot compare the layer traces: {exc}")
     first, grown = first_divergent(diffs), most_growth(diffs)
     return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None)
 
