@@ -614,3 +614,23 @@ def test_scenario_outputs_must_name_known_kinds():
         Scenario(name="s", train=lambda seed: None, probe=probe, outputs={"y": "probabilities"})
     with pytest.raises(ScenarioError, match="outputs= must map output names"):
         Scenario(name="s", train=lambda seed: None, probe=probe, outputs=["classes"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), classes=st.integers(2, 12), seed=st.integers(0, 2 ** 32 - 1),
+       moved=st.floats(0, 1))
+def test_prediction_impact_invariants(rows, classes, seed, moved):
+    """Flips never exceed the positions; identical outputs flip nothing; a flip moves a top class in rank."""
+    rng = np.random.default_rng(seed)
+    ref = rng.random((rows, classes)).astype(np.float32)
+    assert prediction_impact(ref, ref.copy()) == Impact("classes", rows, 0, min(5, classes), 0)
+    obs = ref.copy()
+    pick = rng.random(rows) < moved
+    obs[pick] = rng.random((int(pick.sum()), classes)).astype(np.float32)  # some rows redrawn
+    impact = prediction_impact(ref, obs)
+    assert 0 <= impact.flips <= int(pick.sum()) and impact.flips <= impact.positions == rows
+    assert 0 <= impact.max_rank_change <= classes - 1
+    if impact.flips:
+        assert impact.max_rank_change >= 1
+    expected_flips = int(np.count_nonzero(np.argmax(ref, -1) != np.argmax(obs, -1)))
+    assert impact.flips == expected_flips  # top-1 is the first of equal maxima, as np.argmax takes it

@@ -427,3 +427,63 @@ def test_text_helpers(value, fragment):
     assert fragment in text.markdown(value)
     assert "\n" not in text.one_line(value) and "\x07" not in text.visible(value)
     assert text.code("a`b").startswith("``") and "\n" not in text.code("x\ny")
+
+
+# -- explanations and prediction impact in reports --------------------------------------------
+def _explanation(cell: str, first: str = "dense_1"):
+    from harness.explain import Explanation, Knob, KnobFinding, LayerDiff, Localisation
+
+    layers = (LayerDiff(0, "dense", "bitwise", 0.0, 0.0, 0.0, 0.0, 0.0, None),
+              LayerDiff(1, first, "mismatch", 4.0, 2.4e-7, 0.25, 0.0, 1e-7, math.inf),
+              LayerDiff(2, "head", "mismatch", 9.0, 5e-7, 0.5, 1e-7, 3e-7, 3.0))
+    loc = Localisation("keras", None, layers, first, "head")
+    knob = Knob("jit_compile", False, True)
+    return Explanation(cell, "within_tolerance", localisation=loc,
+                       findings=(KnobFinding(knob, True, 4.0, True, 0.0),), summary="explained by XLA")
+
+
+def test_reports_show_explanations_with_a_layer_table_and_a_depth_chart():
+    rows = [make_row("within_tolerance", environment="cpu-xla"), make_row("bitwise", environment="cpu-default")]
+    table = results.to_table(rows)
+    exp = _explanation("mlp/keras/cpu-xla")
+    md = report.render(table, "md", explanations={exp.cell: exp})
+    section = md.split("## Explanations", 1)[1]
+    assert "- setting: explained by XLA" in section and "- starts at layer: dense_1" in section
+    assert "| 1 | dense_1 | mismatch | 4 | 2.4e-07 | 0.25 | starts here |" in section
+    assert "| 2 | head | mismatch | 9 | 5e-07 | 0.5 | x3 |" in section
+    html = report.render(table, "html", explanations={exp.cell: exp})
+    assert '<section id="explanations">' in html and html.count("<rect") == 3
+    assert 'stroke="#111"' in html  # the first divergent layer is outlined
+    doc = json.loads(report.render(table, "json", explanations={exp.cell: exp}))
+    assert doc["explanations"][0]["localisation"]["first"] == "dense_1"
+    # an explanation of a cell the table does not have, or one with nothing to explain, is not shown
+    from harness.explain import Explanation
+
+    other = Explanation("mlp/keras/cpu-default", "bitwise", message="bitwise: nothing to explain")
+    assert "## Explanations" not in report.render(table, "md", explanations={other.cell: other,
+                                                                            "x/y/z": _explanation("x/y/z")})
+
+
+def test_hostile_layer_names_are_escaped_in_explanations():
+    rows = [make_row("within_tolerance", environment="cpu-xla")]
+    table = results.to_table(rows)
+    exp = _explanation("mlp/keras/cpu-xla", first="<script>alert(1)</script>|x\n# heading")
+    html = report.render(table, "html", explanations={exp.cell: exp})
+    assert "<script>alert(1)" not in html and "&lt;script&gt;" in html
+    md = report.render(table, "md", explanations={exp.cell: exp})
+    assert "<script>" not in md and "\n# heading" not in md
+
+
+def test_prediction_flips_show_in_console_markdown_and_facts():
+    rows = [make_row("within_tolerance", environment="cpu-xla", prediction_flips=3, prediction_flip_fraction=0.047,
+                     max_rank_change=2),
+            make_row("within_tolerance", environment="cpu-amd", prediction_flips=0, prediction_flip_fraction=0.0)]
+    table = results.to_table(rows)
+    text = report.matrix_text(table)
+    assert "3flip" in text and text.count("flip") == 2  # the cell with flips, and the legend
+    md = report.render(table, "md")
+    assert "3 flipped" in md
+    facts = dict(report._facts(rows[0]))
+    assert facts["prediction impact"] == ("3 prediction(s) changed their decision (worst output 4.7%); "
+                                          "top-k rank moved by up to 2")
+    assert dict(report._facts(rows[1]))["prediction impact"] == "no decision changed"
