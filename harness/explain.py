@@ -553,7 +553,7 @@ def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells:
     todo = {cell: row for cell, row in rows.items() if cell not in done}
     if todo:
         storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
-        from .sweep import _init_ray, _register_scenarios_by_value
+        from .sweep import _init_ray, _register_scenarios_by_value, _shutdown_ray
 
         owned = _init_ray(address, verbose)
         try:
@@ -570,9 +570,7 @@ def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells:
                                                verbose))
         finally:
             if owned:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
         st = Storage.open(storage_uri)
         for cell, row in todo.items():
             knobs = knob_differences(sweep, sweep.environment(row["environment"]))

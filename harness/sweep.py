@@ -413,6 +413,13 @@ def _init_ray(address: str, verbose: bool) -> bool:
     return True
 
 
+def _shutdown_ray() -> None:
+    """Stop the Ray this process started (see ``_init_ray``)."""
+    import ray
+
+    ray.shutdown()
+
+
 def _register_scenarios_by_value(scenarios: Iterable[Scenario]) -> None:
     """Ship user scenario modules to workers by value (nothing to install there)."""
     from ray import cloudpickle
