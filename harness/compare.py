@@ -622,6 +622,14 @@ def compare_digests(reference: Mapping[str, dict], observed: Mapping[str, dict])
     problems: list[str] = []
     ignored: list[str] = []
     checked = 0
+    def judge(name: str, kind: str | None, problem: str, what: str) -> None:
+        """A parameter's problem fails the check; the same about non-parameter state is only noted."""
+        if kind is None:
+            problems.append(problem)
+        else:
+            ignored.append(name)
+            notes.append(f"{kind} state {what} (not a model parameter: ignored)")
+
     for name, obs_name in pairs:
         r, o = reference[name], observed[obs_name]
         kind = state_kind(name, r) or state_kind(obs_name, o)
@@ -633,26 +641,14 @@ def compare_digests(reference: Mapping[str, dict], observed: Mapping[str, dict])
             text = f"{name}: restored bytes differ from the original (sha256 {o['sha256'][:12]} != {r['sha256'][:12]})"
         else:
             continue
-        if kind is None:
-            problems.append(text)
-        else:
-            ignored.append(name)
-            notes.append(f"{kind} state {text} (not a model parameter: ignored)")
+        judge(name, kind, text, text)
     for name, d in ref_left.items():
         kind = state_kind(name, d)
         if kind is None:
             checked += 1
-            problems.append(f"{name}: not restored")
-        else:
-            ignored.append(name)
-            notes.append(f"{kind} state {name}: only in the original (not a model parameter: ignored)")
+        judge(name, kind, f"{name}: not restored", f"{name}: only in the original")
     for name, d in obs_left.items():
-        kind = state_kind(name, d)
-        if kind is None:
-            problems.append(f"{name}: unexpected extra variable")
-        else:
-            ignored.append(name)
-            notes.append(f"{kind} state {name}: only in the reloaded artifact (not a model parameter: ignored)")
+        judge(name, state_kind(name, d), f"{name}: unexpected extra variable", f"{name}: only in the reloaded artifact")
     return WeightCheck(equal=not problems, problems=problems, notes=notes, checked=checked, ignored_state=ignored)
 
 
