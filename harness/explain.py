@@ -555,26 +555,26 @@ def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells:
         storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
         from .sweep import _init_ray, _register_scenarios_by_value, _shutdown_ray
 
+        knobs_of = {name: knob_differences(sweep, sweep.environment(name))
+                    for name in dict.fromkeys(row["environment"] for row in todo.values())}
         owned = _init_ray(address, verbose)
         try:
             _register_scenarios_by_value(scenarios.values())
             locs = {cell: _localise(sweep, scenarios, table, row, sweep.environment(row["environment"]), storage_uri)
                     for cell, row in todo.items()}
             findings: dict[str, list[KnobFinding]] = {}
-            for env_name in dict.fromkeys(row["environment"] for row in todo.values()) if attribution else ():
-                env = sweep.environment(env_name)
-                knobs = knob_differences(sweep, env)
+            for env_name, knobs in knobs_of.items() if attribution else ():
                 if knobs:
                     group = [row for row in todo.values() if row["environment"] == env_name]
-                    findings.update(_attribute(sweep, scenarios, group, env, knobs, run_dir, storage_uri, address,
-                                               verbose))
+                    findings.update(_attribute(sweep, scenarios, group, sweep.environment(env_name), knobs, run_dir,
+                                               storage_uri, address, verbose))
         finally:
             if owned:
                 _shutdown_ray()
         st = Storage.open(storage_uri)
         for cell, row in todo.items():
-            knobs = knob_differences(sweep, sweep.environment(row["environment"]))
-            unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]), knobs))
+            unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]),
+                                                    knobs_of[row["environment"]]))
             found = tuple(findings.get(cell, ()))
             loc = locs[cell]
             if loc.layers:

@@ -330,7 +330,7 @@ def _md_failure(cell: Cell) -> list[str]:
 
 
 def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
-              explained: list[Explanation] = ()) -> str:
+              explanations: Mapping[str, Explanation] | None = None) -> str:
     lay = _layout(table)
     lines = _md_header(table, lay, title)
     if not lay.cells:
@@ -340,6 +340,7 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
         failures = [c for c in lay.ordered() if _failed(c)]
         lines += ["## Failed expectations", ""]
         lines += [line for c in failures for line in _md_failure(c)] or ["None.", ""]
+    explained = _explained(lay, explanations)
     if explained:
         lines += ["## Explanations", ""] + [line for e in explained for line in _md_explanation(e)]
     if changes is not None:
@@ -351,11 +352,11 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
 _LAYER_HEADERS = ["#", "layer", "outputs", "max ulp", "max abs diff", "mismatch fraction", "growth"]
 
 
-def _explained(table: pa.Table, explanations: Mapping[str, Explanation] | None) -> list[Explanation]:
-    """The explanations of this table's cells that found something, in matrix order."""
+def _explained(lay: _Layout, explanations: Mapping[str, Explanation] | None) -> list[Explanation]:
+    """The explanations of the layout's cells that found something, in matrix order."""
     if not explanations:
         return []
-    order = [f"{c['scenario']}/{c['format']}/{c['environment']}" for c in _layout(table).ordered()]
+    order = [f"{c['scenario']}/{c['format']}/{c['environment']}" for c in lay.ordered()]
     return [explanations[k] for k in order if k in explanations and explanations[k].message is None]
 
 
@@ -667,7 +668,7 @@ def _explanations_html(explained: list[Explanation]) -> str:
 
 
 def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None,
-          explained: list[Explanation] = ()) -> str:
+          explanations: Mapping[str, Explanation] | None = None) -> str:
     lay = _layout(table)
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
@@ -677,6 +678,7 @@ def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | Non
             f'<p class="summary">{_e(summary_line(table))}</p>', _legend_html()]
     body.append(_matrix_html(lay, history))
     body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
+    explained = _explained(lay, explanations)
     if explained:
         body.append(_explanations_html(explained))
     if changes is not None:
@@ -803,7 +805,7 @@ def _json_environments(lay: _Layout) -> list[dict[str, Any]]:
 
 
 def _json(table: pa.Table, changes: hist.Changes | None, title: str | None,
-          explained: list[Explanation] = ()) -> str:
+          explanations: Mapping[str, Explanation] | None = None) -> str:
     lay = _layout(table)
     started = _started(lay.cells.values())
     doc = {
@@ -814,7 +816,7 @@ def _json(table: pa.Table, changes: hist.Changes | None, title: str | None,
         "environments": _json_environments(lay),
         "cells": [_json_cell(c) for c in lay.ordered()],
         "changes": changes.to_dict() if changes is not None else None,
-        "explanations": [e.to_dict() for e in explained],
+        "explanations": [e.to_dict() for e in _explained(lay, explanations)],
     }
     return json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n"
 
@@ -840,15 +842,14 @@ def render(table: pa.Table, fmt: str, *, history: pa.Table | None = None,
     Raises:
         ValueError: ``fmt`` is not one of the formats above.
     """
-    explained = _explained(table, explanations)
     if fmt == "md":
-        return _markdown(table, changes, title, explained)
+        return _markdown(table, changes, title, explanations)
     if fmt == "html":
-        return _html(table, history, changes, title, explained)
+        return _html(table, history, changes, title, explanations)
     if fmt == "junit":
         return _junit(table, title)
     if fmt == "json":
-        return _json(table, changes, title, explained)
+        return _json(table, changes, title, explanations)
     raise ValueError(f"unknown report format {fmt!r}; use one of {', '.join(FILES)}")
 
 
