@@ -13,6 +13,13 @@ Scheduling, in one loop on the driver:
   training lane first (it is on every cell's critical path), then lanes with
   cells ready to run, then lanes still waiting for training (their actor
   imports TensorFlow while training runs).
+* On the embedded local Ray (``busy_cpus``), Ray has room beyond the
+  machine's cores and the engine counts what is *busy*: actors importing TensorFlow or
+  running jobs stay within the cores, while warm actors waiting for training
+  hold only Ray's accounting. So the next lanes import TensorFlow on the core
+  training leaves free instead of waiting for it to end. Ready cells go before
+  new actors; the last lane to start may use one core more so it does not import
+  alone at the end.
 * A lane gets more actors only when its cells are long (``SCALE_MIN_S``), its
   queue is deep and no other lane is waiting for room. Actors are released as
   soon as their lane has nothing left to do.
@@ -206,11 +213,16 @@ class Engine:
         worker_cls: the actor body (default :class:`harness.worker.Worker`;
             benchmarks pass one that does no TensorFlow work).
         observation_path: ``cell -> path`` of a cell's observation file in storage.
+        busy_cpus: CPUs that may be busy at once (actors importing TensorFlow or
+            running jobs), when that is fewer than Ray's logical CPUs: the
+            embedded local Ray has room for warm actors that wait for training
+            (``harness.sweep.LOCAL_WAITING_CPUS``). ``None``: Ray's CPUs.
     """
 
     def __init__(self, sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, sink: Sink, *,
                  retrain: bool = False, worker_cls: type = Worker,
-                 observation_path: Callable[[Cell], str | None] = lambda cell: None):
+                 observation_path: Callable[[Cell], str | None] = lambda cell: None,
+                 busy_cpus: float | None = None):
         import ray
 
         self.ray, self.sweep, self.scenarios, self.sink = ray, sweep, dict(scenarios), sink
@@ -222,6 +234,7 @@ class Engine:
         self.capacity = 0.0
         self._capacity_at = 0.0
         self.freed_at = 0.0  # last time one of our actors gave its resources back
+        self.busy_cpus = busy_cpus
 
     # -- public ------------------------------------------------------------------------
     def run(self, todo: Iterable[Cell], unschedulable: Mapping[str, str] | None = None) -> None:
@@ -300,28 +313,34 @@ class Engine:
                 for actor in list(lane.actors):
                     if not actor.inflight:
                         self._kill(actor)
+        # Ready work first (training lane first): it is cheap next to a worker start-up.
+        for lane in self.lanes.values():
+            for actor in lane.actors:
+                while (actor.ready and lane.queue and len(actor.inflight) < PIPELINE and not lane.failed
+                       and (actor.inflight or self._cores_free(lane.env))):
+                    self._submit(actor, [lane.queue.popleft() for _ in range(min(self._batch_size(lane), len(lane.queue)))])
         # First actors: training, then lanes with cells ready, then lanes still waiting (prewarm).
         lanes = [lane for lane in self.lanes.values() if not lane.failed and lane.has_work and not lane.actors]
         lanes.sort(key=lambda lane: (not lane.training, not lane.queue))
         starving = False
+        # The last lane to start may exceed ``busy_cpus`` by one core: instead of importing
+        # TensorFlow alone at the very end while a core idles, it shares the cores.
+        last = len(lanes) == 1 and not self.lanes[TRAINING].has_work
         for lane in lanes:
-            if self._fits(lane.env):
-                self._start_actor(lane)
-            elif lane.training or lane.queue:
-                starving = True
+            if not self._fits(lane.env):
+                starving |= lane.training or bool(lane.queue)
                 if lane.training:
                     self._free_idle_prewarmed()
+            elif self._cores_free(lane.env, slack=1.0 if last else 0.0):
+                self._start_actor(lane)
         # More actors for long cells when nothing else waits for room.
         if not starving:
             for lane in self.lanes.values():
                 if (not lane.failed and lane.actors and len(lane.actors) < MAX_ACTORS_PER_LANE
                         and len(lane.queue) > 2 * len(lane.actors) and lane.mean_seconds >= SCALE_MIN_S
-                        and all(a.ready for a in lane.actors) and self._fits(lane.env)):
+                        and all(a.ready for a in lane.actors) and self._fits(lane.env)
+                        and self._cores_free(lane.env)):
                     self._start_actor(lane)
-        for lane in self.lanes.values():
-            for actor in lane.actors:
-                while actor.ready and lane.queue and len(actor.inflight) < PIPELINE and not lane.failed:
-                    self._submit(actor, [lane.queue.popleft() for _ in range(min(self._batch_size(lane), len(lane.queue)))])
 
     @staticmethod
     def _batch_size(lane: _Lane) -> int:
@@ -331,9 +350,18 @@ class Engine:
         return max(1, min(MAX_BATCH, int(BATCH_TARGET_S / max(lane.mean_seconds, 1e-4))))
 
     def _fits(self, env: Environment) -> bool:
+        """Ray has room for one more actor of ``env`` next to ours (or none of ours is alive)."""
         used = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors)
         alive = any(lane.actors for lane in self.lanes.values())
         return not alive or used + env.num_cpus <= self.capacity + 1e-9
+
+    def _cores_free(self, env: Environment, slack: float = 0.0) -> bool:
+        """One more busy actor of ``env`` stays within ``busy_cpus`` (a warm actor waiting for work is not busy)."""
+        if self.busy_cpus is None:
+            return True
+        busy = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors
+                   if a.warm_ref is not None or a.inflight)
+        return busy == 0 or busy + env.num_cpus <= self.busy_cpus + slack + 1e-9
 
     def _free_idle_prewarmed(self) -> None:
         """Training needs room: give back actors that only wait for artifacts."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import isa
 from .spec import Sweep
-from .sweep import _init_ray, missing_on_node, unschedulable_reason
+from .sweep import _init_ray, _shutdown_ray, cluster_nodes, missing_on_node, unschedulable_reason
 
 FINGERPRINT_TIMEOUT_S = 120.0
 
@@ -31,7 +31,7 @@ def survey(sweep: Sweep | None = None) -> list[dict[str, Any]]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in cluster_nodes() if n.get("Alive")]
     task = ray.remote(_fingerprint_task)
     refs = {n["NodeID"]: task.options(
         num_cpus=0, runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
@@ -68,10 +68,10 @@ def describe_cluster(address: str, sweep: Sweep | None = None, as_json: bool = F
     owned = _init_ray(address, verbose=False)
     try:
         nodes = survey(sweep)
-        raw_nodes = ray.nodes()
+        raw_nodes = cluster_nodes()
     finally:
         if owned:
-            ray.shutdown()
+            _shutdown_ray()
     placement = {}
     if sweep:
         for env in (sweep.training, *sweep.environments):

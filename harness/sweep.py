@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import secrets
 import sys
@@ -390,17 +391,43 @@ def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: st
             collector.add(cell, result, art, attempts=1)
 
 
+#: Room the embedded local Ray gets beyond the machine's cores, in CPUs: at most one more
+#: per core, and at most this many. A worker that has imported TensorFlow and waits for
+#: its scenario to finish training holds its environment's CPU in Ray's accounting but
+#: uses none, so the next environments can import on the core training leaves free; the
+#: engine keeps at most one core's worth of workers *busy* (importing TensorFlow or
+#: running jobs) per core (``Engine(busy_cpus=...)``). Capped because every waiting
+#: worker keeps TensorFlow in memory. Placement checks still use the real core count.
+LOCAL_WAITING_CPUS = 4
+
+_local_cores: float | None = None  # cores of the machine, while this process runs an embedded Ray
+
+
+def _host_cores() -> float:
+    """The cores Ray would give an embedded local cluster (cgroup quota and affinity aware)."""
+    try:
+        from ray._private.utils import get_num_cpus  # what ray.init uses when num_cpus is not given
+
+        return float(get_num_cpus())
+    except Exception:  # a private helper: fall back to the process's CPU affinity
+        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def _init_ray(address: str, verbose: bool) -> bool:
     """Start or connect to Ray; returns whether we own the connection."""
+    global _local_cores
     import ray
 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    cores = None
     if address == "local":
         # No idle default-env workers (neither prestarted nor started for the first driver): every
         # worker of ours has its environment's runtime_env, and each idle one costs ~1 s of CPU.
+        cores = _host_cores()
         kwargs.update(address="local", include_dashboard=False,
+                      num_cpus=math.ceil(cores + min(cores, LOCAL_WAITING_CPUS)),
                       _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
     else:
         # Workers of a real cluster get this very harness code through Ray,
@@ -410,14 +437,27 @@ def _init_ray(address: str, verbose: bool) -> bool:
         ray.init(**kwargs)
     except Exception as exc:
         raise SweepError(f"cannot start/connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from exc
+    _local_cores = cores
     return True
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """``ray.nodes()``, with the embedded local Ray's node showing the machine's real cores as ``CPU``."""
+    import ray
+
+    nodes = ray.nodes()
+    if _local_cores is None:
+        return nodes
+    return [{**n, "Resources": {**n.get("Resources", {}), "CPU": _local_cores}} for n in nodes]
 
 
 def _shutdown_ray() -> None:
     """Stop the Ray this process started (see ``_init_ray``)."""
+    global _local_cores
     import ray
 
     ray.shutdown()
+    _local_cores = None
 
 
 def _register_scenarios_by_value(scenarios: Iterable[Scenario]) -> None:
@@ -445,10 +485,10 @@ def _run_ray(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, 
     try:
         needed = {c.scenario for c in todo}
         _register_scenarios_by_value(scenarios[n] for n in needed)
-        unschedulable = precheck(sweep, ray.nodes()) if sweep.precheck else {}
+        unschedulable = precheck(sweep, cluster_nodes()) if sweep.precheck else {}
         engine = Engine(sweep, {n: scenarios[n] for n in needed}, storage_uri, collector, retrain=retrain,
-                        worker_cls=worker_cls or Worker, observation_path=observation)
+                        worker_cls=worker_cls or Worker, observation_path=observation, busy_cpus=_local_cores)
         engine.run(todo, unschedulable)
     finally:
         if owned:
-            ray.shutdown()
+            _shutdown_ray()
