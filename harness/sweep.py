@@ -456,8 +456,29 @@ def _shutdown_ray() -> None:
     global _local_cores
     import ray
 
+    if _local_cores is not None:
+        _stop_autoscaler_monitor()
     ray.shutdown()
     _local_cores = None
+
+
+def _stop_autoscaler_monitor() -> None:
+    """SIGKILL the embedded Ray's autoscaler monitor (a single machine has nothing to scale).
+
+    ``ray.shutdown()`` stops the GCS first; the monitor then answers SIGTERM by
+    trying to report its own end to that GCS and is killed after Ray's 1 s
+    grace period: a second lost at the end of every local run. Best effort
+    (Ray's process table is private): anything unexpected leaves it to Ray.
+    """
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        for info in ray_worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:
+        pass
 
 
 def _register_scenarios_by_value(scenarios: Iterable[Scenario]) -> None:

@@ -125,3 +125,22 @@ def test_environments_import_while_training_runs(timed_run):
     training_end = max(b["end"] for b in busy if b["what"] == "train")
     warm_before = {b["lane"] for b in busy if b["what"] == "warm" and b["lane"] != "training" and b["end"] < training_end}
     assert len(warm_before) > CORES - 1, (warm_before, busy)
+
+
+def test_shutdown_kills_the_idle_autoscaler_monitor_instead_of_waiting_for_it():
+    """Ray's monitor answers SIGTERM by calling the GCS ray.shutdown() already stopped (1 s lost per run)."""
+    from ray._private import ray_constants
+    from ray._private import worker as ray_worker
+
+    if ray.is_initialized():
+        ray.shutdown()
+    assert sweep_mod._init_ray("local", verbose=False)
+    try:
+        monitors = [info.process for info in
+                    ray_worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])]
+        assert monitors, "Ray no longer starts an autoscaler monitor for ray.init(): drop _stop_autoscaler_monitor"
+        sweep_mod._stop_autoscaler_monitor()
+        assert [p.returncode for p in monitors] == [-9]
+    finally:
+        sweep_mod._shutdown_ray()
+    assert not ray.is_initialized()
