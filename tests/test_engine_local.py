@@ -29,7 +29,7 @@ from harness.worker import Worker
 
 WARM_S, TRAIN_S, CELL_S = 1.0, 1.5, 0.1
 CORES = sweep_mod._host_cores()
-ENVIRONMENTS = 4
+ENVIRONMENTS = int(CORES) + 2  # more lanes than fit beside training without room for waiting workers
 
 
 class TimedWorker(Worker):
