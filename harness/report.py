@@ -2,8 +2,10 @@
 
 Every renderer is pure (a results table in, text out); :func:`write_all` is the
 only function that writes files. A table may repeat a cell (a resumed run); the
-last row of a ``(scenario, format, environment)`` cell wins everywhere.
-Imports neither TensorFlow nor Ray.
+last row of a ``(scenario, format, environment)`` cell wins everywhere. Each
+render decodes the table once, in :func:`_layout`, into typed
+:class:`harness.records.CellResult` cells (JSON columns as dicts); renderers
+read their fields. Imports neither TensorFlow nor Ray.
 
 Example:
     >>> from harness import report, results
@@ -33,12 +35,12 @@ from tabulate import tabulate
 from harness import history as hist
 from harness import text as text_
 from harness.explain import Explanation, LayerDiff
-from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
+from harness.records import FIELDS, CellResult
+from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, ResultsError, meets
 
 #: Report formats and the file each is written to by :func:`write_all`.
 FILES = {"md": "report.md", "html": "report.html", "junit": "report.xml", "json": "report.json"}
 
-_JSON_COLUMNS = ("detail", "fingerprint", "train_fingerprint", "node_labels")
 _SHORT = {"bitwise": "bitwise", "error": "ERROR", "corrupt": "CORRUPT", "unschedulable": "UNSCHED"}
 _LABELS = {"bitwise": "bitwise", "within_tolerance": "within tolerance", "mismatch": "mismatch",
            "error": "error", "corrupt": "corrupt", "unschedulable": "unschedulable"}
@@ -46,7 +48,7 @@ _LABELS = {"bitwise": "bitwise", "within_tolerance": "within tolerance", "mismat
 _NOISE_KEYS = ("pid",)
 _XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
-Cell = Mapping[str, Any]
+Cell = CellResult
 Key = tuple[str, str, str]
 
 
@@ -71,8 +73,44 @@ def _unique(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(v for v in values if v is not None))
 
 
+def _unparsable(value: Any) -> bool:
+    """Whether a JSON column holds :meth:`CellResult.from_row`'s stand-in for text that was not JSON."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("unparsable"), str)
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON column's value; None for text that was not JSON (as ``hist.decode_json`` gives)."""
+    return None if _unparsable(value) else value
+
+
+def _fingerprint(value: Any) -> dict[str, Any]:
+    """A fingerprint column as a dict: empty if null, not JSON or not an object (as ``hist.fingerprint_of``)."""
+    return value if isinstance(value, dict) and not _unparsable(value) else {}
+
+
+def _cell(row: Mapping[str, Any]) -> Cell:
+    """A results row as a typed cell, its JSON columns decoded.
+
+    Raises:
+        ResultsError: the row has a verdict or save verdict outside ``VERDICTS``
+            (only a damaged or foreign file has one).
+    """
+    for column in ("verdict", "save_verdict"):
+        value = row.get(column)
+        if value is not None and value not in VERDICTS:
+            name = "/".join(str(row.get(k)) for k in ("scenario", "format", "environment"))
+            raise ResultsError(f"cell {name!r}: unknown {column} {value!r} (not one of {', '.join(VERDICTS)}); "
+                               "the results file is damaged or was not written by `harness run`")
+    return CellResult.from_row(row)
+
+
 def _layout(table: pa.Table) -> _Layout:
-    cells = dict(hist.index_cells(table.to_pylist()))
+    """The table's cells, decoded once (the last row of a cell wins, in first-appearance order).
+
+    Raises:
+        ResultsError: a cell has an unknown verdict (see :func:`_cell`).
+    """
+    cells = {key: _cell(row) for key, row in hist.index_cells(table.to_pylist()).items()}
     pairs = {(s, f) for s, f, _ in cells}
     scenarios, formats = _unique(k[0] for k in cells), _unique(k[1] for k in cells)
     rows = [(s, f) for s in scenarios for f in formats if (s, f) in pairs]
@@ -80,7 +118,7 @@ def _layout(table: pa.Table) -> _Layout:
 
 
 def _failed(cell: Cell) -> bool:
-    return cell.get("passed") is False
+    return cell.passed is False
 
 
 def _num(value: Any) -> str:
@@ -108,13 +146,13 @@ def _rank(verdict: str | None) -> int:
 
 
 def _save_cell(cells: list[Cell]) -> Cell:
-    """The worst save round trip among a row's cells, shaped like a cell."""
-    known = [c for c in cells if c.get("save_verdict") is not None]
+    """The worst save round trip among a row's cells, as a cell (verdict and diffs only)."""
+    known = [c for c in cells if c.save_verdict is not None]
     if not known:
-        return {"verdict": None}
-    worst = max(known, key=lambda c: _rank(c["save_verdict"]))
-    return {"verdict": worst["save_verdict"], "max_ulp_diff": worst.get("save_max_ulp_diff"),
-            "max_abs_diff": worst.get("save_max_abs_diff")}
+        return CellResult()
+    worst = max(known, key=lambda c: _rank(c.save_verdict))
+    return CellResult(verdict=worst.save_verdict, max_ulp_diff=worst.save_max_ulp_diff,
+                      max_abs_diff=worst.save_max_abs_diff)
 
 
 def _run_ids(table: pa.Table) -> list[str]:
@@ -122,8 +160,9 @@ def _run_ids(table: pa.Table) -> list[str]:
 
 
 def _started(cells: Iterable[Cell]) -> _dt.datetime | None:
-    starts = [c["started_at"] for c in cells if c.get("started_at") is not None]
-    return min(starts) if starts else None
+    """The earliest start among ``cells``, as a UTC datetime."""
+    starts = [c.started_at for c in cells if c.started_at is not None]
+    return _dt.datetime.fromtimestamp(min(starts), tz=_dt.timezone.utc) if starts else None
 
 
 def _title(table: pa.Table, title: str | None) -> str:
@@ -133,38 +172,47 @@ def _title(table: pa.Table, title: str | None) -> str:
 
 def summarize(table: pa.Table) -> dict[str, Any]:
     """Counts of a results table: cells, one per verdict, passed and failed expectations."""
-    cells = list(_layout(table).cells.values())
-    verdicts = Counter(c.get("verdict") for c in cells)
+    return _summarize(_layout(table))
+
+
+def _summarize(lay: _Layout) -> dict[str, Any]:
+    cells = list(lay.cells.values())
+    verdicts = Counter(c.verdict for c in cells)
     return {
         "cells": len(cells),
         "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
-        "passed": sum(c.get("passed") is True for c in cells),
-        "failed": sum(c.get("passed") is False for c in cells),
-        "not_judged": sum(c.get("passed") is None for c in cells),
+        "passed": sum(c.passed is True for c in cells),
+        "failed": sum(c.passed is False for c in cells),
+        "not_judged": sum(c.passed is None for c in cells),
     }
 
 
 def summary_line(table: pa.Table) -> str:
     """``N cells: a bitwise, ...; P passed, F failed expectations``."""
-    s = summarize(table)
+    return _summary_line(_layout(table))
+
+
+def _summary_line(lay: _Layout) -> str:
+    s = _summarize(lay)
     counts = ", ".join(f"{s['verdicts'][v]} {_LABELS[v]}" for v in VERDICTS)
     judged = f"; {s['not_judged']} not judged (optional environments no node can host)" if s["not_judged"] else ""
     return f"{s['cells']} cells: {counts}; {s['passed']} passed, {s['failed']} failed expectations{judged}"
 
 
 def _joined(cell: Cell, names: Iterable[str]) -> str:
-    return ", ".join(f"{n} {_num(cell[n])}" for n in names if cell.get(n) is not None)
+    values = [(n, getattr(cell, n)) for n in names]
+    return ", ".join(f"{n} {_num(v)}" for n, v in values if v is not None)
 
 
 def _outcome_text(cell: Cell) -> str:
-    judged = {True: "passed", False: "FAILED"}.get(cell.get("passed"), "not judged")
-    return f"{cell.get('verdict')} (expected {cell.get('expected')}: {judged})"
+    judged = {True: "passed", False: "FAILED"}.get(cell.passed, "not judged")
+    return f"{cell.verdict} (expected {cell.expected}: {judged})"
 
 
 def _facts(cell: Cell) -> list[tuple[str, str]]:
     """What is worth knowing about a cell, as (label, text) lines; empty lines left out."""
-    labels = hist.decode_json(cell.get("node_labels"))
-    node = " ".join(filter(None, [cell.get("node_id"), hist.format_value(labels, 400) if labels else ""]))
+    labels = _json_value(cell.node_labels)
+    node = " ".join(filter(None, [cell.node_id, hist.format_value(labels, 400) if labels else ""]))
     facts = [
         ("verdict", _outcome_text(cell)),
         ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
@@ -180,24 +228,24 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
 
 def _flips(cell: Cell) -> int:
     """Decisions the cell's differences changed (0 when none, or no output decides anything)."""
-    flips = cell.get("prediction_flips")
+    flips = cell.prediction_flips
     return int(flips) if flips is not None and flips == flips else 0
 
 
 def _impact_text(cell: Cell) -> str:
     """``3 predictions changed their decision (worst output 4.7%); top-k rank moved by up to 2``, or ''."""
-    if cell.get("prediction_flips") is None or cell.get("verdict") not in ("within_tolerance", "mismatch"):
+    if cell.prediction_flips is None or cell.verdict not in ("within_tolerance", "mismatch"):
         return ""
-    flips, rank = _flips(cell), cell.get("max_rank_change")
-    text = (f"{flips} prediction(s) changed their decision (worst output {100 * (cell.get('prediction_flip_fraction') or 0):.3g}%)"
+    flips, rank = _flips(cell), cell.max_rank_change
+    text = (f"{flips} prediction(s) changed their decision (worst output {100 * (cell.prediction_flip_fraction or 0):.3g}%)"
             if flips else "no decision changed")
     return text + (f"; top-k rank moved by up to {int(rank)}" if rank else "")
 
 
 def _required_text(cell: Cell) -> str:
-    parts = [f"{label} >= {_num(cell.get(col))}" for col, label in
-             (("required_atol", "atol"), ("required_rtol", "rtol"), ("required_ulp", "max_ulp"))
-             if cell.get(col) is not None]
+    parts = [f"{label} >= {_num(value)}" for value, label in
+             ((cell.required_atol, "atol"), (cell.required_rtol, "rtol"), (cell.required_ulp, "max_ulp"))
+             if value is not None]
     return "would pass with " + ", or ".join(parts) if parts else ""
 
 
@@ -219,9 +267,11 @@ def _diff_sides(train: Any, reload: Any) -> tuple[str, str]:
 
 
 def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
-    """``(key, training value, reload value)`` for every fingerprint key that differs (pid ignored)."""
-    train = hist.fingerprint_of(cell.get("train_fingerprint"))
-    reload = hist.fingerprint_of(cell.get("fingerprint"))
+    """``(key, training value, reload value)`` for every fingerprint key of a cell that differs (pid ignored).
+
+    ``cell`` is a :class:`~harness.records.CellResult` (for a results row: ``CellResult.from_row(row)``).
+    """
+    train, reload = _fingerprint(cell.train_fingerprint), _fingerprint(cell.fingerprint)
     return [(k, train.get(k), reload.get(k)) for k in _fingerprint_keys(train, reload)
             if k not in _NOISE_KEYS and train.get(k) != reload.get(k)]
 
@@ -229,13 +279,13 @@ def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
 # -- console -----------------------------------------------------------------------
 def _short(cell: Cell | None) -> str:
     """Compact cell text: ``bitwise``, ``tol 14ulp``, ``MISMATCH 2.1e+03ulp``, ``ERROR`` (+ `` ✗``)."""
-    if cell is None or cell.get("verdict") is None:
+    if cell is None or cell.verdict is None:
         return "-"
-    verdict = cell["verdict"]
+    verdict = cell.verdict
     if verdict == "within_tolerance":
-        text = f"tol {_ulp(cell.get('max_ulp_diff'))}ulp"
+        text = f"tol {_ulp(cell.max_ulp_diff)}ulp"
     elif verdict == "mismatch":
-        text = f"MISMATCH {_ulp(cell.get('max_ulp_diff'))}ulp"
+        text = f"MISMATCH {_ulp(cell.max_ulp_diff)}ulp"
     else:
         text = _SHORT.get(verdict, verdict.upper())
     if _flips(cell):
@@ -257,12 +307,12 @@ def matrix_text(table: pa.Table) -> str:
     """
     lay = _layout(table)
     if not lay.cells:
-        return "no cells\n" + summary_line(table)
+        return "no cells\n" + _summary_line(lay)
     body = [[text_.one_line(f"{s}/{f}"), _short(_save_cell(lay.row_cells(s, f))),
              *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
     headers = ["scenario/format", "save", *map(text_.one_line, lay.environments)]
     grid = tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
-    return f"{grid}\n{summary_line(table)}\n{MATRIX_LEGEND}"
+    return f"{grid}\n{_summary_line(lay)}\n{MATRIX_LEGEND}"
 
 
 # -- Markdown ------------------------------------------------------------------------
@@ -284,12 +334,12 @@ def _fence(text: str) -> list[str]:
 
 def _md_cell(cell: Cell | None) -> str:
     """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗."""
-    if cell is None or cell.get("verdict") is None:
+    if cell is None or cell.verdict is None:
         return "-"
-    text = cell["verdict"]
+    text = cell.verdict
     if text in ("within_tolerance", "mismatch"):
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
-        text += f" ({_ulp(cell.get('max_ulp_diff'))} ulp, {_num(cell.get('max_abs_diff'))}{flips})"
+        text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips})"
     return f"**{text}** ✗" if _failed(cell) else text
 
 
@@ -298,8 +348,8 @@ def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
     lines = [f"# {_md_escape(_title(table, title))}", "",
              "Run: " + (", ".join(text_.code(r) for r in _run_ids(table)) or "none")]
     if started is not None:
-        lines.append(f"Started: {started.astimezone(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
-    return lines + ["", summary_line(table), ""]
+        lines.append(f"Started: {started:%Y-%m-%d %H:%M:%S} UTC")
+    return lines + ["", _summary_line(lay), ""]
 
 
 def _md_matrix(lay: _Layout) -> list[str]:
@@ -311,17 +361,17 @@ def _md_save(lay: _Layout) -> list[str]:
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
-        rows.append([f"{s}/{f}", save["verdict"] or "-", _ulp(save.get("max_ulp_diff")), _num(save.get("max_abs_diff"))])
+        rows.append([f"{s}/{f}", save.verdict or "-", _ulp(save.max_ulp_diff), _num(save.max_abs_diff)])
     headers = ["scenario/format", "save verdict", "max ulp", "max abs diff"]
     intro = "In-memory model vs reload in the training environment (worst over environments)."
     return ["## Save round trip", "", intro, "", *_md_table(headers, rows), ""]
 
 
 def _md_failure(cell: Cell) -> list[str]:
-    lines = [f"### {text_.code(cell['scenario'] + '/' + cell['format'])} @ {text_.code(cell['environment'])}", ""]
+    lines = [f"### {text_.code(cell.scenario + '/' + cell.format)} @ {text_.code(cell.environment)}", ""]
     lines += [f"- {label}: {_md_escape(text)}" for label, text in _facts(cell)]
-    if cell.get("error"):
-        lines += ["", "Error:", "", *_fence(text_.visible(cell["error"]))]
+    if cell.error:
+        lines += ["", "Error:", "", *_fence(text_.visible(cell.error))]
     diff = fingerprint_diff(cell)
     if diff:
         rows = [[k, *_diff_sides(train, reload)] for k, train, reload in diff]
@@ -356,7 +406,7 @@ def _explained(lay: _Layout, explanations: Mapping[str, Explanation] | None) -> 
     """The explanations of the layout's cells that found something, in matrix order."""
     if not explanations:
         return []
-    order = [f"{c['scenario']}/{c['format']}/{c['environment']}" for c in lay.ordered()]
+    order = [f"{c.scenario}/{c.format}/{c.environment}" for c in lay.ordered()]
     return [explanations[k] for k in order if k in explanations and explanations[k].message is None]
 
 
@@ -479,10 +529,10 @@ def _colour(verdict: str | None, ulp: Any) -> str:
 
 
 def _mismatch_style(cell: Cell) -> str:
-    if cell.get("verdict") != "mismatch":
+    if cell.verdict != "mismatch":
         return ""
-    _, t = _mismatch_rgb(cell.get("max_ulp_diff"))
-    return f' style="background:{_colour("mismatch", cell.get("max_ulp_diff"))};color:{"#fff" if t > 0.3 else "#222"}"'
+    _, t = _mismatch_rgb(cell.max_ulp_diff)
+    return f' style="background:{_colour("mismatch", cell.max_ulp_diff)};color:{"#fff" if t > 0.3 else "#222"}"'
 
 
 def _verdict_class(verdict: str | None) -> str:
@@ -520,30 +570,30 @@ def _dl(pairs: list[tuple[str, str]]) -> str:
 
 
 def _tooltip(cell: Cell) -> str:
-    parts = [f"{cell['scenario']}/{cell['format']} @ {cell['environment']}: {cell.get('verdict')}",
-             f"expected {cell.get('expected')}", f"max ulp {_ulp(cell.get('max_ulp_diff'))}",
-             f"max abs {_num(cell.get('max_abs_diff'))}"]
+    parts = [f"{cell.scenario}/{cell.format} @ {cell.environment}: {cell.verdict}",
+             f"expected {cell.expected}", f"max ulp {_ulp(cell.max_ulp_diff)}",
+             f"max abs {_num(cell.max_abs_diff)}"]
     if _flips(cell):
         parts.append(f"{_flips(cell)} prediction(s) changed their decision")
     if _failed(cell):
         parts.append("FAILED expectation")
-    if first := _first_line(cell.get("error")):
+    if first := _first_line(cell.error):
         parts.append(first)
     return "; ".join(parts)
 
 
 def _detail_html(cell: Cell) -> str:
     """The click-to-open panel of a cell: facts, error, fingerprint differences, fingerprint."""
-    out = [f"<strong>{_e(cell['scenario'])}/{_e(cell['format'])} @ {_e(cell['environment'])}</strong>",
+    out = [f"<strong>{_e(cell.scenario)}/{_e(cell.format)} @ {_e(cell.environment)}</strong>",
            _dl([(k, _e(v)) for k, v in _facts(cell)])]
-    if cell.get("error"):
-        out.append(f"<pre>{_e(cell['error'])}</pre>")
+    if cell.error:
+        out.append(f"<pre>{_e(cell.error)}</pre>")
     diff = fingerprint_diff(cell)
     if diff:
         out.append("<p>Differs from the training worker:</p>")
         pairs = [(k, " &rarr; ".join(map(_e, _diff_sides(t, r)))) for k, t, r in diff]
         out.append(_dl(pairs))
-    fingerprint = hist.fingerprint_of(cell.get("fingerprint"))
+    fingerprint = _fingerprint(cell.fingerprint)
     if fingerprint:
         pairs = [(k, _value_html(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]
         out.append(f"<details><summary>fingerprint</summary>{_dl(pairs)}</details>")
@@ -551,9 +601,9 @@ def _detail_html(cell: Cell) -> str:
 
 
 def _cell_html(cell: Cell, trend: list[Mapping[str, Any]]) -> str:
-    verdict = cell.get("verdict")
+    verdict = cell.verdict
     classes = f"cell {_verdict_class(verdict)}" + (" failed" if _failed(cell) else "")
-    data = " ".join(f'data-{k}="{_e(cell[k])}"' for k in ("scenario", "format", "environment"))
+    data = " ".join(f'data-{k}="{_e(v)}"' for k, v in zip(("scenario", "format", "environment"), cell.key))
     return (f'<td class="{classes}" {data} data-verdict="{_e(verdict)}" title="{_e(_tooltip(cell))}"'
             f'{_mismatch_style(cell)}><details><summary>{_e(_short(cell))}{_sparkline(trend)}</summary>'
             f"{_detail_html(cell)}</details></td>")
@@ -562,8 +612,8 @@ def _cell_html(cell: Cell, trend: list[Mapping[str, Any]]) -> str:
 def _trend_with_current(trends: Mapping[Key, list], key: Key, cell: Cell) -> list[Mapping[str, Any]]:
     """The cell's history, ending with the current run if the history does not have it yet."""
     points = list(trends.get(key, []))
-    if cell.get("run_id") not in {p["run_id"] for p in points}:
-        points.append(hist.trend_point(cell))
+    if cell.run_id not in {p["run_id"] for p in points}:
+        points.append(hist.trend_point(vars(cell)))  # the typed fields; a results cell has no date
     return points
 
 
@@ -574,7 +624,7 @@ def _matrix_html(lay: _Layout, history: pa.Table | None) -> str:
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
         tds = [f'<th scope="row">{_e(s)}/{_e(f)}</th>',
-               f'<td class="save {_verdict_class(save["verdict"])}"{_mismatch_style(save)}>{_e(_short(save))}</td>']
+               f'<td class="save {_verdict_class(save.verdict)}"{_mismatch_style(save)}>{_e(_short(save))}</td>']
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
             tds.append(_cell_html(cell, _trend_with_current(trends, (s, f, env), cell) if trends else [])
@@ -601,9 +651,9 @@ def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
     """One fingerprint per column: the training worker's, then each environment's first."""
     columns: dict[str, dict[str, Any]] = {}
     for cell in lay.ordered():
-        for name, column in ((hist.TRAINING, "train_fingerprint"), (cell["environment"], "fingerprint")):
+        for name, value in ((hist.TRAINING, cell.train_fingerprint), (cell.environment, cell.fingerprint)):
             if not columns.get(name):
-                columns[name] = hist.fingerprint_of(cell.get(column))
+                columns[name] = _fingerprint(value)
     order = [hist.TRAINING, *lay.environments]
     return {name: columns[name] for name in order if columns.get(name)}
 
@@ -673,9 +723,9 @@ def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | Non
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
     if started is not None:
-        meta.append(f"Started: {started.astimezone(_dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        meta.append(f"Started: {started:%Y-%m-%d %H:%M:%S} UTC")
     body = [f"<h1>{_e(_title(table, title))}</h1>", *(f'<p class="meta">{_e(m)}</p>' for m in meta),
-            f'<p class="summary">{_e(summary_line(table))}</p>', _legend_html()]
+            f'<p class="summary">{_e(_summary_line(lay))}</p>', _legend_html()]
     body.append(_matrix_html(lay, history))
     body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
     explained = _explained(lay, explanations)
@@ -705,8 +755,11 @@ def _element(parent: ET.Element | None, tag: str, text: str | None = None, **att
 
 
 def outcome(cell: Cell) -> str:
-    """``error`` (the cell did not produce numbers), ``failure`` (expectation missed) or ``ok``."""
-    if cell.get("verdict") not in NUMERIC_VERDICTS:
+    """``error`` (the cell did not produce numbers), ``failure`` (expectation missed) or ``ok``.
+
+    ``cell`` is a :class:`~harness.records.CellResult`.
+    """
+    if cell.verdict not in NUMERIC_VERDICTS:
         return "error"
     return "failure" if _failed(cell) else "ok"
 
@@ -716,7 +769,7 @@ def _seconds(cells: Iterable[Cell]) -> str:
 
     A sum past the largest float (only from corrupt rows) is capped there, never ``inf``.
     """
-    values = [c["seconds"] for c in cells if hist.is_finite(c.get("seconds")) and c["seconds"] > 0]
+    values = [c.seconds for c in cells if hist.is_finite(c.seconds) and c.seconds > 0]
     try:
         total = math.fsum(values)
     except OverflowError:
@@ -725,33 +778,33 @@ def _seconds(cells: Iterable[Cell]) -> str:
 
 
 def _failure_message(cell: Cell) -> str:
-    verdict, expected = cell.get("verdict"), cell.get("expected")
+    verdict, expected = cell.verdict, cell.expected
     if expected in EXPECTATIONS and meets(verdict, expected):
-        return f"{verdict} meets expectation {expected!r} but the save round trip was {cell.get('save_verdict')}"
+        return f"{verdict} meets expectation {expected!r} but the save round trip was {cell.save_verdict}"
     return (f"{verdict} does not meet expectation {expected!r} "
-            f"(max {_ulp(cell.get('max_ulp_diff'))} ulp, max abs diff {_num(cell.get('max_abs_diff'))})")
+            f"(max {_ulp(cell.max_ulp_diff)} ulp, max abs diff {_num(cell.max_abs_diff)})")
 
 
 def _error_message(cell: Cell) -> str:
-    first = _first_line(cell.get("error"))
-    return f"{cell.get('verdict')}: {first}" if first else str(cell.get("verdict"))
+    first = _first_line(cell.error)
+    return f"{cell.verdict}: {first}" if first else str(cell.verdict)
 
 
 def _testcase(suite: ET.Element, cell: Cell) -> None:
-    case = _element(suite, "testcase", classname=f"{cell['scenario']}.{cell['format']}",
-                    name=cell["environment"], time=_seconds([cell]))
+    case = _element(suite, "testcase", classname=f"{cell.scenario}.{cell.format}",
+                    name=cell.environment, time=_seconds([cell]))
     kind = outcome(cell)
     if kind == "failure":
-        body = "\n".join(filter(None, [_required_text(cell), cell.get("error")]))
-        _element(case, "failure", body, message=_failure_message(cell), type=cell["verdict"])
+        body = "\n".join(filter(None, [_required_text(cell), cell.error]))
+        _element(case, "failure", body, message=_failure_message(cell), type=cell.verdict)
     elif kind == "error":
-        _element(case, "error", cell.get("error"), message=_error_message(cell), type=str(cell.get("verdict")))
+        _element(case, "error", cell.error, message=_error_message(cell), type=str(cell.verdict))
     _element(case, "system-out", "\n".join(f"{k}: {v}" for k, v in _facts(cell)))
 
 
 def _timestamp(cells: list[Cell]) -> str | None:
     started = _started(cells)
-    return f"{started.astimezone(_dt.timezone.utc):%Y-%m-%dT%H:%M:%S}" if started is not None else None
+    return f"{started:%Y-%m-%dT%H:%M:%S}" if started is not None else None
 
 
 def _counts(cells: list[Cell]) -> dict[str, str]:
@@ -764,7 +817,7 @@ def _junit(table: pa.Table, title: str | None) -> str:
     name = title or "harness"
     suites: dict[str, list[Cell]] = {}
     for cell in cells:
-        suites.setdefault(cell.get("sweep") or name, []).append(cell)
+        suites.setdefault(cell.sweep or name, []).append(cell)
     root = _element(None, "testsuites", name=name, time=_seconds(cells), **_counts(cells))
     for sweep, members in (suites or {name: []}).items():
         suite = _element(root, "testsuite", name=sweep, skipped="0", time=_seconds(members),
@@ -790,16 +843,24 @@ def _jsonable(value: Any) -> Any:
 
 
 def _json_cell(cell: Cell) -> dict[str, Any]:
-    decoded = {k: hist.decode_json(cell[k], cell[k]) for k in _JSON_COLUMNS if k in cell}
-    return {**cell, **decoded}
+    """Every column in schema order; JSON text that did not parse as itself, ``started_at`` as a UTC datetime."""
+    out = {}
+    for f in FIELDS:
+        value = getattr(cell, f.name)
+        if f.metadata["json"] and _unparsable(value):
+            value = value["unparsable"]
+        elif f.name == "started_at" and value is not None:
+            value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)
+        out[f.name] = value
+    return out
 
 
 def _json_environments(lay: _Layout) -> list[dict[str, Any]]:
     fingerprints = _environment_fingerprints(lay)
     out = []
     for env in lay.environments:
-        cells = [c for c in lay.cells.values() if c["environment"] == env]
-        out.append({"name": env, "cells": len(cells), "passed": sum(c.get("passed") is True for c in cells),
+        cells = [c for c in lay.cells.values() if c.environment == env]
+        out.append({"name": env, "cells": len(cells), "passed": sum(c.passed is True for c in cells),
                     "failed": sum(_failed(c) for c in cells), "fingerprint": fingerprints.get(env)})
     return out
 
@@ -812,7 +873,7 @@ def _json(table: pa.Table, changes: hist.Changes | None, title: str | None,
         "title": _title(table, title),
         "run_ids": _run_ids(table),
         "started_at": started,
-        "summary": summarize(table),
+        "summary": _summarize(lay),
         "environments": _json_environments(lay),
         "cells": [_json_cell(c) for c in lay.ordered()],
         "changes": changes.to_dict() if changes is not None else None,

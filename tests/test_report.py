@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conftest_report_helpers import NIGHT_ONE, make_row, verdict_rows, verdict_table
 from harness import history, report, results
+from harness.records import CellResult
 
 etree = pytest.importorskip("lxml.etree", reason="lxml validates the JUnit XML; pip install lxml")
 lxml_html = pytest.importorskip("lxml.html")
@@ -483,7 +484,35 @@ def test_prediction_flips_show_in_console_markdown_and_facts():
     assert "3flip" in text and text.count("flip") == 2  # the cell with flips, and the legend
     md = report.render(table, "md")
     assert "3 flipped" in md
-    facts = dict(report._facts(rows[0]))
+    facts = dict(report._facts(CellResult.from_row(rows[0])))
     assert facts["prediction impact"] == ("3 prediction(s) changed their decision (worst output 4.7%); "
                                           "top-k rank moved by up to 2")
-    assert dict(report._facts(rows[1]))["prediction impact"] == "no decision changed"
+    assert dict(report._facts(CellResult.from_row(rows[1])))["prediction impact"] == "no decision changed"
+
+
+# -- typed cells ------------------------------------------------------------------------------
+def test_cells_are_decoded_once_into_typed_records(table):
+    cells = report._layout(table).ordered()
+    assert all(isinstance(c, CellResult) for c in cells)
+    assert cells[0].fingerprint["cpu_model"] == "Intel(R) Xeon(R) Platinum 8375C"
+    assert isinstance(cells[0].started_at, float)
+    assert report.outcome(cells[0]) == "ok" and report.fingerprint_diff(cells[0])
+
+
+def test_broken_json_columns_render_as_before():
+    row = {**make_row("mismatch"), "fingerprint": "not json", "train_fingerprint": "[1, 2]", "node_labels": "{"}
+    table = results.to_table([row])
+    cell = report._layout(table).ordered()[0]
+    assert report.fingerprint_diff(cell) == []  # neither side is a fingerprint object
+    assert dict(report._facts(cell))["node"] == "node-cpu-avx512"  # unparsable labels are left out
+    doc = json.loads(report.render(table, "json"))
+    assert doc["cells"][0]["fingerprint"] == "not json" and doc["cells"][0]["train_fingerprint"] == [1, 2]
+    assert doc["environments"][0]["fingerprint"] is None
+
+
+@pytest.mark.parametrize("column", ["verdict", "save_verdict"])
+def test_unknown_verdict_in_a_damaged_table_is_a_results_error(column):
+    table = results.to_table([{**make_row("bitwise"), column: "<b>weird\x1b"}])
+    for render in (report.matrix_text, lambda t: report.render(t, "md")):
+        with pytest.raises(results.ResultsError, match=rf"cell 'mlp/keras/cpu-avx512': unknown {column} '<b>weird\\x1b'"):
+            render(table)
