@@ -9,8 +9,9 @@ One Parquet file per run, partitioned by the run's UTC date (earliest
 again replaces its file, so nightly jobs can be retried safely.
 
 This module also compares two runs (:func:`diff_runs`) and renders the
-comparison as Markdown (:func:`render_changes_md`). It imports neither
-TensorFlow nor Ray.
+comparison as Markdown (:func:`render_changes_md`). Both read typed
+:class:`harness.records.CellResult` cells, each table decoded once by
+:func:`harness.results.cells`. It imports neither TensorFlow nor Ray.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from harness import results, text
+from harness.records import CellResult, json_object
 from harness.storage import Storage
 
 #: Schema of a loaded history: the results schema plus the partition date.
@@ -49,24 +51,12 @@ _FILE_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})/([^/.][^/]*)\.parquet$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
 _LIST_LIMIT = 20
 
-
-# -- JSON columns and value formatting (shared with harness.report) ----------
-def decode_json(text: str | None, default: Any = None) -> Any:
-    """Decode a JSON column value; ``default`` for null or unparsable text."""
-    if text is None or text == "":
-        return default
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return default
+Key = tuple[str, str, str]
+#: What run summaries and trend points read: a long history is decoded without its JSON columns.
+_SUMMARY_COLUMNS = ("run_id", "sweep", *_CELL_KEY, "verdict", "passed", "started_at", "max_ulp_diff", "max_abs_diff")
 
 
-def fingerprint_of(text: str | None) -> dict[str, Any]:
-    """A fingerprint column value as a dict (empty if null, invalid or not an object)."""
-    value = decode_json(text, {})
-    return value if isinstance(value, dict) else {}
-
-
+# -- value formatting (shared with harness.report) -----------------------------
 def format_value(value: Any, limit: int = 120) -> str:
     """A fingerprint value as short text: strings as-is, the rest as compact JSON."""
     if value is None:
@@ -165,6 +155,21 @@ def load_history(history_uri: str, *, sweep: str | None = None) -> pa.Table:
 
 
 # -- querying ------------------------------------------------------------------
+def _cells(table: pa.Table, columns: Iterable[str] | None = None) -> list[CellResult]:
+    """A results or history table's rows as typed cells (a history's ``date`` is the run's, not the cell's).
+
+    With ``columns``, only those are decoded; the cells' other fields stay None.
+    """
+    names = [c for c in (columns or results.COLUMN_NAMES) if c in table.column_names]
+    return results.cells(table.select(names))
+
+
+def _dated_cells(table: pa.Table) -> list[tuple[CellResult, str | None]]:
+    """Each row's :data:`_SUMMARY_COLUMNS` as a typed cell, beside its run's partition date (None if no ``date``)."""
+    dates = table["date"].to_pylist() if "date" in table.column_names else [None] * table.num_rows
+    return list(zip(_cells(table, _SUMMARY_COLUMNS), dates))
+
+
 def _order_key(run: Mapping[str, Any]) -> tuple[_dt.datetime, str]:
     """Chronological order of runs: started_at, else the partition date, then run_id."""
     when = run["started_at"]
@@ -173,36 +178,37 @@ def _order_key(run: Mapping[str, Any]) -> tuple[_dt.datetime, str]:
     return when, run["run_id"]
 
 
-def _runs(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    grouped: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        grouped.setdefault(row["run_id"], []).append(row)
-    return grouped
-
-
-def _summarise(run_id: str, cells: list[Mapping[str, Any]]) -> dict[str, Any]:
-    starts = [c["started_at"] for c in cells if c.get("started_at") is not None]
-    verdicts = Counter(c["verdict"] for c in cells)
+def _summarise(run_id: str, dated: list[tuple[CellResult, str | None]]) -> dict[str, Any]:
+    cells = [cell for cell, _ in dated]
+    starts = [c.started_at for c in cells if c.started_at is not None]
+    verdicts = Counter(c.verdict for c in cells)
     return {
         "run_id": run_id,
-        "sweep": next((c["sweep"] for c in cells if c.get("sweep")), None),
-        "date": next((c["date"] for c in cells if c.get("date")), None),
-        "started_at": min(starts) if starts else None,
+        "sweep": next((c.sweep for c in cells if c.sweep), None),
+        "date": next((date for _, date in dated if date), None),
+        "started_at": _dt.datetime.fromtimestamp(min(starts), tz=_dt.timezone.utc) if starts else None,
         "cells": len(cells),
-        "passed": sum(c["passed"] is True for c in cells),
-        "failed": sum(c["passed"] is False for c in cells),
+        "passed": sum(c.passed is True for c in cells),
+        "failed": sum(c.passed is False for c in cells),
         **{v: verdicts.get(v, 0) for v in results.VERDICTS},
     }
+
+
+def _list_runs(dated: Iterable[tuple[CellResult, str | None]]) -> list[dict[str, Any]]:
+    grouped: dict[str, list[tuple[CellResult, str | None]]] = {}
+    for cell, date in dated:
+        grouped.setdefault(cell.run_id, []).append((cell, date))
+    return sorted((_summarise(rid, group) for rid, group in grouped.items()), key=_order_key)
 
 
 def list_runs(history: pa.Table) -> list[dict[str, Any]]:
     """One summary dict per run, oldest first.
 
-    Each dict has run_id, sweep, date, started_at, cells, passed, failed and
-    one count per verdict (``bitwise``, ``within_tolerance``, ...).
+    Each dict has run_id, sweep, date, started_at (a UTC datetime or None),
+    cells, passed, failed and one count per verdict (``bitwise``,
+    ``within_tolerance``, ...).
     """
-    runs = [_summarise(rid, cells) for rid, cells in _runs(history.to_pylist()).items()]
-    return sorted(runs, key=_order_key)
+    return _list_runs(_dated_cells(history))
 
 
 def previous_run(history: pa.Table, sweep: str, run_id: str) -> pa.Table | None:
@@ -220,28 +226,36 @@ def previous_run(history: pa.Table, sweep: str, run_id: str) -> pa.Table | None:
     return history.filter(pc.equal(history["run_id"], earlier[-1]["run_id"]))
 
 
-def trend_point(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One cell result as a trend point (run_id, date, verdict, passed, max_ulp_diff, max_abs_diff)."""
-    keys = ("run_id", "date", "verdict", "passed", "max_ulp_diff", "max_abs_diff")
-    return {k: row.get(k) for k in keys}
+@dataclasses.dataclass(frozen=True)
+class TrendPoint:
+    """One cell's result in one run: a point of the cell's trend."""
+
+    run_id: str | None
+    date: str | None  # the run's partition date; None for a run not in the history
+    verdict: str | None
+    passed: bool | None
+    max_ulp_diff: float | None
+    max_abs_diff: float | None
+
+    @classmethod
+    def of(cls, cell: CellResult, date: str | None = None) -> "TrendPoint":
+        """The point of ``cell``'s run (``date``: that run's partition date, if it has one)."""
+        return cls(cell.run_id, date, cell.verdict, cell.passed, cell.max_ulp_diff, cell.max_abs_diff)
 
 
-def trends(history: pa.Table, last: int = 10) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
-    """Per cell ``(scenario, format, environment)``: its last ``last`` runs, oldest first.
-
-    Each point has run_id, date, verdict, passed, max_ulp_diff and max_abs_diff.
-    """
-    order = {r["run_id"]: _order_key(r) for r in list_runs(history)}
-    per_cell: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
-    for row in history.to_pylist():
-        key = tuple(row[k] for k in _CELL_KEY)
-        per_cell.setdefault(key, {})[row["run_id"]] = trend_point(row)  # a later duplicate wins
-    return {key: sorted(points.values(), key=lambda p: order[p["run_id"]])[-last:]
+def trends(history: pa.Table, last: int = 10) -> dict[Key, list[TrendPoint]]:
+    """Per cell ``(scenario, format, environment)``: its last ``last`` runs, oldest first."""
+    dated = _dated_cells(history)
+    order = {r["run_id"]: _order_key(r) for r in _list_runs(dated)}
+    per_cell: dict[Key, dict[str, TrendPoint]] = {}
+    for cell, date in dated:
+        per_cell.setdefault(cell.key, {})[cell.run_id] = TrendPoint.of(cell, date)  # a later duplicate wins
+    return {key: sorted(points.values(), key=lambda p: order[p.run_id])[-last:]
             for key, points in per_cell.items()}
 
 
 def cell_trend(history: pa.Table, scenario: str, format: str, environment: str,
-               last: int = 10) -> list[dict[str, Any]]:
+               last: int = 10) -> list[TrendPoint]:
     """The last ``last`` results of one cell, oldest first (see :func:`trends`)."""
     mask = pc.and_(pc.and_(pc.equal(history["scenario"], scenario), pc.equal(history["format"], format)),
                    pc.equal(history["environment"], environment))
@@ -278,25 +292,22 @@ class Changes:
         return {**dataclasses.asdict(self), "regressed": self.regressed}
 
 
-def index_cells(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
-    """Rows by ``(scenario, format, environment)``, in first-appearance order; a later duplicate wins."""
-    cells: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-    for row in rows:
-        cells[tuple(row[k] for k in _CELL_KEY)] = row
-    return cells
+def index_cells(cells: Iterable[CellResult]) -> dict[Key, CellResult]:
+    """Cells by ``(scenario, format, environment)``, in first-appearance order; a later duplicate wins."""
+    return {cell.key: cell for cell in cells}
 
 
-def _cell_id(key: tuple[str, str, str]) -> dict[str, Any]:
+def _cell_id(key: Key) -> dict[str, Any]:
     return dict(zip(_CELL_KEY, key))
 
 
-def _environments(cells: Mapping[tuple[str, str, str], Any]) -> list[str]:
+def _environments(cells: Mapping[Key, Any]) -> list[str]:
     return list(dict.fromkeys(key[2] for key in cells))
 
 
-def _status_change(key, old, new) -> dict[str, Any]:
-    return {**_cell_id(key), "old_verdict": old["verdict"], "new_verdict": new["verdict"],
-            "old_passed": old["passed"], "new_passed": new["passed"], "error": new["error"]}
+def _status_change(key: Key, old: CellResult, new: CellResult) -> dict[str, Any]:
+    return {**_cell_id(key), "old_verdict": old.verdict, "new_verdict": new.verdict,
+            "old_passed": old.passed, "new_passed": new.passed, "error": new.error}
 
 
 def is_finite(value: Any) -> bool:
@@ -310,8 +321,8 @@ def _metric_changed(old: float, new: float, factor: float) -> bool:
     return old != 0 and max(new / old, old / new) > factor
 
 
-def _diff_change(key, metric: str, old: Mapping[str, Any], new: Mapping[str, Any], factor: float):
-    before, after = old[metric], new[metric]
+def _diff_change(key: Key, metric: str, old: CellResult, new: CellResult, factor: float) -> dict[str, Any] | None:
+    before, after = getattr(old, metric), getattr(new, metric)
     if not (is_finite(before) and is_finite(after)) or not _metric_changed(before, after, factor):
         return None
     return {**_cell_id(key), "metric": metric, "old": before, "new": after,
@@ -327,16 +338,17 @@ def _representative(fingerprints: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def _fingerprints_by_env(cells, column: str, env_of) -> dict[str, dict[str, Any]]:
+def _fingerprints_by_env(cells: Mapping[Key, CellResult], column: str, env_of) -> dict[str, dict[str, Any]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for key, row in cells.items():
-        fp = fingerprint_of(row[column])
+    for key, cell in cells.items():
+        fp = json_object(getattr(cell, column))
         if fp:
             grouped.setdefault(env_of(key), []).append(fp)
     return {env: _representative(fps) for env, fps in grouped.items()}
 
 
-def _fingerprint_changes(old_cells, new_cells) -> list[dict[str, Any]]:
+def _fingerprint_changes(old_cells: Mapping[Key, CellResult],
+                         new_cells: Mapping[Key, CellResult]) -> list[dict[str, Any]]:
     changes = []
     for column, env_of in (("fingerprint", lambda k: k[2]), ("train_fingerprint", lambda k: TRAINING)):
         before = _fingerprints_by_env(old_cells, column, env_of)
@@ -362,17 +374,20 @@ def diff_runs(previous: pa.Table | None, current: pa.Table, *, factor: float = 2
     Returns:
         A :class:`Changes`. With no previous run, only ``new_cells`` and
         ``new_environments`` are filled, and nothing counts as a regression.
+
+    Raises:
+        harness.results.ResultsError: a row has an unknown verdict (see :func:`harness.results.cells`).
     """
-    new = index_cells(current.to_pylist())
-    old = index_cells(previous.to_pylist()) if previous is not None else {}
+    new = index_cells(_cells(current))
+    old = index_cells(_cells(previous)) if previous is not None else {}
     common = [k for k in new if k in old]
     old_envs, new_envs = _environments(old), _environments(new)
     diffs = [_diff_change(k, m, old[k], new[k], factor) for k in common for m in ("max_ulp_diff", "max_abs_diff")]
     return Changes(
         newly_failing=[_status_change(k, old[k], new[k]) for k in common
-                       if new[k]["passed"] is False and old[k]["passed"] is not False],
+                       if new[k].passed is False and old[k].passed is not False],
         fixed=[_status_change(k, old[k], new[k]) for k in common
-               if new[k]["passed"] is True and old[k]["passed"] is False],
+               if new[k].passed is True and old[k].passed is False],
         diff_changes=[d for d in diffs if d is not None],
         fingerprint_changes=_fingerprint_changes(old, new),
         new_environments=[e for e in new_envs if e not in old_envs],

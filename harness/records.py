@@ -184,20 +184,35 @@ class CellResult:
     def from_row(cls, row: Mapping[str, Any]) -> "CellResult":
         """A results-table or journal row (JSON text) back to a record; an unknown column is a ``TypeError``."""
         values = dict(row)
-        for f in FIELDS:
-            value = values.get(f.name)
-            if f.metadata["json"] and isinstance(value, str):
+        for name in _JSON_FIELDS:  # only the columns that need converting: called once per row of a history
+            value = values.get(name)
+            if isinstance(value, str):
                 try:
-                    values[f.name] = json.loads(value)
+                    values[name] = json.loads(value)
                 except ValueError:
-                    values[f.name] = {"unparsable": value}
-            elif f.name == "started_at" and isinstance(value, _dt.datetime):
-                values[f.name] = value.timestamp()
+                    values[name] = {"unparsable": value}
+        if isinstance(values.get("started_at"), _dt.datetime):
+            values["started_at"] = values["started_at"].timestamp()
         return cls(**values)
 
 
 FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(CellResult)
 _JSON_FIELDS = tuple(f.name for f in FIELDS if f.metadata["json"])
+
+
+def unparsable(value: Any) -> bool:
+    """Whether a decoded JSON column is :meth:`CellResult.from_row`'s ``{"unparsable": text}`` for text not JSON."""
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("unparsable"), str)
+
+
+def json_value(value: Any) -> Any:
+    """A decoded JSON column's value; None for text that was not JSON."""
+    return None if unparsable(value) else value
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    """A decoded JSON column (e.g. a fingerprint) as a dict: empty if null, not JSON or not an object."""
+    return value if isinstance(value, dict) and not unparsable(value) else {}
 
 
 def _json_default(o: Any) -> Any:

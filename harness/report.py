@@ -3,9 +3,10 @@
 Every renderer is pure (a results table in, text out); :func:`write_all` is the
 only function that writes files. A table may repeat a cell (a resumed run); the
 last row of a ``(scenario, format, environment)`` cell wins everywhere. Each
-render decodes the table once, in :func:`_layout`, into typed
-:class:`harness.records.CellResult` cells (JSON columns as dicts); renderers
-read their fields. Imports neither TensorFlow nor Ray.
+render decodes the table once, in :func:`_layout` (with
+:func:`harness.results.cells`), into typed :class:`harness.records.CellResult`
+cells (JSON columns as dicts); renderers read their fields. Imports neither
+TensorFlow nor Ray.
 
 Example:
     >>> from harness import report, results
@@ -33,10 +34,11 @@ import pyarrow as pa
 from tabulate import tabulate
 
 from harness import history as hist
+from harness import results
 from harness import text as text_
 from harness.explain import Explanation, LayerDiff
-from harness.records import FIELDS, CellResult
-from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, ResultsError, meets
+from harness.records import FIELDS, CellResult, json_object, json_value, unparsable
+from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
 
 #: Report formats and the file each is written to by :func:`write_all`.
 FILES = {"md": "report.md", "html": "report.html", "junit": "report.xml", "json": "report.json"}
@@ -73,44 +75,13 @@ def _unique(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(v for v in values if v is not None))
 
 
-def _unparsable(value: Any) -> bool:
-    """Whether a JSON column holds :meth:`CellResult.from_row`'s stand-in for text that was not JSON."""
-    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("unparsable"), str)
-
-
-def _json_value(value: Any) -> Any:
-    """A JSON column's value; None for text that was not JSON (as ``hist.decode_json`` gives)."""
-    return None if _unparsable(value) else value
-
-
-def _fingerprint(value: Any) -> dict[str, Any]:
-    """A fingerprint column as a dict: empty if null, not JSON or not an object (as ``hist.fingerprint_of``)."""
-    return value if isinstance(value, dict) and not _unparsable(value) else {}
-
-
-def _cell(row: Mapping[str, Any]) -> Cell:
-    """A results row as a typed cell, its JSON columns decoded.
-
-    Raises:
-        ResultsError: the row has a verdict or save verdict outside ``VERDICTS``
-            (only a damaged or foreign file has one).
-    """
-    for column in ("verdict", "save_verdict"):
-        value = row.get(column)
-        if value is not None and value not in VERDICTS:
-            name = "/".join(str(row.get(k)) for k in ("scenario", "format", "environment"))
-            raise ResultsError(f"cell {name!r}: unknown {column} {value!r} (not one of {', '.join(VERDICTS)}); "
-                               "the results file is damaged or was not written by `harness run`")
-    return CellResult.from_row(row)
-
-
 def _layout(table: pa.Table) -> _Layout:
     """The table's cells, decoded once (the last row of a cell wins, in first-appearance order).
 
     Raises:
-        ResultsError: a cell has an unknown verdict (see :func:`_cell`).
+        ResultsError: a row has an unknown verdict (see :func:`harness.results.cells`).
     """
-    cells = {key: _cell(row) for key, row in hist.index_cells(table.to_pylist()).items()}
+    cells = hist.index_cells(results.cells(table))
     pairs = {(s, f) for s, f, _ in cells}
     scenarios, formats = _unique(k[0] for k in cells), _unique(k[1] for k in cells)
     rows = [(s, f) for s in scenarios for f in formats if (s, f) in pairs]
@@ -211,7 +182,7 @@ def _outcome_text(cell: Cell) -> str:
 
 def _facts(cell: Cell) -> list[tuple[str, str]]:
     """What is worth knowing about a cell, as (label, text) lines; empty lines left out."""
-    labels = _json_value(cell.node_labels)
+    labels = json_value(cell.node_labels)
     node = " ".join(filter(None, [cell.node_id, hist.format_value(labels, 400) if labels else ""]))
     facts = [
         ("verdict", _outcome_text(cell)),
@@ -271,7 +242,7 @@ def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
 
     ``cell`` is a :class:`~harness.records.CellResult` (for a results row: ``CellResult.from_row(row)``).
     """
-    train, reload = _fingerprint(cell.train_fingerprint), _fingerprint(cell.fingerprint)
+    train, reload = json_object(cell.train_fingerprint), json_object(cell.fingerprint)
     return [(k, train.get(k), reload.get(k)) for k in _fingerprint_keys(train, reload)
             if k not in _NOISE_KEYS and train.get(k) != reload.get(k)]
 
@@ -539,16 +510,16 @@ def _verdict_class(verdict: str | None) -> str:
     return f"v-{verdict}" if verdict in _COLOURS else "v-none"
 
 
-def _sparkline(points: list[Mapping[str, Any]], width: int = 72, height: int = 18) -> str:
+def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> str:
     """Inline SVG: max ULP diff (log scale) over runs, one dot per run in its verdict colour."""
     if len(points) < 2:
         return ""
-    values = [math.log10(1 + p["max_ulp_diff"]) if hist.is_finite(p.get("max_ulp_diff")) else 0.0 for p in points]
+    values = [math.log10(1 + p.max_ulp_diff) if hist.is_finite(p.max_ulp_diff) else 0.0 for p in points]
     top = max(values) or 1.0
     step = (width - 6) / (len(points) - 1)
     xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{_colour(p.get("verdict"), p.get("max_ulp_diff"))}"/>'
+    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{_colour(p.verdict, p.max_ulp_diff)}"/>'
                    for (x, y), p in zip(xy, points))
     return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
             f'role="img" aria-label="max ulp trend over {len(points)} runs">'
@@ -593,14 +564,14 @@ def _detail_html(cell: Cell) -> str:
         out.append("<p>Differs from the training worker:</p>")
         pairs = [(k, " &rarr; ".join(map(_e, _diff_sides(t, r)))) for k, t, r in diff]
         out.append(_dl(pairs))
-    fingerprint = _fingerprint(cell.fingerprint)
+    fingerprint = json_object(cell.fingerprint)
     if fingerprint:
         pairs = [(k, _value_html(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]
         out.append(f"<details><summary>fingerprint</summary>{_dl(pairs)}</details>")
     return f'<div class="detail">{"".join(out)}</div>'
 
 
-def _cell_html(cell: Cell, trend: list[Mapping[str, Any]]) -> str:
+def _cell_html(cell: Cell, trend: list[hist.TrendPoint]) -> str:
     verdict = cell.verdict
     classes = f"cell {_verdict_class(verdict)}" + (" failed" if _failed(cell) else "")
     data = " ".join(f'data-{k}="{_e(v)}"' for k, v in zip(("scenario", "format", "environment"), cell.key))
@@ -609,11 +580,11 @@ def _cell_html(cell: Cell, trend: list[Mapping[str, Any]]) -> str:
             f"{_detail_html(cell)}</details></td>")
 
 
-def _trend_with_current(trends: Mapping[Key, list], key: Key, cell: Cell) -> list[Mapping[str, Any]]:
+def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, cell: Cell) -> list[hist.TrendPoint]:
     """The cell's history, ending with the current run if the history does not have it yet."""
     points = list(trends.get(key, []))
-    if cell.run_id not in {p["run_id"] for p in points}:
-        points.append(hist.trend_point(vars(cell)))  # the typed fields; a results cell has no date
+    if cell.run_id not in {p.run_id for p in points}:
+        points.append(hist.TrendPoint.of(cell))  # a run not in the history has no date
     return points
 
 
@@ -653,7 +624,7 @@ def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
     for cell in lay.ordered():
         for name, value in ((hist.TRAINING, cell.train_fingerprint), (cell.environment, cell.fingerprint)):
             if not columns.get(name):
-                columns[name] = _fingerprint(value)
+                columns[name] = json_object(value)
     order = [hist.TRAINING, *lay.environments]
     return {name: columns[name] for name in order if columns.get(name)}
 
@@ -847,7 +818,7 @@ def _json_cell(cell: Cell) -> dict[str, Any]:
     out = {}
     for f in FIELDS:
         value = getattr(cell, f.name)
-        if f.metadata["json"] and _unparsable(value):
+        if f.metadata["json"] and unparsable(value):
             value = value["unparsable"]
         elif f.name == "started_at" and value is not None:
             value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)

@@ -235,6 +235,30 @@ def last_row_per_cell(table: pa.Table) -> pa.Table:
     return table.take(sorted(last.values()))
 
 
+def cells(table: pa.Table) -> list[CellResult]:
+    """Every row of a results table as a typed :class:`CellResult`, in table order.
+
+    This is where a table's rows are decoded (JSON columns to dicts, text that
+    is not JSON to ``{"unparsable": text}``, ``started_at`` to epoch seconds);
+    readers use the records' fields. ``table`` may lack columns (those fields
+    stay None) but must not have any outside :data:`SCHEMA`.
+
+    Raises:
+        ResultsError: a row has a verdict or save verdict outside ``VERDICTS``
+            (only a damaged or foreign file has one).
+    """
+    out = []
+    for row in table.to_pylist():
+        for column in ("verdict", "save_verdict"):
+            value = row.get(column)
+            if value is not None and value not in VERDICTS:
+                name = "/".join(str(row.get(k)) for k in ("scenario", "format", "environment"))
+                raise ResultsError(f"cell {name!r}: unknown {column} {value!r} (not one of {', '.join(VERDICTS)}); "
+                                   "the results file is damaged or was not written by `harness run`")
+        out.append(CellResult.from_row(row))
+    return out
+
+
 def rows(table: pa.Table) -> list[dict[str, Any]]:
     """The table as a list of dicts, JSON columns left as strings."""
     return table.to_pylist()

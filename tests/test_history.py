@@ -143,11 +143,11 @@ def test_previous_run(local_history):
 def test_cell_trend(local_history):
     loaded = history.load_history(local_history)
     trend = history.cell_trend(loaded, *NOISIER)
-    assert [(p["run_id"], p["date"], p["verdict"], p["passed"], p["max_ulp_diff"]) for p in trend] == \
+    assert [(p.run_id, p.date, p.verdict, p.passed, p.max_ulp_diff) for p in trend] == \
         [("run-1", "2025-03-01", "mismatch", True, 2100.0), ("run-2", "2025-03-02", "mismatch", True, 21000.0)]
-    assert trend[0]["max_abs_diff"] == pytest.approx(3.4e-2)
-    assert [p["run_id"] for p in history.cell_trend(loaded, *NOISIER, last=1)] == ["run-2"]
-    assert [p["verdict"] for p in history.cell_trend(loaded, *BROKEN)] == ["bitwise", "mismatch"]
+    assert trend[0].max_abs_diff == pytest.approx(3.4e-2)
+    assert [p.run_id for p in history.cell_trend(loaded, *NOISIER, last=1)] == ["run-2"]
+    assert [p.verdict for p in history.cell_trend(loaded, *BROKEN)] == ["bitwise", "mismatch"]
     assert history.cell_trend(loaded, "nope", "keras", "cpu-amd") == []
 
 
