@@ -34,11 +34,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from .compare import Tolerance, compare_arrays
+
+if TYPE_CHECKING:
+    from .records import CellResult
 
 #: Formats whose reload has Keras layers to trace; the others are traced through one of these.
 LAYERED_FORMATS = ("keras", "h5", "weights")
@@ -487,22 +490,37 @@ class UnknownCell(ValueError):
     """The cell named is not in the run (exit code 2): the message lists close names."""
 
 
-def find_cell(table: Any, cell: str) -> dict[str, Any]:
-    """The results row of ``scenario/format/environment``.
+def find_cell(table: Any, cell: str) -> CellResult:
+    """The typed result of cell ``scenario/format/environment`` in a results table (its last row).
 
     Raises:
         UnknownCell: it is malformed or not in the run.
+        results.ResultsError: a row has an unknown verdict (see :func:`harness.results.cells`).
     """
+    from . import results
+
+    return _lookup(_by_name(results.cells(table)), cell)
+
+
+def _cell_name(cell: CellResult) -> str:
+    return f"{cell.scenario}/{cell.format}/{cell.environment}"
+
+
+def _by_name(cells: Sequence[CellResult]) -> dict[str, CellResult]:
+    """Cells by ``scenario/format/environment``, in first-appearance order; a later duplicate wins."""
+    return {_cell_name(c): c for c in cells}
+
+
+def _lookup(by_name: Mapping[str, CellResult], cell: str) -> CellResult:
     import difflib
 
-    rows = {f"{r['scenario']}/{r['format']}/{r['environment']}": r for r in table.to_pylist()}
     if cell.count("/") != 2:
         raise UnknownCell(f"{cell!r}: name a cell as SCENARIO/FORMAT/ENVIRONMENT")
-    if cell not in rows:
-        close = difflib.get_close_matches(cell, list(rows), n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the run has {len(rows)} cells"
+    if cell not in by_name:
+        close = difflib.get_close_matches(cell, list(by_name), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else f"; the run has {len(by_name)} cells"
         raise UnknownCell(f"{cell!r} is not a cell of this run{hint}")
-    return rows[cell]
+    return by_name[cell]
 
 
 def run_explain(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cell: str, *, address: str = "local",
@@ -513,9 +531,14 @@ def run_explain(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cell: st
 
 
 def cells_to_explain(table: Any) -> list[str]:
-    """The cells of a run that have a difference to explain: numeric verdicts other than bitwise."""
-    return [f"{r['scenario']}/{r['format']}/{r['environment']}" for r in table.to_pylist()
-            if r["verdict"] in ("within_tolerance", "mismatch")]
+    """The cells of a run that have a difference to explain: numeric verdicts other than bitwise.
+
+    Raises:
+        results.ResultsError: a row has an unknown verdict (see :func:`harness.results.cells`).
+    """
+    from . import results
+
+    return [_cell_name(c) for c in results.cells(table) if c.verdict in ("within_tolerance", "mismatch")]
 
 
 def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells: Sequence[str], *,
@@ -532,65 +555,60 @@ def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells:
 
     Raises:
         UnknownCell: a cell is not in the run (checked before anything runs).
-        FileNotFoundError / results.ResultsError: ``run_dir`` holds no results.
+        FileNotFoundError / results.ResultsError: ``run_dir`` holds no results, or a damaged table.
     """
     from pathlib import Path
 
     from . import results
+    from .records import json_object
     from .storage import Storage, normalize_uri
 
     run_dir = Path(run_dir)
-    table = results.read_table(run_dir)
-    rows = {cell: find_cell(table, cell) for cell in cells}
+    run_cells = results.cells(results.read_table(run_dir))  # decoded once, for every cell asked
+    by_name = _by_name(run_cells)
+    asked = {cell: _lookup(by_name, cell) for cell in cells}
     done: dict[str, Explanation] = {}
-    for cell, row in rows.items():
-        if row["verdict"] == "bitwise":
+    for cell, result in asked.items():
+        if result.verdict == "bitwise":
             done[cell] = _store(run_dir, Explanation(cell, "bitwise", message=(
                 "bitwise: the environment reproduced the reference exactly, there is nothing to explain")))
-        elif row["verdict"] not in results.NUMERIC_VERDICTS:
-            done[cell] = _store(run_dir, Explanation(cell, row["verdict"], message=(
-                f"{row['verdict']}: the cell produced no outputs to explain ({row['error']})")))
-    todo = {cell: row for cell, row in rows.items() if cell not in done}
+        elif result.verdict not in results.NUMERIC_VERDICTS:
+            done[cell] = _store(run_dir, Explanation(cell, result.verdict, message=(
+                f"{result.verdict}: the cell produced no outputs to explain ({result.error})")))
+    todo = {cell: result for cell, result in asked.items() if cell not in done}
     if todo:
         storage_uri = normalize_uri(storage or _run_storage(run_dir) or sweep.storage)
         from .sweep import _init_ray, _register_scenarios_by_value, _shutdown_ray
 
         knobs_of = {name: knob_differences(sweep, sweep.environment(name))
-                    for name in dict.fromkeys(row["environment"] for row in todo.values())}
+                    for name in dict.fromkeys(result.environment for result in todo.values())}
         owned = _init_ray(address, verbose)
         try:
             _register_scenarios_by_value(scenarios.values())
-            locs = {cell: _localise(sweep, scenarios, table, row, sweep.environment(row["environment"]), storage_uri)
-                    for cell, row in todo.items()}
+            locs = {cell: _localise(sweep, scenarios, run_cells, result, sweep.environment(result.environment),
+                                    storage_uri)
+                    for cell, result in todo.items()}
             findings: dict[str, list[KnobFinding]] = {}
             for env_name, knobs in knobs_of.items() if attribution else ():
                 if knobs:
-                    group = [row for row in todo.values() if row["environment"] == env_name]
+                    group = [result for result in todo.values() if result.environment == env_name]
                     findings.update(_attribute(sweep, scenarios, group, sweep.environment(env_name), knobs, run_dir,
                                                storage_uri, address, verbose))
         finally:
             if owned:
                 _shutdown_ray()
         st = Storage.open(storage_uri)
-        for cell, row in todo.items():
-            unattributable = tuple(not_attributable(_json(row["train_fingerprint"]), _json(row["fingerprint"]),
-                                                    knobs_of[row["environment"]]))
+        for cell, result in todo.items():
+            unattributable = tuple(not_attributable(json_object(result.train_fingerprint),
+                                                    json_object(result.fingerprint), knobs_of[result.environment]))
             found = tuple(findings.get(cell, ()))
             loc = locs[cell]
             if loc.layers:
-                st.write_bytes(f"runs/{row['run_id']}/explain/{cell}.arrow", _layers_ipc(loc.layers))
+                st.write_bytes(f"runs/{result.run_id}/explain/{cell}.arrow", _layers_ipc(loc.layers))
             done[cell] = _store(run_dir, Explanation(
-                cell, row["verdict"], localisation=loc, findings=found, unattributable=unattributable,
+                cell, result.verdict, localisation=loc, findings=found, unattributable=unattributable,
                 summary=summarize_attribution(found, unattributable) if attribution else None))
     return [done[cell] for cell in cells]
-
-
-def _json(text: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _run_storage(run_dir: Any) -> str | None:
@@ -619,36 +637,37 @@ def _layers_ipc(layers: Sequence[LayerDiff]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _layered_artifact(table: Any, row: Mapping[str, Any]) -> tuple[str | None, str | None, str | None]:
+def _layered_artifact(run_cells: Sequence[CellResult],
+                      cell: CellResult) -> tuple[str | None, str | None, str | None]:
     """``(format, artifact path, note)`` of an artifact of the cell's scenario that keeps its layers."""
-    if row["format"] in LAYERED_FORMATS:
-        return row["format"], f"artifacts/{row['scenario']}/{row['artifact_digest']}", None
-    others = {r["format"]: r for r in table.to_pylist()
-              if r["scenario"] == row["scenario"] and r["format"] in LAYERED_FORMATS and r["artifact_digest"]}
+    if cell.format in LAYERED_FORMATS:
+        return cell.format, f"artifacts/{cell.scenario}/{cell.artifact_digest}", None
+    others = {c.format: c for c in run_cells
+              if c.scenario == cell.scenario and c.format in LAYERED_FORMATS and c.artifact_digest}
     for fmt in LAYERED_FORMATS:
         if fmt in others:
-            note = (f"format {row['format']} keeps no layer structure: localised through the {fmt} artifact of "
+            note = (f"format {cell.format} keeps no layer structure: localised through the {fmt} artifact of "
                     f"the same scenario, reloaded in the same two environments")
-            return fmt, f"artifacts/{row['scenario']}/{others[fmt]['artifact_digest']}", note
-    return None, None, (f"format {row['format']} keeps no layer structure and this run has no "
-                        f"{'/'.join(LAYERED_FORMATS)} artifact of scenario {row['scenario']!r} to trace instead; "
+            return fmt, f"artifacts/{cell.scenario}/{others[fmt].artifact_digest}", note
+    return None, None, (f"format {cell.format} keeps no layer structure and this run has no "
+                        f"{'/'.join(LAYERED_FORMATS)} artifact of scenario {cell.scenario!r} to trace instead; "
                         "add format keras to the sweep to localise it")
 
 
-def _localise(sweep: Any, scenarios: Mapping[str, Any], table: Any, row: Mapping[str, Any], env: Any,
-              storage_uri: str) -> Localisation:
+def _localise(sweep: Any, scenarios: Mapping[str, Any], run_cells: Sequence[CellResult], cell: CellResult,
+              env: Any, storage_uri: str) -> Localisation:
     from .engine import call_in_environments
     from .storage import Storage
     from .worker import TraceJob
 
-    fmt, path, note = _layered_artifact(table, row)
+    fmt, path, note = _layered_artifact(run_cells, cell)
     if fmt is None:
         return Localisation(error=note)
     st = Storage.open(storage_uri)
-    base = f"runs/{row['run_id']}/explain/{row['scenario']}/{row['format']}/{row['environment']}"
+    base = f"runs/{cell.run_id}/explain/{cell.scenario}/{cell.format}/{cell.environment}"
     sha = st.manifest_sha256(path)
-    jobs = [(sweep.training, TraceJob(row["scenario"], fmt, path, sha, sweep.batch_size, False, f"{base}.training.arrow")),
-            (env, TraceJob(row["scenario"], fmt, path, sha, sweep.batch_size_for(env), env.jit_compile,
+    jobs = [(sweep.training, TraceJob(cell.scenario, fmt, path, sha, sweep.batch_size, False, f"{base}.training.arrow")),
+            (env, TraceJob(cell.scenario, fmt, path, sha, sweep.batch_size_for(env), env.jit_compile,
                            f"{base}.cell.arrow"))]
     answers = call_in_environments([(e, "trace", job) for e, job in jobs], scenarios, storage_uri,
                                    timeout_s=sweep.cell_timeout_s + sweep.schedule_timeout_s)
@@ -668,21 +687,22 @@ def _localise(sweep: Any, scenarios: Mapping[str, Any], table: Any, row: Mapping
     return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None)
 
 
-def _attribute(sweep: Any, scenarios: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], env: Any,
+def _attribute(sweep: Any, scenarios: Mapping[str, Any], cells: Sequence[CellResult], env: Any,
                knobs: Sequence[Knob], run_dir: Any, storage_uri: str, address: str,
                verbose: bool) -> dict[str, list[KnobFinding]]:
-    """Findings per cell for ``rows`` (cells of ``env``), from one derived sweep over their scenarios and formats."""
+    """Findings per cell for ``cells`` (cells of ``env``), from one derived sweep over their scenarios and formats."""
     import hashlib
 
-    from . import arrays
+    from . import arrays, results
+    from .history import index_cells
     from .spec import parse_sweep
     from .storage import Storage
     from .sweep import run_sweep
 
     variants = attribution_environments(sweep, env, knobs)
-    names = sorted({f"{r['scenario']}/{r['format']}" for r in rows})
-    doc = {"name": f"explain-{sweep.name}", "scenarios": sorted({r["scenario"] for r in rows}),
-           "formats": sorted({r["format"] for r in rows}),
+    names = sorted({f"{c.scenario}/{c.format}" for c in cells})
+    doc = {"name": f"explain-{sweep.name}", "scenarios": sorted({c.scenario for c in cells}),
+           "formats": sorted({c.format for c in cells}),
            "training": _env_doc(sweep.training), "batch_size": sweep.batch_size, "expect": "any",
            "expect_save": "any", "precheck": sweep.precheck, "retries": sweep.retries,
            "timeouts": {"cell_timeout_s": sweep.cell_timeout_s, "schedule_timeout_s": sweep.schedule_timeout_s,
@@ -694,25 +714,25 @@ def _attribute(sweep: Any, scenarios: Mapping[str, Any], rows: Sequence[Mapping[
     res = run_sweep(derived, scenarios, out_dir=out_dir, address=address, storage=storage_uri,
                     resume=_reusable(out_dir, derived), verbose=verbose)
     st = Storage.open(storage_uri)
-    by_cell = {(r["scenario"], r["format"], r["environment"]): r for r in res.table.to_pylist()}
+    by_key = index_cells(results.cells(res.table))
     out: dict[str, list[KnobFinding]] = {}
-    for row in rows:
-        cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, row["observation_uri"])))[0]
-        findings = out.setdefault(f"{row['scenario']}/{row['format']}/{row['environment']}", [])
+    for cell in cells:
+        cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, cell.observation_uri)))[0]
+        findings = out.setdefault(_cell_name(cell), [])
         for knob in knobs:
-            only = by_cell.get((row["scenario"], row["format"], f"{env.name}.only-{knob.slug}"))
-            without = by_cell.get((row["scenario"], row["format"], f"{env.name}.without-{knob.slug}"))
-            broken = next((r for r in (only, without) if r is None or r["verdict"] not in (
-                "bitwise", "within_tolerance", "mismatch")), None)
+            only = by_key.get((cell.scenario, cell.format, f"{env.name}.only-{knob.slug}"))
+            without = by_key.get((cell.scenario, cell.format, f"{env.name}.without-{knob.slug}"))
+            broken = next((v for v in (only, without) if v is None or v.verdict not in results.NUMERIC_VERDICTS),
+                          None)  # the first variant missing (None) or without outputs
             if broken is not None or only is None or without is None:
                 findings.append(KnobFinding(knob, None, None, None, None,
-                                            error=(broken or {}).get("error") or "the variant did not run"))
+                                            error=(broken.error if broken else None) or "the variant did not run"))
                 continue
-            only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only["observation_uri"])))[0]
+            only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only.observation_uri)))[0]
             same = set(only_outputs) == set(cell_outputs) and all(
                 _bits_equal(only_outputs[k], cell_outputs[k]) for k in cell_outputs)
-            findings.append(KnobFinding(knob, same, only["max_ulp_diff"], without["verdict"] == "bitwise",
-                                        without["max_ulp_diff"]))
+            findings.append(KnobFinding(knob, same, only.max_ulp_diff, without.verdict == "bitwise",
+                                        without.max_ulp_diff))
     return out
 
 

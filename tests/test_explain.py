@@ -62,6 +62,31 @@ def test_trace_round_trips_through_arrow():
     assert all(np.array_equal(a, b) for c, d in zip(trace, back) for a, b in zip(c["outputs"], d["outputs"]))
 
 
+def test_results_tables_are_read_as_typed_cells():
+    from harness import results
+    from harness.explain import UnknownCell, _layered_artifact, cells_to_explain, find_cell
+    from harness.records import CellResult
+
+    def cell(fmt, env, verdict, **kw):
+        return CellResult(run_id="r1", scenario="s", format=fmt, environment=env, verdict=verdict, **kw)
+
+    table = results.to_table([cell("keras", "a", "bitwise", artifact_digest="k1"),
+                              cell("savedmodel", "a", "mismatch", artifact_digest="sm"),
+                              cell("keras", "b", "error", error="boom"),
+                              cell("keras", "a", "within_tolerance", artifact_digest="k2",
+                                   fingerprint={"cpu_model": "x"})])  # a later row of a cell wins
+    found = find_cell(table, "s/keras/a")
+    assert isinstance(found, CellResult) and found.verdict == "within_tolerance"
+    assert found.fingerprint == {"cpu_model": "x"}
+    assert cells_to_explain(table) == ["s/savedmodel/a", "s/keras/a"]
+    fmt, path, note = _layered_artifact(results.cells(table), find_cell(table, "s/savedmodel/a"))
+    assert (fmt, path) == ("keras", "artifacts/s/k2") and "keeps no layer structure" in note
+    with pytest.raises(UnknownCell, match="is not a cell of this run; did you mean"):
+        find_cell(table, "s/keras/c")
+    with pytest.raises(UnknownCell, match="name a cell as SCENARIO/FORMAT/ENVIRONMENT"):
+        find_cell(table, "s")
+
+
 @pytest.fixture(scope="module")
 def keras_models():
     import keras
