@@ -502,13 +502,9 @@ def find_cell(table: Any, cell: str) -> CellResult:
     return _lookup(_by_name(results.cells(table)), cell)
 
 
-def _cell_name(cell: CellResult) -> str:
-    return f"{cell.scenario}/{cell.format}/{cell.environment}"
-
-
 def _by_name(cells: Sequence[CellResult]) -> dict[str, CellResult]:
     """Cells by ``scenario/format/environment``, in first-appearance order; a later duplicate wins."""
-    return {_cell_name(c): c for c in cells}
+    return {c.name: c for c in cells}
 
 
 def _lookup(by_name: Mapping[str, CellResult], cell: str) -> CellResult:
@@ -538,7 +534,7 @@ def cells_to_explain(table: Any) -> list[str]:
     """
     from . import results
 
-    return [_cell_name(c) for c in results.cells(table) if c.verdict in ("within_tolerance", "mismatch")]
+    return [c.name for c in results.cells(table) if c.verdict in ("within_tolerance", "mismatch")]
 
 
 def explain_cells(sweep: Any, scenarios: Mapping[str, Any], run_dir: Any, cells: Sequence[str], *,
@@ -664,7 +660,7 @@ def _localise(sweep: Any, scenarios: Mapping[str, Any], run_cells: Sequence[Cell
     if fmt is None:
         return Localisation(error=note)
     st = Storage.open(storage_uri)
-    base = f"runs/{cell.run_id}/explain/{cell.scenario}/{cell.format}/{cell.environment}"
+    base = f"runs/{cell.run_id}/explain/{cell.name}"
     sha = st.manifest_sha256(path)
     jobs = [(sweep.training, TraceJob(cell.scenario, fmt, path, sha, sweep.batch_size, False, f"{base}.training.arrow")),
             (env, TraceJob(cell.scenario, fmt, path, sha, sweep.batch_size_for(env), env.jit_compile,
@@ -718,15 +714,15 @@ def _attribute(sweep: Any, scenarios: Mapping[str, Any], cells: Sequence[CellRes
     out: dict[str, list[KnobFinding]] = {}
     for cell in cells:
         cell_outputs = arrays.read_ipc(st.read_bytes(_rel(st, cell.observation_uri)))[0]
-        findings = out.setdefault(_cell_name(cell), [])
+        findings = out.setdefault(cell.name, [])
         for knob in knobs:
             only = by_key.get((cell.scenario, cell.format, f"{env.name}.only-{knob.slug}"))
             without = by_key.get((cell.scenario, cell.format, f"{env.name}.without-{knob.slug}"))
-            broken = next((v for v in (only, without) if v is None or v.verdict not in results.NUMERIC_VERDICTS),
-                          None)  # the first variant missing (None) or without outputs
-            if broken is not None or only is None or without is None:
-                findings.append(KnobFinding(knob, None, None, None, None,
-                                            error=(broken.error if broken else None) or "the variant did not run"))
+            # the first variant that is missing or has no outputs says why the knob cannot be judged
+            problem = next(((v.error if v is not None else None) or "the variant did not run"
+                            for v in (only, without) if v is None or v.verdict not in results.NUMERIC_VERDICTS), None)
+            if problem is not None:
+                findings.append(KnobFinding(knob, None, None, None, None, error=problem))
                 continue
             only_outputs = arrays.read_ipc(st.read_bytes(_rel(st, only.observation_uri)))[0]
             same = set(only_outputs) == set(cell_outputs) and all(

@@ -153,6 +153,11 @@ class CellResult:
     def key(self) -> tuple[str, str, str]:
         return (self.scenario, self.format, self.environment)
 
+    @property
+    def name(self) -> str:
+        """``scenario/format/environment``: how a cell is named on the command line and in explanations."""
+        return f"{self.scenario}/{self.format}/{self.environment}"
+
     def replace(self, **changes: Any) -> "CellResult":
         """A copy with ``changes`` (field names only: an unknown name is a ``TypeError``)."""
         return dataclasses.replace(self, **changes)

@@ -377,7 +377,7 @@ def _explained(lay: _Layout, explanations: Mapping[str, Explanation] | None) -> 
     """The explanations of the layout's cells that found something, in matrix order."""
     if not explanations:
         return []
-    order = [f"{c.scenario}/{c.format}/{c.environment}" for c in lay.ordered()]
+    order = [c.name for c in lay.ordered()]
     return [explanations[k] for k in order if k in explanations and explanations[k].message is None]
 
 

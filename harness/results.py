@@ -259,11 +259,6 @@ def cells(table: pa.Table) -> list[CellResult]:
     return out
 
 
-def rows(table: pa.Table) -> list[dict[str, Any]]:
-    """The table as a list of dicts, JSON columns left as strings."""
-    return table.to_pylist()
-
-
 def schema_markdown() -> str:
     """The results schema as a Markdown table (used in the README)."""
     lines = ["| column | type | meaning |", "| --- | --- | --- |"]
