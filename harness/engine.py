@@ -349,18 +349,21 @@ class Engine:
             return 1
         return max(1, min(MAX_BATCH, int(BATCH_TARGET_S / max(lane.mean_seconds, 1e-4))))
 
+    def _cpus(self, busy_only: bool = False) -> float:
+        """CPUs our actors hold (``busy_only``: only those importing TensorFlow or running jobs)."""
+        return sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors
+                   if not busy_only or a.warm_ref is not None or a.inflight)
+
     def _fits(self, env: Environment) -> bool:
         """Ray has room for one more actor of ``env`` next to ours (or none of ours is alive)."""
-        used = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors)
         alive = any(lane.actors for lane in self.lanes.values())
-        return not alive or used + env.num_cpus <= self.capacity + 1e-9
+        return not alive or self._cpus() + env.num_cpus <= self.capacity + 1e-9
 
     def _cores_free(self, env: Environment, slack: float = 0.0) -> bool:
         """One more busy actor of ``env`` stays within ``busy_cpus`` (a warm actor waiting for work is not busy)."""
         if self.busy_cpus is None:
             return True
-        busy = sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors
-                   if a.warm_ref is not None or a.inflight)
+        busy = self._cpus(busy_only=True)
         return busy == 0 or busy + env.num_cpus <= self.busy_cpus + slack + 1e-9
 
     def _free_idle_prewarmed(self) -> None:
