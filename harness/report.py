@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import html
+import functools
 import json
 import math
 import os
@@ -420,10 +420,13 @@ def _md_explanation(exp: Explanation) -> list[str]:
 
 
 # -- HTML ------------------------------------------------------------------------------
+# The page's markup lives in harness/templates/report.html.j2 (Jinja2, autoescape on);
+# the functions below build its view model: texts, colours, coordinates.
 _COLOURS = {"bitwise": "#1a9850", "within_tolerance": "#a6d96a", "mismatch": "#d73027",
             "error": "#8073ac", "corrupt": "#c51b7d", "unschedulable": "#bdbdbd"}
 _MISMATCH_LOW, _MISMATCH_HIGH = (253, 174, 97), (103, 0, 13)  # orange at 1 ulp, dark red at 1e8 ulp
 _MISMATCH_DECADES = 8
+TEMPLATE = "report.html.j2"
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;background:#fff}
@@ -477,8 +480,14 @@ document.querySelectorAll("#matrix details[open]").forEach(function(o){o.open=fa
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@functools.lru_cache(maxsize=1)
+def _template() -> "jinja2.Template":
+    """The report page's template (package data of ``harness``), loaded once per process."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(TEMPLATE)
 
 
 def _mismatch_rgb(ulp: Any) -> tuple[tuple[int, int, int], float]:
@@ -500,44 +509,36 @@ def _colour(verdict: str | None, ulp: Any) -> str:
 
 
 def _mismatch_style(cell: Cell) -> str:
+    """Inline style of a mismatch cell (its colour graded by ULP); '' for other verdicts."""
     if cell.verdict != "mismatch":
         return ""
     _, t = _mismatch_rgb(cell.max_ulp_diff)
-    return f' style="background:{_colour("mismatch", cell.max_ulp_diff)};color:{"#fff" if t > 0.3 else "#222"}"'
+    return f'background:{_colour("mismatch", cell.max_ulp_diff)};color:{"#fff" if t > 0.3 else "#222"}'
 
 
 def _verdict_class(verdict: str | None) -> str:
     return f"v-{verdict}" if verdict in _COLOURS else "v-none"
 
 
-def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> str:
-    """Inline SVG: max ULP diff (log scale) over runs, one dot per run in its verdict colour."""
+def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> dict[str, Any] | None:
+    """Max ULP diff (log scale) over runs, one dot per run in its verdict colour (None: fewer than 2 runs)."""
     if len(points) < 2:
-        return ""
+        return None
     values = [math.log10(1 + p.max_ulp_diff) if hist.is_finite(p.max_ulp_diff) else 0.0 for p in points]
     top = max(values) or 1.0
     step = (width - 6) / (len(points) - 1)
     xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{_colour(p.verdict, p.max_ulp_diff)}"/>'
-                   for (x, y), p in zip(xy, points))
-    return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'role="img" aria-label="max ulp trend over {len(points)} runs">'
-            f'<rect width="{width}" height="{height}" rx="3" fill="#fff" opacity=".85"/>'
-            f'<polyline points="{line}" fill="none" stroke="#555" stroke-width="1"/>{dots}</svg>')
+    return {"width": width, "height": height, "line": " ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
+            "dots": [{"x": f"{x:.1f}", "y": f"{y:.1f}", "colour": _colour(p.verdict, p.max_ulp_diff)}
+                     for (x, y), p in zip(xy, points)]}
 
 
-def _value_html(value: Any) -> str:
-    """A fingerprint value; long lists fold into a <details>."""
+def _value_view(value: Any) -> dict[str, Any]:
+    """A fingerprint value: ``n`` items folded into a <details> for long lists, else plain text."""
     if isinstance(value, list) and len(value) > 6:
         items = ", ".join(v if isinstance(v, str) else hist.format_value(v) for v in value)
-        return f"<details><summary>{len(value)} items</summary>{_e(items)}</details>"
-    return _e(hist.format_value(value, limit=300))
-
-
-def _dl(pairs: list[tuple[str, str]]) -> str:
-    """A <dl> of (label, already-escaped html) pairs."""
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+        return {"n": len(value), "text": items}
+    return {"n": None, "text": hist.format_value(value, limit=300)}
 
 
 def _tooltip(cell: Cell) -> str:
@@ -553,31 +554,20 @@ def _tooltip(cell: Cell) -> str:
     return "; ".join(parts)
 
 
-def _detail_html(cell: Cell) -> str:
+def _detail_view(cell: Cell) -> dict[str, Any]:
     """The click-to-open panel of a cell: facts, error, fingerprint differences, fingerprint."""
-    out = [f"<strong>{_e(cell.scenario)}/{_e(cell.format)} @ {_e(cell.environment)}</strong>",
-           _dl([(k, _e(v)) for k, v in _facts(cell)])]
-    if cell.error:
-        out.append(f"<pre>{_e(cell.error)}</pre>")
-    diff = fingerprint_diff(cell)
-    if diff:
-        out.append("<p>Differs from the training worker:</p>")
-        pairs = [(k, " &rarr; ".join(map(_e, _diff_sides(t, r)))) for k, t, r in diff]
-        out.append(_dl(pairs))
     fingerprint = json_object(cell.fingerprint)
-    if fingerprint:
-        pairs = [(k, _value_html(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]
-        out.append(f"<details><summary>fingerprint</summary>{_dl(pairs)}</details>")
-    return f'<div class="detail">{"".join(out)}</div>'
+    return {"name": f"{cell.scenario}/{cell.format} @ {cell.environment}", "facts": _facts(cell),
+            "error": cell.error, "diff": [(k, *_diff_sides(t, r)) for k, t, r in fingerprint_diff(cell)],
+            "fingerprint": [(k, _value_view(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]}
 
 
-def _cell_html(cell: Cell, trend: list[hist.TrendPoint]) -> str:
-    verdict = cell.verdict
-    classes = f"cell {_verdict_class(verdict)}" + (" failed" if _failed(cell) else "")
-    data = " ".join(f'data-{k}="{_e(v)}"' for k, v in zip(("scenario", "format", "environment"), cell.key))
-    return (f'<td class="{classes}" {data} data-verdict="{_e(verdict)}" title="{_e(_tooltip(cell))}"'
-            f'{_mismatch_style(cell)}><details><summary>{_e(_short(cell))}{_sparkline(trend)}</summary>'
-            f"{_detail_html(cell)}</details></td>")
+def _cell_view(cell: Cell, trend: list[hist.TrendPoint]) -> dict[str, Any]:
+    scenario, fmt, environment = cell.key
+    return {"classes": f"cell {_verdict_class(cell.verdict)}" + (" failed" if _failed(cell) else ""),
+            "scenario": scenario, "format": fmt, "environment": environment, "verdict": cell.verdict,
+            "title": _tooltip(cell), "style": _mismatch_style(cell), "text": _short(cell),
+            "spark": _sparkline(trend), "detail": _detail_view(cell)}
 
 
 def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, cell: Cell) -> list[hist.TrendPoint]:
@@ -588,34 +578,31 @@ def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, c
     return points
 
 
-def _matrix_html(lay: _Layout, history: pa.Table | None) -> str:
+def _matrix_view(lay: _Layout, history: pa.Table | None) -> dict[str, Any]:
     trends = hist.trends(history) if history is not None else {}
-    head = "".join(f"<th>{_e(e)}</th>" for e in lay.environments)
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
-        tds = [f'<th scope="row">{_e(s)}/{_e(f)}</th>',
-               f'<td class="save {_verdict_class(save.verdict)}"{_mismatch_style(save)}>{_e(_short(save))}</td>']
+        cells = []
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
-            tds.append(_cell_html(cell, _trend_with_current(trends, (s, f, env), cell) if trends else [])
-                       if cell is not None else '<td class="empty v-none">-</td>')
-        rows.append(f"<tr>{''.join(tds)}</tr>")
-    if not rows:
-        rows.append('<tr><td colspan="2">No cells: this run has no results.</td></tr>')
-    return (f'<table id="matrix"><thead><tr><th>scenario/format</th><th>save</th>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            cells.append(None if cell is None else
+                         _cell_view(cell, _trend_with_current(trends, (s, f, env), cell) if trends else []))
+        rows.append({"name": f"{s}/{f}", "cells": cells,
+                     "save": {"classes": _verdict_class(save.verdict), "style": _mismatch_style(save),
+                              "text": _short(save)}})
+    return {"environments": lay.environments, "rows": rows}
 
 
-def _legend_html() -> str:
-    items = [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
-             for v in ("bitwise", "within_tolerance")]
-    items.append(f'<span class="item">mismatch: 1 ulp <span class="ramp"></span> 1e{_MISMATCH_DECADES}+ ulp</span>')
-    items += [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
-              for v in ("error", "corrupt", "unschedulable")]
-    items.append('<span class="item"><span class="swatch failed-mark"></span>✗ failed expectation</span>')
-    items.append('<span class="item">click a cell for details</span>')
-    return f'<div id="legend">{"".join(items)}</div>'
+def _legend_items() -> list[dict[str, Any]]:
+    def item(label: str = "", swatch: str = "", ramp: int | None = None) -> dict[str, Any]:
+        return {"label": label, "swatch": swatch, "ramp": ramp}
+
+    items = [item(_LABELS[v], _verdict_class(v)) for v in ("bitwise", "within_tolerance")]
+    items.append(item(ramp=_MISMATCH_DECADES))
+    items += [item(_LABELS[v], _verdict_class(v)) for v in ("error", "corrupt", "unschedulable")]
+    items += [item("✗ failed expectation", "failed-mark"), item("click a cell for details")]
+    return items
 
 
 def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
@@ -629,31 +616,23 @@ def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
     return {name: columns[name] for name in order if columns.get(name)}
 
 
-def _fingerprint_row(key: str, values: list[Any]) -> str:
+def _fingerprint_row(key: str, values: list[Any]) -> dict[str, Any]:
     canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
     common = Counter(canonical).most_common(1)[0][0]
     differs = len(set(canonical)) > 1
-    tds = "".join(f'<td class="{"diff" if differs and c != common else ""}">{_value_html(v)}</td>'
-                  for v, c in zip(values, canonical))
-    return f'<tr class="{"differs" if differs else ""}"><th>{_e(key)}</th>{tds}</tr>'
+    return {"key": key, "differs": differs,
+            "cells": [{"diff": differs and c != common, "value": _value_view(v)} for v, c in zip(values, canonical)]}
 
 
-def _fingerprints_html(lay: _Layout) -> str:
+def _fingerprints_view(lay: _Layout) -> dict[str, Any]:
     columns = _environment_fingerprints(lay)
-    if not columns:
-        return '<table id="fingerprints"><tbody><tr><td>no fingerprints recorded</td></tr></tbody></table>'
-    head = "".join(f"<th>{_e(name)}</th>" for name in columns)
-    rows = "".join(_fingerprint_row(k, [fp.get(k) for fp in columns.values()])
-                   for k in _fingerprint_keys(*columns.values()))
-    return f'<table id="fingerprints"><thead><tr><th>key</th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    rows = [_fingerprint_row(k, [fp.get(k) for fp in columns.values()]) for k in _fingerprint_keys(*columns.values())]
+    return {"columns": list(columns), "rows": rows}
 
 
-def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int = 120) -> str:
-    """Inline SVG: one bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
+def _depth_chart(layers: list[LayerDiff], width: int = 480, height: int = 120) -> dict[str, Any]:
+    """One bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
     the first layer that is not bitwise is outlined."""
-    layers = list(layers)
-    if not layers:
-        return ""
     values = [math.log10(1 + d.max_ulp_diff) if d.max_ulp_diff is not None and math.isfinite(d.max_ulp_diff)
               else 0.0 for d in layers]
     top = max(max(values), 1.0)
@@ -662,53 +641,33 @@ def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int =
     bars = []
     for d, v in zip(layers, values):
         h = max(2.0, (height - 14) * v / top)
-        outline = ' stroke="#111" stroke-width="2"' if d.index == first else ""
-        bars.append(f'<rect x="{d.index * step + 1:.1f}" y="{height - 12 - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                    f'height="{h:.1f}" fill="{_COLOURS.get(d.verdict, "#999999")}"{outline}>'
-                    f"<title>{_e(f'{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp')}</title></rect>")
-    return (f'<svg class="depth" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="max ULP difference by layer depth">'
-            f'<line x1="0" y1="{height - 12}" x2="{width}" y2="{height - 12}" stroke="#888"/>{"".join(bars)}'
-            f'<text x="0" y="{height - 1}" font-size="10" fill="#555">input</text>'
-            f'<text x="{width}" y="{height - 1}" font-size="10" fill="#555" text-anchor="end">output '
-            f"(bar height: log10(1 + max ulp), up to {10 ** top - 1:.3g} ulp)</text></svg>")
+        bars.append({"x": f"{d.index * step + 1:.1f}", "y": f"{height - 12 - h:.1f}", "w": f"{max(step - 2, 1):.1f}",
+                     "h": f"{h:.1f}", "colour": _COLOURS.get(d.verdict, "#999999"), "first": d.index == first,
+                     "title": f"{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp"})
+    return {"width": width, "height": height, "axis": height - 12, "bars": bars, "top": f"{10 ** top - 1:.3g}"}
 
 
-def _explanations_html(explained: list[Explanation]) -> str:
-    parts = ['<h2>Explanations</h2><section id="explanations">']
-    for exp in explained:
-        layers = exp.localisation.layers if exp.localisation else ()
-        parts.append(f"<h3>{_e(exp.cell)}: {_e(exp.verdict)}</h3>")
-        parts.append(_dl([(k, _e(v)) for k, v in _explanation_facts(exp)]))
-        if layers:
-            rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in _layer_row(d)) + "</tr>" for d in layers)
-            parts.append(_divergence_svg(layers))
-            parts.append(f'<table class="layers"><thead><tr>{"".join(f"<th>{_e(h)}</th>" for h in _LAYER_HEADERS)}'
-                         f"</tr></thead><tbody>{rows}</tbody></table>")
-    return "".join(parts) + "</section>"
+def _explanation_view(exp: Explanation) -> dict[str, Any]:
+    layers = list(exp.localisation.layers) if exp.localisation else []
+    return {"cell": exp.cell, "verdict": exp.verdict, "facts": _explanation_facts(exp),
+            "layers": [_layer_row(d) for d in layers], "chart": _depth_chart(layers) if layers else None}
 
 
 def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None,
           explanations: Mapping[str, Explanation] | None = None) -> str:
+    from markupsafe import Markup
+
     lay = _layout(table)
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
     if started is not None:
         meta.append(f"Started: {started:%Y-%m-%d %H:%M:%S} UTC")
-    body = [f"<h1>{_e(_title(table, title))}</h1>", *(f'<p class="meta">{_e(m)}</p>' for m in meta),
-            f'<p class="summary">{_e(_summary_line(lay))}</p>', _legend_html()]
-    body.append(_matrix_html(lay, history))
-    body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
-    explained = _explained(lay, explanations)
-    if explained:
-        body.append(_explanations_html(explained))
-    if changes is not None:
-        body += ['<h2>What changed</h2><section id="changes">',
-                 f"<pre>{_e(hist.render_changes_md(changes))}</pre></section>"]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_e(_title(table, title))}</title><style>{_CSS}</style></head>"
-            f"<body>{''.join(body)}<script>{_JS}</script></body></html>\n")
+    return _template().render(
+        title=_title(table, title), meta=meta, summary=_summary_line(lay), legend_items=_legend_items(),
+        matrix_view=_matrix_view(lay, history), fingerprint_view=_fingerprints_view(lay),
+        explained=[_explanation_view(e) for e in _explained(lay, explanations)], layer_headers=_LAYER_HEADERS,
+        changes=hist.render_changes_md(changes) if changes is not None else None,
+        css=Markup(_CSS), js=Markup(_JS)) + "\n"
 
 
 # -- JUnit XML ---------------------------------------------------------------------------
