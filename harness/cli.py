@@ -67,7 +67,7 @@ def _progress(done: int, total: int, cell) -> None:
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
     mark = {True: "", False: "  ✗ expected " + cell.expected, None: "  (optional: not judged)"}[cell.passed]
-    err = f" -- {text.one_line(cell.error, 160)}" if cell.error and cell.passed is not True else ""
+    err = f" -- {text.one_line(cell.error)}" if cell.error and cell.passed is not True else ""  # in full: the advice ends it
     name = text.one_line(f"{cell.scenario}/{cell.format} @ {cell.environment}")
     print(f"[{done:>{len(str(total))}}/{total}] {name}: {cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)
 

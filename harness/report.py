@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -55,7 +56,7 @@ Key = tuple[str, str, str]
 
 
 # -- shared structure ------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Layout:
     """The matrix: rows (scenario, format), columns environments, cells by key."""
 
@@ -69,6 +70,26 @@ class _Layout:
     def ordered(self) -> list[Cell]:
         """Every cell, row by row, environments left to right."""
         return [c for s, f in self.rows for c in self.row_cells(s, f)]
+
+    @functools.cached_property
+    def notes(self) -> dict[str, int]:
+        """Every distinct ``error`` text of the cells (the full reason of a cell that is not bitwise), numbered
+        from 1 in matrix order. The matrix shows ``[n]`` in a cell; the text is listed below it, never cut."""
+        texts = _unique(text_.one_line(c.error) for c in self.ordered() if c.error and c.error.strip())
+        return {t: i for i, t in enumerate(texts, 1)}
+
+    def note(self, cell: Cell | None) -> int | None:
+        """The number of ``cell``'s note (None: it has no error text)."""
+        return self.notes.get(text_.one_line(cell.error)) if cell is not None and cell.error else None
+
+    @functools.cached_property
+    def train_seconds(self) -> dict[str, float]:
+        """Training time per scenario (``train_s``; the last row of a resumed run wins), in row order."""
+        out: dict[str, float] = {}
+        for cell in self.ordered():
+            if hist.is_finite(cell.train_s):
+                out[cell.scenario] = cell.train_s
+        return out
 
 
 def _unique(values: Iterable[Any]) -> list[Any]:
@@ -192,7 +213,7 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
         ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
         ("required tolerance", _required_text(cell)),
         ("node", node),
-        ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "artifact_digest"))),
+        ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "train_s", "artifact_digest"))),
     ]
     return [(label, text) for label, text in facts if text]
 
@@ -248,30 +269,58 @@ def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
 
 
 # -- console -----------------------------------------------------------------------
-def _short(cell: Cell | None) -> str:
-    """Compact cell text: ``bitwise``, ``tol 14ulp``, ``MISMATCH 2.1e+03ulp``, ``ERROR`` (+ `` ✗``)."""
+def _abs(value: Any) -> str:
+    """An absolute difference beside a ULP count: 2 significant digits (``2.4e-07``, ``0.034``)."""
+    return f"{value:.2g}" if isinstance(value, (int, float)) else "?"
+
+
+def _mark(cell: Cell) -> str:
+    """`` ✗`` for a missed expectation; `` save✗`` when the cell met it but its save round trip did not."""
+    if not _failed(cell):
+        return ""
+    return " save✗" if cell.expected in EXPECTATIONS and meets(cell.verdict, cell.expected) else " ✗"
+
+
+def _short(cell: Cell | None, note: int | None = None) -> str:
+    """Compact cell text: ``bitwise``, ``tol 14ulp 1.2e-06``, ``MISMATCH 2.1e+03ulp 0.034``, ``ERROR``
+    (+ ``Kflip``, `` ✗`` or `` save✗``, and `` [n]`` pointing at the note with the cell's full reason)."""
     if cell is None or cell.verdict is None:
         return "-"
     verdict = cell.verdict
     if verdict == "within_tolerance":
-        text = f"tol {_ulp(cell.max_ulp_diff)}ulp"
+        text = f"tol {_ulp(cell.max_ulp_diff)}ulp {_abs(cell.max_abs_diff)}"
     elif verdict == "mismatch":
-        text = f"MISMATCH {_ulp(cell.max_ulp_diff)}ulp"
+        text = f"MISMATCH {_ulp(cell.max_ulp_diff)}ulp {_abs(cell.max_abs_diff)}"
     else:
         text = _SHORT.get(verdict, verdict.upper())
     if _flips(cell):
         text += f" {_flips(cell)}flip"
-    return text + (" ✗" if _failed(cell) else "")
+    return text + _mark(cell) + (f" [{note}]" if note else "")
 
 
-MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp = within tolerance, at most N ULP from the "
-                 "reference; MISMATCH Nulp = outside tolerance; Kflip = K predictions changed their decision "
-                 "(top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save = in-memory "
+MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp A = within tolerance, at most N ULP and A absolute "
+                 "difference from the reference; MISMATCH Nulp A = outside tolerance; Kflip = K predictions changed "
+                 "their decision (top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save✗ = met it, "
+                 "but the save round trip missed expect_save; [n] = note n above (the full reason); save = in-memory "
                  "model vs its reload in the training environment")
 
 
+def _train_text(lay: _Layout) -> str:
+    """``training: a 2.1 s, b 0.3 s`` (empty when no row records a training time)."""
+    seconds = lay.train_seconds
+    return "training: " + ", ".join(f"{text_.one_line(s)} {v:.1f} s" for s, v in seconds.items()) if seconds else ""
+
+
+def _notes_text(lay: _Layout, width: int = 110) -> list[str]:
+    """``notes:`` then ``[n] full text`` per note, wrapped at ``width`` with a hanging indent, never cut."""
+    lines = ["notes:"] if lay.notes else []
+    for note, number in lay.notes.items():
+        lines += textwrap.wrap(f"[{number}] {note}", width, subsequent_indent="    ", break_on_hyphens=False)
+    return lines
+
+
 def matrix_text(table: pa.Table) -> str:
-    """The results as a console matrix (tabulate) followed by a one-line summary.
+    """The results as a console matrix (tabulate), its notes, training times, a one-line summary, the legend.
 
     Rows are ``scenario/format`` with their save round trip (``save``, the worst
     over environments); columns are environments, in first-appearance order.
@@ -280,10 +329,11 @@ def matrix_text(table: pa.Table) -> str:
     if not lay.cells:
         return "no cells\n" + _summary_line(lay)
     body = [[text_.one_line(f"{s}/{f}"), _short(_save_cell(lay.row_cells(s, f))),
-             *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
+             *(_short(c, lay.note(c)) for c in (lay.cells.get((s, f, e)) for e in lay.environments))]
+            for s, f in lay.rows]
     headers = ["scenario/format", "save", *map(text_.one_line, lay.environments)]
     grid = tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
-    return f"{grid}\n{_summary_line(lay)}\n{MATRIX_LEGEND}"
+    return "\n".join([grid, *_notes_text(lay), *filter(None, [_train_text(lay)]), _summary_line(lay), MATRIX_LEGEND])
 
 
 # -- Markdown ------------------------------------------------------------------------
@@ -303,15 +353,17 @@ def _fence(text: str) -> list[str]:
     return [f"{fence}text", text, fence]
 
 
-def _md_cell(cell: Cell | None) -> str:
-    """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗."""
+def _md_cell(cell: Cell | None, note: int | None = None) -> str:
+    """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗ (``save✗`` when only the
+    save round trip missed); `` [n]`` points at the note holding the cell's full reason."""
     if cell is None or cell.verdict is None:
         return "-"
     text = cell.verdict
     if text in ("within_tolerance", "mismatch"):
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
         text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips})"
-    return f"**{text}** ✗" if _failed(cell) else text
+    text = f"**{text}**{_mark(cell)}" if _failed(cell) else text
+    return text + (f" [{note}]" if note else "")
 
 
 def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
@@ -324,17 +376,22 @@ def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
 
 
 def _md_matrix(lay: _Layout) -> list[str]:
-    rows = [[f"{s}/{f}", *(_md_cell(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
-    return ["## Matrix", "", *_md_table(["scenario/format", *lay.environments], rows), ""]
+    rows = [[f"{s}/{f}", *(_md_cell(c, lay.note(c)) for c in (lay.cells.get((s, f, e)) for e in lay.environments))]
+            for s, f in lay.rows]
+    notes = [f"- {_md_escape(f'[{n}] {text}')}" for text, n in lay.notes.items()]
+    return ["## Matrix", "", *_md_table(["scenario/format", *lay.environments], rows), "",
+            *(["Notes (the full reason of each cell marked [n]):", "", *notes, ""] if notes else [])]
 
 
 def _md_save(lay: _Layout) -> list[str]:
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
-        rows.append([f"{s}/{f}", save.verdict or "-", _ulp(save.max_ulp_diff), _num(save.max_abs_diff)])
-    headers = ["scenario/format", "save verdict", "max ulp", "max abs diff"]
-    intro = "In-memory model vs reload in the training environment (worst over environments)."
+        rows.append([f"{s}/{f}", save.verdict or "-", _ulp(save.max_ulp_diff), _num(save.max_abs_diff),
+                     _num(lay.train_seconds.get(s))])
+    headers = ["scenario/format", "save verdict", "max ulp", "max abs diff", "train s"]
+    intro = ("In-memory model vs reload in the training environment (worst over environments), and the "
+             "scenario's training time in this run (fit, save and reload every format).")
     return ["## Save round trip", "", intro, "", *_md_table(headers, rows), ""]
 
 
@@ -433,11 +490,20 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;co
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .meta{color:#555;margin:2px 0}.summary{font-weight:600;margin:10px 0}
 table{border-collapse:collapse}
-#matrix th,#matrix td{border:2px solid #fff;padding:5px 9px;text-align:center;white-space:nowrap}
+.scroll{max-width:100%;overflow-x:auto}
+#matrix-box{max-height:85vh;overflow:auto}
+#matrix th,#matrix td{border:2px solid #fff;padding:4px 6px;text-align:center;white-space:nowrap;font-size:12px}
 #matrix thead th{background:#eceff3;position:sticky;top:0;z-index:2}
-#matrix tbody th{background:#f6f7f9;text-align:left;font-weight:600}
-#matrix td.save{font-size:12px}
-td.cell{position:relative;min-width:7.5em}
+#matrix thead th.env{white-space:normal;overflow-wrap:anywhere;min-width:6em;max-width:9em}
+#matrix tbody th,#matrix thead th.corner{background:#f6f7f9;text-align:left;font-weight:600;position:sticky;left:0;
+ z-index:3;white-space:normal;overflow-wrap:anywhere;min-width:12em;max-width:18em}
+#matrix thead th.corner{z-index:4}
+#matrix tbody th .train{display:block;font-weight:400;color:#666;font-size:11px}
+#matrix td.cell,#matrix td.save{min-width:5.5em;max-width:8.5em;white-space:normal}
+#matrix td.cell{position:relative}
+#matrix .w{white-space:nowrap}
+#notes{font-size:12px;margin:8px 0;padding-left:0;list-style:none;max-width:110em}
+#notes li{overflow-wrap:anywhere;margin:2px 0}
 td.cell summary{cursor:pointer;list-style:none}
 td.cell summary::-webkit-details-marker{display:none}
 td.cell.failed{outline:3px solid #111;outline-offset:-4px}
@@ -461,7 +527,10 @@ td.cell.failed{outline:3px solid #111;outline-offset:-4px}
 #legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999;
  background:linear-gradient(90deg,rgb(253,174,97),rgb(103,0,13))}
 #legend .failed-mark{outline:3px solid #111;outline-offset:-4px;background:#fff}
-#fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;max-width:28em}
+#fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;
+ max-width:28em;overflow-wrap:anywhere}
+#fingerprints td{min-width:8em}
+#fingerprints tbody th{white-space:nowrap}
 #fingerprints thead th{background:#eceff3}
 #fingerprints tr.differs th{color:#b2182b}
 #fingerprints td.diff{background:#fde0c5;font-weight:600}
@@ -562,11 +631,11 @@ def _detail_view(cell: Cell) -> dict[str, Any]:
             "fingerprint": [(k, _value_view(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]}
 
 
-def _cell_view(cell: Cell, trend: list[hist.TrendPoint]) -> dict[str, Any]:
+def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint]) -> dict[str, Any]:
     scenario, fmt, environment = cell.key
     return {"classes": f"cell {_verdict_class(cell.verdict)}" + (" failed" if _failed(cell) else ""),
             "scenario": scenario, "format": fmt, "environment": environment, "verdict": cell.verdict,
-            "title": _tooltip(cell), "style": _mismatch_style(cell), "text": _short(cell),
+            "title": _tooltip(cell), "style": _mismatch_style(cell), "text": _short(cell, note),
             "spark": _sparkline(trend), "detail": _detail_view(cell)}
 
 
@@ -587,11 +656,13 @@ def _matrix_view(lay: _Layout, history: pa.Table | None) -> dict[str, Any]:
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
             cells.append(None if cell is None else
-                         _cell_view(cell, _trend_with_current(trends, (s, f, env), cell) if trends else []))
-        rows.append({"name": f"{s}/{f}", "cells": cells,
+                         _cell_view(cell, lay.note(cell),
+                                    _trend_with_current(trends, (s, f, env), cell) if trends else []))
+        train = lay.train_seconds.get(s)
+        rows.append({"scenario": s, "format": f, "cells": cells, "train": None if train is None else f"{train:.1f} s",
                      "save": {"classes": _verdict_class(save.verdict), "style": _mismatch_style(save),
                               "text": _short(save)}})
-    return {"environments": lay.environments, "rows": rows}
+    return {"environments": lay.environments, "rows": rows, "notes": list(lay.notes.items())}
 
 
 def _legend_items() -> list[dict[str, Any]]:
