@@ -672,7 +672,8 @@ def _legend_items() -> list[dict[str, Any]]:
     items = [item(_LABELS[v], _verdict_class(v)) for v in ("bitwise", "within_tolerance")]
     items.append(item(ramp=_MISMATCH_DECADES))
     items += [item(_LABELS[v], _verdict_class(v)) for v in ("error", "corrupt", "unschedulable")]
-    items += [item("✗ failed expectation", "failed-mark"), item("click a cell for details")]
+    items += [item("✗ failed expectation", "failed-mark"), item("save✗ only the save round trip missed expect_save"),
+              item("[n] full reason in note n"), item("click a cell for details")]
     return items
 
 
