@@ -315,7 +315,8 @@ def _notes_text(lay: _Layout, width: int = 110) -> list[str]:
     """``notes:`` then ``[n] full text`` per note, wrapped at ``width`` with a hanging indent, never cut."""
     lines = ["notes:"] if lay.notes else []
     for note, number in lay.notes.items():
-        lines += textwrap.wrap(f"[{number}] {note}", width, subsequent_indent="    ", break_on_hyphens=False)
+        lines += textwrap.wrap(f"[{number}] {note}", width, subsequent_indent="    ", break_on_hyphens=False,
+                               break_long_words=False)  # lines break at spaces only: the text is kept whole
     return lines
 
 

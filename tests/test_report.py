@@ -305,6 +305,30 @@ def test_json_is_always_strict(drawn):
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows_strategy)
+def test_every_error_text_is_one_whole_note_and_every_cell_points_at_its_own(drawn):
+    from harness import text as text_
+
+    table = _random_table(drawn)
+    lines = report.matrix_text(table).splitlines()
+    notes: dict[int, str] = {}
+    if "notes:" in lines:
+        for line in lines[lines.index("notes:") + 1:-2]:
+            if line.startswith("    "):  # a wrapped line continues the note above
+                notes[max(notes)] += " " + line[4:]
+            elif line.startswith("["):
+                number, rest = line[1:].split("] ", 1)
+                notes[int(number)] = rest
+    lay = report._layout(table)
+    cells = lay.ordered()  # matrix order: rows, then environments left to right
+    texts = list(dict.fromkeys(text_.one_line(c.error) for c in cells if c.error and c.error.strip()))
+    assert list(notes.values()) == texts and list(notes) == list(range(1, len(texts) + 1))
+    for cell in (c for c in cells if c.verdict is not None):  # a cell's [n] is the note of its own text
+        expected = texts.index(text_.one_line(cell.error)) + 1 if cell.error and cell.error.strip() else None
+        assert report._short(cell, lay.note(cell)).endswith(f" [{expected}]") == bool(expected)
+
+
 # -- JSON ----------------------------------------------------------------------------
 def test_json_round_trip_decodes_columns_and_nulls_non_finite_floats():
     rows = verdict_rows()
