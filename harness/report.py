@@ -274,11 +274,17 @@ def _abs(value: Any) -> str:
     return f"{value:.2g}" if isinstance(value, (int, float)) else "?"
 
 
-def _mark(cell: Cell) -> str:
-    """`` ✗`` for a missed expectation; `` save✗`` when the cell met it but its save round trip did not."""
+def failure_mark(cell: Cell) -> str:
+    """``✗`` for a missed expectation, ``save✗`` when the cell met it but its save round trip missed
+    ``expect_save`` (so ``bitwise save✗`` never reads as a contradiction), '' when it passed or was not judged."""
     if not _failed(cell):
         return ""
-    return " save✗" if cell.expected in EXPECTATIONS and meets(cell.verdict, cell.expected) else " ✗"
+    return "save✗" if cell.expected in EXPECTATIONS and meets(cell.verdict, cell.expected) else "✗"
+
+
+def _mark(cell: Cell) -> str:
+    mark = failure_mark(cell)
+    return f" {mark}" if mark else ""
 
 
 def _short(cell: Cell | None, note: int | None = None) -> str:
