@@ -9,11 +9,17 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# Re-install whenever pyproject.toml changes; pip is quick when nothing changed.
-$(STAMP): pyproject.toml
+# keras-hub for the zoo's keras-hub scenarios, without its declared dependencies: its
+# tensorflow-text requirement would install `tensorflow` over `tensorflow-cpu` (same version,
+# other build), and backbones/classifiers do not need it; tokenizers is what it imports.
+KERAS_HUB := keras-hub==0.32.0 tokenizers==0.23.3
+
+# Re-install whenever pyproject.toml (or this recipe) changes; pip is quick when nothing changed.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[cpu,test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(KERAS_HUB)
 	touch $(STAMP)
 
 demo: $(STAMP)

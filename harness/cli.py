@@ -63,11 +63,14 @@ def _plan(args, sweep) -> list:
 
 def _progress(done: int, total: int, cell) -> None:
     """One stderr line per finished cell (``cell`` is a ``harness.records.CellResult``)."""
+    from .report import failure_mark
+
     metric = ""
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
-    mark = {True: "", False: "  ✗ expected " + cell.expected, None: "  (optional: not judged)"}[cell.passed]
-    err = f" -- {text.one_line(cell.error, 160)}" if cell.error and cell.passed is not True else ""
+    failed = "  save✗ (expect_save)" if failure_mark(cell) == "save✗" else f"  ✗ expected {cell.expected}"
+    mark = {True: "", False: failed, None: "  (optional: not judged)"}[cell.passed]
+    err = f" -- {text.one_line(cell.error)}" if cell.error and cell.passed is not True else ""  # in full: the advice ends it
     name = text.one_line(f"{cell.scenario}/{cell.format} @ {cell.environment}")
     print(f"[{done:>{len(str(total))}}/{total}] {name}: {cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)
 

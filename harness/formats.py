@@ -12,7 +12,14 @@ garbage collected).
 Known limitations of the formats live in one table, ``LIMITATIONS``: when a
 save or load fails with an error the table recognises, the
 format's functions raise ``FormatLimitation`` whose message names the format,
-the limitation in one phrase, Keras's own first line, and what to use instead.
+the limitation in one phrase, the error that stops it, and what to use instead.
+
+A ``.keras``/``.h5`` load (``load_keras_file``) depends on the file only: the
+Keras packages its saved config names are imported first, whatever this
+process loaded before. A load failing on an unknown class is retried with the
+classes registered from where they are defined, so the error says either that
+the model loads once they are registered (``UnregisteredClass``, with the
+``custom_objects`` to pass) or quotes the error that really stops it.
 
 Keras global state: every ``build()``/``train()`` runs after
 ``keras.backend.clear_session()`` (so auto-generated layer names, ``dense``,
@@ -30,7 +37,7 @@ import inspect
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -140,11 +147,12 @@ LIMITATIONS: tuple[Limitation, ...] = (
     Limitation(("h5",), ("save",), VocabularyNotInConfig,
                "cannot store string lookup vocabularies (adapted StringLookup / IntegerLookup / TextVectorization: "
                "the reloaded lookup table is empty, 'Table not initialized')", "keras or savedmodel"),
+    # An unknown class is not in this table: it is a registration to make (see ``UnregisteredClass``);
+    # these are the errors that remain once every class the model names is registered.
     Limitation(("h5",), ("load",),
-               r"Unknown layer: '|Only input tensors may be passed as positional arguments|"
-               r"too many positional arguments|Could not locate (class|function)",
-               "cannot reload this model in Keras 3 (its loader cannot rebuild the keras.ops nodes of a "
-               "functional model: x + y, x + 3.0, x[:, 1:2], ops.argmax, the masks of Embedding(mask_zero=True))",
+               r"Only input tensors may be passed as positional arguments|too many positional arguments",
+               "cannot reload this model in Keras 3 (its loader cannot call some layers and keras.ops nodes of a "
+               "functional model with their saved arguments: x + 3.0, x + attention(x), ConvNeXt's blocks)",
                "keras or savedmodel"),
     Limitation(("*",), ("predict",), XlaStringInputs,
                "cannot compile a model with string inputs (tf.string has no XLA type; TensorFlow 2.21 raises "
@@ -154,21 +162,30 @@ LIMITATIONS: tuple[Limitation, ...] = (
 )
 
 
-def explain(fmt: str, stage: str, exc: BaseException) -> FormatLimitation | None:
-    """The ``FormatLimitation`` that explains ``exc``, or ``None`` if no table entry does."""
+def explain(fmt: str, stage: str, exc: BaseException, context: str = "") -> FormatLimitation | None:
+    """The ``FormatLimitation`` that explains ``exc``, or ``None`` if no table entry does.
+
+    ``context`` (e.g. which classes had to be registered before ``exc`` showed) is put in
+    parentheses after the quoted error.
+    """
     if isinstance(exc, FormatLimitation):
         return exc
     for lim in LIMITATIONS:
         if lim.matches(fmt, stage, exc):
-            text = str(exc).strip()
-            first = text.splitlines()[0] if text else type(exc).__name__
             label = lim.label or LABELS.get(fmt, fmt)
+            note = f" ({context})" if context else ""
             if isinstance(lim.match, type):  # our own check: its message is the whole story
-                return FormatLimitation(f"{label} {lim.phrase}: {first}; use {lim.instead}")
-            # Keras's "Please ensure you are using a custom_object_scope ..." advice does not apply here.
-            first = first.split(" Please ensure ", 1)[0]
-            return FormatLimitation(f"{label} {lim.phrase}: {type(exc).__name__}: {first}; use {lim.instead}")
+                return FormatLimitation(f"{label} {lim.phrase}: {_first_line(exc)}{note}; use {lim.instead}")
+            return FormatLimitation(f"{label} {lim.phrase}: {type(exc).__name__}: {_first_line(exc)}{note}; "
+                                    f"use {lim.instead}")
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, without Keras's generic advice (the harness says what applies instead)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first.split(" Please ensure ", 1)[0].split(" Make sure custom classes ", 1)[0]
 
 
 def _explained(fmt: str, stage: str, fn: Callable) -> Callable:
@@ -258,15 +275,227 @@ def _save_keras_file(ext: str, fmt: str):
     return save
 
 
-def _load_keras_file(ext: str):
+def _load_keras_file(ext: str, fmt: str):
     def load(directory, scenario, probe):
-        import keras
-
-        with keras_scope():
-            model = keras.models.load_model(os.path.join(directory, f"model.{ext}"),
-                                            custom_objects=scenario.resolved_custom_objects(), compile=False)
-        return _keras_loaded(model)
+        return _keras_loaded(load_keras_file(os.path.join(directory, f"model.{ext}"), fmt,
+                                             scenario.resolved_custom_objects()))
     return load
+
+
+# -- what a saved Keras config names, and unknown classes -------------------------
+#: Packages whose modules Keras itself imports when a saved config names them (keras.saving's own
+#: rule for ``.keras`` files); the only packages the harness imports on an artifact's behalf.
+KERAS_PACKAGES = ("keras", "keras_hub", "keras_cv", "keras_nlp")
+#: At most this many unknown classes are registered, one after another, to find what stops a load.
+MAX_REGISTRATIONS = 8
+_UNKNOWN = re.compile(r"Unknown [\w ]+: '([^']+)'|Could not locate (?:class|function) '([^']+)'")
+
+
+class UnregisteredClass(ValueError):
+    """A model names a class that is not registered where it is loaded (not a format limitation).
+
+    The message names the class, where it is defined when that is known, whether the model
+    then loads, and the fix: ``custom_objects`` in the scenario, or a ``setup`` hook.
+    """
+
+
+@dataclass(frozen=True)
+class ClassRef:
+    """One class a saved config names: ``class_name``, and the ``module``/``registered_name`` Keras saved with it."""
+
+    name: str
+    module: str | None = None
+    registered_name: str | None = None
+
+
+def saved_config(path: str) -> Any:
+    """The model config saved in a ``.keras`` file (``config.json`` in the zip) or a legacy ``.h5`` file
+    (its ``model_config`` attribute); None when there is none or it is unreadable (the load then says why)."""
+    import json
+    import zipfile
+
+    try:
+        if path.endswith(".keras"):
+            with zipfile.ZipFile(path) as z:
+                return json.loads(z.read("config.json"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get("model_config")
+        return json.loads(text) if text is not None else None
+    except Exception:  # noqa: BLE001 -- a damaged file is Keras's to report, in the load itself
+        return None
+
+
+def class_refs(config: Any) -> list[ClassRef]:
+    """Every class a saved config names, in the order it names them (duplicates kept once)."""
+    refs: dict[ClassRef, None] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("class_name"), str):
+                module, registered = node.get("module"), node.get("registered_name")
+                refs[ClassRef(node["class_name"], module if isinstance(module, str) else None,
+                              registered if isinstance(registered, str) else None)] = None
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return list(refs)
+
+
+def _package(ref: ClassRef) -> str | None:
+    """The Keras package (other than keras itself) a class ref belongs to, by module or ``pkg>Name``."""
+    for source in (ref.module and ref.module.split(".", 1)[0],
+                   ref.registered_name and ">" in ref.registered_name and ref.registered_name.split(">", 1)[0],
+                   ">" in ref.name and ref.name.split(">", 1)[0]):
+        if source in KERAS_PACKAGES and source != "keras":
+            return source
+    return None
+
+
+def packages_named(config: Any) -> list[str]:
+    """The Keras packages (keras_hub, keras_cv, keras_nlp) whose classes a saved config names."""
+    return sorted({p for p in map(_package, class_refs(config)) if p})
+
+
+def import_packages(packages: list[str]) -> list[str]:
+    """Import each package (registering its classes, as loading a ``.keras`` file naming it would).
+
+    Done before *every* load of a Keras file, so a load never depends on what this
+    process loaded before (a legacy ``.h5`` load imports nothing itself).
+    Returns the packages that are not installed here.
+    """
+    import importlib
+
+    missing = []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _unknown_class(exc: BaseException) -> str | None:
+    """The class an "Unknown layer: 'X'" / "Could not locate class 'X'" error names, else None."""
+    match = _UNKNOWN.search(str(exc))
+    return (match.group(1) or match.group(2)) if match else None
+
+
+@dataclass(frozen=True)
+class _Found:
+    cls: type
+    path: str  # where it is defined: module.qualname
+
+
+def _find_class(name: str, config: Any) -> _Found | None:
+    """Where class ``name`` (bare, or ``package>Name``) of a saved config is defined, without running new code:
+    the module the config names for it (within :data:`KERAS_PACKAGES`), Keras's registry, then the modules
+    already imported of keras and of the packages the config names. None if nowhere."""
+    import importlib
+    import sys
+
+    import keras
+    from keras.src.saving.keras_saveable import KerasSaveable  # the base Keras itself checks (no public alias)
+
+    bare = name.split(">")[-1]
+
+    def found(cls: Any) -> _Found | None:
+        ok = isinstance(cls, type) and issubclass(cls, KerasSaveable)
+        return _Found(cls, f"{cls.__module__}.{cls.__qualname__}") if ok else None
+
+    for ref in class_refs(config):
+        if name in (ref.name, ref.registered_name) and ref.module and ref.module.split(".")[0] in KERAS_PACKAGES:
+            try:
+                hit = found(getattr(importlib.import_module(ref.module), bare, None))
+            except ImportError:
+                hit = None
+            if hit:
+                return hit
+    registry = keras.saving.get_custom_objects()
+    for key in sorted(registry):
+        if key == name or key.split(">")[-1] == bare:
+            if hit := found(registry[key]):
+                return hit
+    packages = {"keras", *packages_named(config)}
+    for module_name in sorted(m for m in list(sys.modules) if m.split(".")[0] in packages):
+        if hit := found(getattr(sys.modules[module_name], bare, None)):
+            return hit
+    return None
+
+
+def load_keras_file(path: str, fmt: str, custom_objects: Mapping[str, Any]) -> Any:
+    """``keras.models.load_model(path)`` whose outcome depends on the file only, with true error causes.
+
+    Before loading, the Keras packages the file's config names are imported (so the
+    load never depends on what this process loaded before). When the load fails on an
+    unknown class, the classes the model names are registered one by one from where
+    they are defined and the load is retried: the error then says either that the
+    model loads once they are registered (:class:`UnregisteredClass`: register them
+    with ``custom_objects`` or a ``setup`` hook), or quotes the error that really stops
+    it (a :class:`FormatLimitation` only when the known-limitations table explains it).
+    """
+    import keras
+
+    config = saved_config(path)
+    missing = import_packages(packages_named(config))
+
+    def load(objects: Mapping[str, Any]) -> Any:
+        with keras_scope():
+            return keras.models.load_model(path, custom_objects=dict(objects), compile=False)
+
+    try:
+        return load(custom_objects)
+    except Exception as exc:
+        if _unknown_class(exc) is None:
+            raise
+        raise _diagnose(fmt, exc, config, custom_objects, missing, load) from exc
+
+
+def _diagnose(fmt: str, exc: BaseException, config: Any, custom_objects: Mapping[str, Any], missing: list[str],
+              load: Callable[[Mapping[str, Any]], Any]) -> Exception:
+    """Why a load that failed on an unknown class really fails (see :func:`load_keras_file`)."""
+    label = LABELS.get(fmt, fmt)
+    registered: dict[str, _Found] = {}
+    error: BaseException | None = exc
+    while error is not None and len(registered) < MAX_REGISTRATIONS:
+        name = _unknown_class(error)
+        where = _find_class(name, config) if name and name not in registered else None
+        if where is None:
+            break
+        registered[name] = where
+        try:
+            load({**custom_objects, **{n: f.cls for n, f in registered.items()}})
+            error = None
+        except Exception as retry:  # noqa: BLE001 -- the next obstacle is what we are after
+            error = retry
+    fix = ", ".join(f"{n!r}: {f.path}" for n, f in registered.items())
+    names = ", ".join(map(repr, registered))
+    if error is None:
+        return UnregisteredClass(
+            f"{label}: the model names class(es) {names} that are not registered under those names here "
+            f"(first error: {type(exc).__name__}: {_first_line(exc)}); it reloads once they are: pass "
+            f"custom_objects={{{fix}}} in the Scenario, or register them in its setup hook; "
+            "not a limitation of the format")
+    after = (f"what stops it once {names} {'is' if len(registered) == 1 else 'are'} registered from "
+             f"{', '.join(f.path for f in registered.values())}; the first error was only the missing "
+             f"registration: {_first_line(exc)}") if registered else ""
+    name = _unknown_class(error)
+    if name is not None:  # a class defined nowhere this process can see
+        hint = f" (package {', '.join(missing)} is not installed here)" if missing else ""
+        return UnregisteredClass(
+            f"{label}: the model names class {name!r}, which is not registered or importable here{hint}: "
+            f"{type(error).__name__}: {_first_line(error)}{f' ({after})' if after else ''}; register it: "
+            "custom_objects={" + repr(name.split(">")[-1]) + ": <the class>} in the Scenario, or a setup hook "
+            "that imports or defines it (keras.saving.register_keras_serializable)")
+    lim = explain(fmt, "load", error, after)
+    if lim is not None:
+        return lim
+    return RuntimeError(f"{label}: {type(error).__name__}: {_first_line(error)}" + (f" ({after})" if after else ""))
 
 
 # -- weights only ----------------------------------------------------------
@@ -353,9 +582,9 @@ def _format(name: str, save: Callable, load: Callable, description: str) -> Form
 
 
 REGISTRY: dict[str, Format] = {
-    "keras": _format("keras", _save_keras_file("keras", "keras"), _load_keras_file("keras"),
+    "keras": _format("keras", _save_keras_file("keras", "keras"), _load_keras_file("keras", "keras"),
                      "model.save('model.keras') / keras.models.load_model"),
-    "h5": _format("h5", _save_keras_file("h5", "h5"), _load_keras_file("h5"),
+    "h5": _format("h5", _save_keras_file("h5", "h5"), _load_keras_file("h5", "h5"),
                   "legacy HDF5: model.save('model.h5') / keras.models.load_model"),
     "savedmodel": _format("savedmodel", _save_export, _load_saved_model("serve", "variables"),
                           "model.export() / tf.saved_model.load(...).serve"),

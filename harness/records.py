@@ -144,6 +144,8 @@ class CellResult:
     attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched")
     started_at: float | None = _col(pa.timestamp("us", tz="UTC"), "when the cell started (epoch seconds; UTC timestamp in Arrow)")
     seconds: float | None = _col(pa.float64(), "wall time of the cell")
+    train_s: float | None = _col(pa.float64(), "wall time of the scenario's training step in this run: fit, save and "
+                                 "reload every format (near 0 when its artifacts were reused from storage)")
 
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import html
+import functools
 import json
 import math
 import os
 import re
 import sys
+import textwrap
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -55,7 +56,7 @@ Key = tuple[str, str, str]
 
 
 # -- shared structure ------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Layout:
     """The matrix: rows (scenario, format), columns environments, cells by key."""
 
@@ -69,6 +70,26 @@ class _Layout:
     def ordered(self) -> list[Cell]:
         """Every cell, row by row, environments left to right."""
         return [c for s, f in self.rows for c in self.row_cells(s, f)]
+
+    @functools.cached_property
+    def notes(self) -> dict[str, int]:
+        """Every distinct ``error`` text of the cells (the full reason of a cell that is not bitwise), numbered
+        from 1 in matrix order. The matrix shows ``[n]`` in a cell; the text is listed below it, never cut."""
+        texts = _unique(text_.one_line(c.error) for c in self.ordered() if c.error and c.error.strip())
+        return {t: i for i, t in enumerate(texts, 1)}
+
+    def note(self, cell: Cell | None) -> int | None:
+        """The number of ``cell``'s note (None: it has no error text)."""
+        return self.notes.get(text_.one_line(cell.error)) if cell is not None and cell.error else None
+
+    @functools.cached_property
+    def train_seconds(self) -> dict[str, float]:
+        """Training time per scenario (``train_s``; the last row of a resumed run wins), in row order."""
+        out: dict[str, float] = {}
+        for cell in self.ordered():
+            if hist.is_finite(cell.train_s):
+                out[cell.scenario] = cell.train_s
+        return out
 
 
 def _unique(values: Iterable[Any]) -> list[Any]:
@@ -192,7 +213,7 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
         ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
         ("required tolerance", _required_text(cell)),
         ("node", node),
-        ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "artifact_digest"))),
+        ("worker", _joined(cell, ("tf_version", "attempts", "seconds", "train_s", "artifact_digest"))),
     ]
     return [(label, text) for label, text in facts if text]
 
@@ -248,30 +269,65 @@ def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
 
 
 # -- console -----------------------------------------------------------------------
-def _short(cell: Cell | None) -> str:
-    """Compact cell text: ``bitwise``, ``tol 14ulp``, ``MISMATCH 2.1e+03ulp``, ``ERROR`` (+ `` ✗``)."""
+def _abs(value: Any) -> str:
+    """An absolute difference beside a ULP count: 2 significant digits (``2.4e-07``, ``0.034``)."""
+    return f"{value:.2g}" if isinstance(value, (int, float)) else "?"
+
+
+def failure_mark(cell: Cell) -> str:
+    """``✗`` for a missed expectation, ``save✗`` when the cell met it but its save round trip missed
+    ``expect_save`` (so ``bitwise save✗`` never reads as a contradiction), '' when it passed or was not judged."""
+    if not _failed(cell):
+        return ""
+    return "save✗" if cell.expected in EXPECTATIONS and meets(cell.verdict, cell.expected) else "✗"
+
+
+def _mark(cell: Cell) -> str:
+    mark = failure_mark(cell)
+    return f" {mark}" if mark else ""
+
+
+def _short(cell: Cell | None, note: int | None = None) -> str:
+    """Compact cell text: ``bitwise``, ``tol 14ulp 1.2e-06``, ``MISMATCH 2.1e+03ulp 0.034``, ``ERROR``
+    (+ ``Kflip``, `` ✗`` or `` save✗``, and `` [n]`` pointing at the note with the cell's full reason)."""
     if cell is None or cell.verdict is None:
         return "-"
     verdict = cell.verdict
     if verdict == "within_tolerance":
-        text = f"tol {_ulp(cell.max_ulp_diff)}ulp"
+        text = f"tol {_ulp(cell.max_ulp_diff)}ulp {_abs(cell.max_abs_diff)}"
     elif verdict == "mismatch":
-        text = f"MISMATCH {_ulp(cell.max_ulp_diff)}ulp"
+        text = f"MISMATCH {_ulp(cell.max_ulp_diff)}ulp {_abs(cell.max_abs_diff)}"
     else:
         text = _SHORT.get(verdict, verdict.upper())
     if _flips(cell):
         text += f" {_flips(cell)}flip"
-    return text + (" ✗" if _failed(cell) else "")
+    return text + _mark(cell) + (f" [{note}]" if note else "")
 
 
-MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp = within tolerance, at most N ULP from the "
-                 "reference; MISMATCH Nulp = outside tolerance; Kflip = K predictions changed their decision "
-                 "(top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save = in-memory "
+MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp A = within tolerance, at most N ULP and A absolute "
+                 "difference from the reference; MISMATCH Nulp A = outside tolerance; Kflip = K predictions changed "
+                 "their decision (top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save✗ = met it, "
+                 "but the save round trip missed expect_save; [n] = note n above (the full reason); save = in-memory "
                  "model vs its reload in the training environment")
 
 
+def _train_text(lay: _Layout) -> str:
+    """``training: a 2.1 s, b 0.3 s`` (empty when no row records a training time)."""
+    seconds = lay.train_seconds
+    return "training: " + ", ".join(f"{text_.one_line(s)} {v:.1f} s" for s, v in seconds.items()) if seconds else ""
+
+
+def _notes_text(lay: _Layout, width: int = 110) -> list[str]:
+    """``notes:`` then ``[n] full text`` per note, wrapped at ``width`` with a hanging indent, never cut."""
+    lines = ["notes:"] if lay.notes else []
+    for note, number in lay.notes.items():
+        lines += textwrap.wrap(f"[{number}] {note}", width, subsequent_indent="    ", break_on_hyphens=False,
+                               break_long_words=False)  # lines break at spaces only: the text is kept whole
+    return lines
+
+
 def matrix_text(table: pa.Table) -> str:
-    """The results as a console matrix (tabulate) followed by a one-line summary.
+    """The results as a console matrix (tabulate), its notes, training times, a one-line summary, the legend.
 
     Rows are ``scenario/format`` with their save round trip (``save``, the worst
     over environments); columns are environments, in first-appearance order.
@@ -280,10 +336,11 @@ def matrix_text(table: pa.Table) -> str:
     if not lay.cells:
         return "no cells\n" + _summary_line(lay)
     body = [[text_.one_line(f"{s}/{f}"), _short(_save_cell(lay.row_cells(s, f))),
-             *(_short(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
+             *(_short(c, lay.note(c)) for c in (lay.cells.get((s, f, e)) for e in lay.environments))]
+            for s, f in lay.rows]
     headers = ["scenario/format", "save", *map(text_.one_line, lay.environments)]
     grid = tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True)
-    return f"{grid}\n{_summary_line(lay)}\n{MATRIX_LEGEND}"
+    return "\n".join([grid, *_notes_text(lay), *filter(None, [_train_text(lay)]), _summary_line(lay), MATRIX_LEGEND])
 
 
 # -- Markdown ------------------------------------------------------------------------
@@ -303,15 +360,17 @@ def _fence(text: str) -> list[str]:
     return [f"{fence}text", text, fence]
 
 
-def _md_cell(cell: Cell | None) -> str:
-    """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗."""
+def _md_cell(cell: Cell | None, note: int | None = None) -> str:
+    """``within_tolerance (14 ulp, 1.2e-06)``; failed expectations in bold with ✗ (``save✗`` when only the
+    save round trip missed); `` [n]`` points at the note holding the cell's full reason."""
     if cell is None or cell.verdict is None:
         return "-"
     text = cell.verdict
     if text in ("within_tolerance", "mismatch"):
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
         text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips})"
-    return f"**{text}** ✗" if _failed(cell) else text
+    text = f"**{text}**{_mark(cell)}" if _failed(cell) else text
+    return text + (f" [{note}]" if note else "")
 
 
 def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
@@ -324,17 +383,22 @@ def _md_header(table: pa.Table, lay: _Layout, title: str | None) -> list[str]:
 
 
 def _md_matrix(lay: _Layout) -> list[str]:
-    rows = [[f"{s}/{f}", *(_md_cell(lay.cells.get((s, f, e))) for e in lay.environments)] for s, f in lay.rows]
-    return ["## Matrix", "", *_md_table(["scenario/format", *lay.environments], rows), ""]
+    rows = [[f"{s}/{f}", *(_md_cell(c, lay.note(c)) for c in (lay.cells.get((s, f, e)) for e in lay.environments))]
+            for s, f in lay.rows]
+    notes = [f"- {_md_escape(f'[{n}] {text}')}" for text, n in lay.notes.items()]
+    return ["## Matrix", "", *_md_table(["scenario/format", *lay.environments], rows), "",
+            *(["Notes (the full reason of each cell marked [n]):", "", *notes, ""] if notes else [])]
 
 
 def _md_save(lay: _Layout) -> list[str]:
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
-        rows.append([f"{s}/{f}", save.verdict or "-", _ulp(save.max_ulp_diff), _num(save.max_abs_diff)])
-    headers = ["scenario/format", "save verdict", "max ulp", "max abs diff"]
-    intro = "In-memory model vs reload in the training environment (worst over environments)."
+        rows.append([f"{s}/{f}", save.verdict or "-", _ulp(save.max_ulp_diff), _num(save.max_abs_diff),
+                     _num(lay.train_seconds.get(s))])
+    headers = ["scenario/format", "save verdict", "max ulp", "max abs diff", "train s"]
+    intro = ("In-memory model vs reload in the training environment (worst over environments), and the "
+             "scenario's training time in this run (fit, save and reload every format).")
     return ["## Save round trip", "", intro, "", *_md_table(headers, rows), ""]
 
 
@@ -420,21 +484,33 @@ def _md_explanation(exp: Explanation) -> list[str]:
 
 
 # -- HTML ------------------------------------------------------------------------------
+# The page's markup lives in harness/templates/report.html.j2 (Jinja2, autoescape on);
+# the functions below build its view model: texts, colours, coordinates.
 _COLOURS = {"bitwise": "#1a9850", "within_tolerance": "#a6d96a", "mismatch": "#d73027",
             "error": "#8073ac", "corrupt": "#c51b7d", "unschedulable": "#bdbdbd"}
 _MISMATCH_LOW, _MISMATCH_HIGH = (253, 174, 97), (103, 0, 13)  # orange at 1 ulp, dark red at 1e8 ulp
 _MISMATCH_DECADES = 8
+TEMPLATE = "report.html.j2"
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;background:#fff}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 .meta{color:#555;margin:2px 0}.summary{font-weight:600;margin:10px 0}
 table{border-collapse:collapse}
-#matrix th,#matrix td{border:2px solid #fff;padding:5px 9px;text-align:center;white-space:nowrap}
+.scroll{max-width:100%;overflow-x:auto}
+#matrix-box{max-height:85vh;overflow:auto}
+#matrix th,#matrix td{border:2px solid #fff;padding:4px 6px;text-align:center;white-space:nowrap;font-size:12px}
 #matrix thead th{background:#eceff3;position:sticky;top:0;z-index:2}
-#matrix tbody th{background:#f6f7f9;text-align:left;font-weight:600}
-#matrix td.save{font-size:12px}
-td.cell{position:relative;min-width:7.5em}
+#matrix thead th.env{white-space:normal;overflow-wrap:anywhere;min-width:6em;max-width:9em}
+#matrix tbody th,#matrix thead th.corner{background:#f6f7f9;text-align:left;font-weight:600;position:sticky;left:0;
+ z-index:3;white-space:normal;overflow-wrap:anywhere;min-width:12em;max-width:18em}
+#matrix thead th.corner{z-index:4}
+#matrix tbody th .train{display:block;font-weight:400;color:#666;font-size:11px}
+#matrix td.cell,#matrix td.save{min-width:5.5em;max-width:8.5em;white-space:normal}
+#matrix td.cell{position:relative}
+#matrix .w{white-space:nowrap}
+#notes{font-size:12px;margin:8px 0;padding-left:0;list-style:none;max-width:110em}
+#notes li{overflow-wrap:anywhere;margin:2px 0}
 td.cell summary{cursor:pointer;list-style:none}
 td.cell summary::-webkit-details-marker{display:none}
 td.cell.failed{outline:3px solid #111;outline-offset:-4px}
@@ -458,7 +534,10 @@ td.cell.failed{outline:3px solid #111;outline-offset:-4px}
 #legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999;
  background:linear-gradient(90deg,rgb(253,174,97),rgb(103,0,13))}
 #legend .failed-mark{outline:3px solid #111;outline-offset:-4px;background:#fff}
-#fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;max-width:28em}
+#fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;
+ max-width:28em;overflow-wrap:anywhere}
+#fingerprints td{min-width:8em}
+#fingerprints tbody th{white-space:nowrap}
 #fingerprints thead th{background:#eceff3}
 #fingerprints tr.differs th{color:#b2182b}
 #fingerprints td.diff{background:#fde0c5;font-weight:600}
@@ -477,8 +556,14 @@ document.querySelectorAll("#matrix details[open]").forEach(function(o){o.open=fa
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@functools.lru_cache(maxsize=1)
+def _template() -> "jinja2.Template":
+    """The report page's template (package data of ``harness``), loaded once per process."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template(TEMPLATE)
 
 
 def _mismatch_rgb(ulp: Any) -> tuple[tuple[int, int, int], float]:
@@ -500,44 +585,36 @@ def _colour(verdict: str | None, ulp: Any) -> str:
 
 
 def _mismatch_style(cell: Cell) -> str:
+    """Inline style of a mismatch cell (its colour graded by ULP); '' for other verdicts."""
     if cell.verdict != "mismatch":
         return ""
     _, t = _mismatch_rgb(cell.max_ulp_diff)
-    return f' style="background:{_colour("mismatch", cell.max_ulp_diff)};color:{"#fff" if t > 0.3 else "#222"}"'
+    return f'background:{_colour("mismatch", cell.max_ulp_diff)};color:{"#fff" if t > 0.3 else "#222"}'
 
 
 def _verdict_class(verdict: str | None) -> str:
     return f"v-{verdict}" if verdict in _COLOURS else "v-none"
 
 
-def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> str:
-    """Inline SVG: max ULP diff (log scale) over runs, one dot per run in its verdict colour."""
+def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> dict[str, Any] | None:
+    """Max ULP diff (log scale) over runs, one dot per run in its verdict colour (None: fewer than 2 runs)."""
     if len(points) < 2:
-        return ""
+        return None
     values = [math.log10(1 + p.max_ulp_diff) if hist.is_finite(p.max_ulp_diff) else 0.0 for p in points]
     top = max(values) or 1.0
     step = (width - 6) / (len(points) - 1)
     xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2" fill="{_colour(p.verdict, p.max_ulp_diff)}"/>'
-                   for (x, y), p in zip(xy, points))
-    return (f'<svg class="spark" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'role="img" aria-label="max ulp trend over {len(points)} runs">'
-            f'<rect width="{width}" height="{height}" rx="3" fill="#fff" opacity=".85"/>'
-            f'<polyline points="{line}" fill="none" stroke="#555" stroke-width="1"/>{dots}</svg>')
+    return {"width": width, "height": height, "line": " ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
+            "dots": [{"x": f"{x:.1f}", "y": f"{y:.1f}", "colour": _colour(p.verdict, p.max_ulp_diff)}
+                     for (x, y), p in zip(xy, points)]}
 
 
-def _value_html(value: Any) -> str:
-    """A fingerprint value; long lists fold into a <details>."""
+def _value_view(value: Any) -> dict[str, Any]:
+    """A fingerprint value: ``n`` items folded into a <details> for long lists, else plain text."""
     if isinstance(value, list) and len(value) > 6:
         items = ", ".join(v if isinstance(v, str) else hist.format_value(v) for v in value)
-        return f"<details><summary>{len(value)} items</summary>{_e(items)}</details>"
-    return _e(hist.format_value(value, limit=300))
-
-
-def _dl(pairs: list[tuple[str, str]]) -> str:
-    """A <dl> of (label, already-escaped html) pairs."""
-    return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+        return {"n": len(value), "text": items}
+    return {"n": None, "text": hist.format_value(value, limit=300)}
 
 
 def _tooltip(cell: Cell) -> str:
@@ -553,31 +630,20 @@ def _tooltip(cell: Cell) -> str:
     return "; ".join(parts)
 
 
-def _detail_html(cell: Cell) -> str:
+def _detail_view(cell: Cell) -> dict[str, Any]:
     """The click-to-open panel of a cell: facts, error, fingerprint differences, fingerprint."""
-    out = [f"<strong>{_e(cell.scenario)}/{_e(cell.format)} @ {_e(cell.environment)}</strong>",
-           _dl([(k, _e(v)) for k, v in _facts(cell)])]
-    if cell.error:
-        out.append(f"<pre>{_e(cell.error)}</pre>")
-    diff = fingerprint_diff(cell)
-    if diff:
-        out.append("<p>Differs from the training worker:</p>")
-        pairs = [(k, " &rarr; ".join(map(_e, _diff_sides(t, r)))) for k, t, r in diff]
-        out.append(_dl(pairs))
     fingerprint = json_object(cell.fingerprint)
-    if fingerprint:
-        pairs = [(k, _value_html(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]
-        out.append(f"<details><summary>fingerprint</summary>{_dl(pairs)}</details>")
-    return f'<div class="detail">{"".join(out)}</div>'
+    return {"name": f"{cell.scenario}/{cell.format} @ {cell.environment}", "facts": _facts(cell),
+            "error": cell.error, "diff": [(k, *_diff_sides(t, r)) for k, t, r in fingerprint_diff(cell)],
+            "fingerprint": [(k, _value_view(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]}
 
 
-def _cell_html(cell: Cell, trend: list[hist.TrendPoint]) -> str:
-    verdict = cell.verdict
-    classes = f"cell {_verdict_class(verdict)}" + (" failed" if _failed(cell) else "")
-    data = " ".join(f'data-{k}="{_e(v)}"' for k, v in zip(("scenario", "format", "environment"), cell.key))
-    return (f'<td class="{classes}" {data} data-verdict="{_e(verdict)}" title="{_e(_tooltip(cell))}"'
-            f'{_mismatch_style(cell)}><details><summary>{_e(_short(cell))}{_sparkline(trend)}</summary>'
-            f"{_detail_html(cell)}</details></td>")
+def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint]) -> dict[str, Any]:
+    scenario, fmt, environment = cell.key
+    return {"classes": f"cell {_verdict_class(cell.verdict)}" + (" failed" if _failed(cell) else ""),
+            "scenario": scenario, "format": fmt, "environment": environment, "verdict": cell.verdict,
+            "title": _tooltip(cell), "style": _mismatch_style(cell), "text": _short(cell, note),
+            "spark": _sparkline(trend), "detail": _detail_view(cell)}
 
 
 def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, cell: Cell) -> list[hist.TrendPoint]:
@@ -588,34 +654,34 @@ def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, c
     return points
 
 
-def _matrix_html(lay: _Layout, history: pa.Table | None) -> str:
+def _matrix_view(lay: _Layout, history: pa.Table | None) -> dict[str, Any]:
     trends = hist.trends(history) if history is not None else {}
-    head = "".join(f"<th>{_e(e)}</th>" for e in lay.environments)
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
-        tds = [f'<th scope="row">{_e(s)}/{_e(f)}</th>',
-               f'<td class="save {_verdict_class(save.verdict)}"{_mismatch_style(save)}>{_e(_short(save))}</td>']
+        cells = []
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
-            tds.append(_cell_html(cell, _trend_with_current(trends, (s, f, env), cell) if trends else [])
-                       if cell is not None else '<td class="empty v-none">-</td>')
-        rows.append(f"<tr>{''.join(tds)}</tr>")
-    if not rows:
-        rows.append('<tr><td colspan="2">No cells: this run has no results.</td></tr>')
-    return (f'<table id="matrix"><thead><tr><th>scenario/format</th><th>save</th>{head}</tr></thead>'
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            cells.append(None if cell is None else
+                         _cell_view(cell, lay.note(cell),
+                                    _trend_with_current(trends, (s, f, env), cell) if trends else []))
+        train = lay.train_seconds.get(s)
+        rows.append({"scenario": s, "format": f, "cells": cells, "train": None if train is None else f"{train:.1f} s",
+                     "save": {"classes": _verdict_class(save.verdict), "style": _mismatch_style(save),
+                              "text": _short(save)}})
+    return {"environments": lay.environments, "rows": rows, "notes": list(lay.notes.items())}
 
 
-def _legend_html() -> str:
-    items = [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
-             for v in ("bitwise", "within_tolerance")]
-    items.append(f'<span class="item">mismatch: 1 ulp <span class="ramp"></span> 1e{_MISMATCH_DECADES}+ ulp</span>')
-    items += [f'<span class="item"><span class="swatch {_verdict_class(v)}"></span>{_e(_LABELS[v])}</span>'
-              for v in ("error", "corrupt", "unschedulable")]
-    items.append('<span class="item"><span class="swatch failed-mark"></span>✗ failed expectation</span>')
-    items.append('<span class="item">click a cell for details</span>')
-    return f'<div id="legend">{"".join(items)}</div>'
+def _legend_items() -> list[dict[str, Any]]:
+    def item(label: str = "", swatch: str = "", ramp: int | None = None) -> dict[str, Any]:
+        return {"label": label, "swatch": swatch, "ramp": ramp}
+
+    items = [item(_LABELS[v], _verdict_class(v)) for v in ("bitwise", "within_tolerance")]
+    items.append(item(ramp=_MISMATCH_DECADES))
+    items += [item(_LABELS[v], _verdict_class(v)) for v in ("error", "corrupt", "unschedulable")]
+    items += [item("✗ failed expectation", "failed-mark"), item("save✗ only the save round trip missed expect_save"),
+              item("[n] full reason in note n"), item("click a cell for details")]
+    return items
 
 
 def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
@@ -629,31 +695,23 @@ def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
     return {name: columns[name] for name in order if columns.get(name)}
 
 
-def _fingerprint_row(key: str, values: list[Any]) -> str:
+def _fingerprint_row(key: str, values: list[Any]) -> dict[str, Any]:
     canonical = [json.dumps(v, sort_keys=True, default=str) for v in values]
     common = Counter(canonical).most_common(1)[0][0]
     differs = len(set(canonical)) > 1
-    tds = "".join(f'<td class="{"diff" if differs and c != common else ""}">{_value_html(v)}</td>'
-                  for v, c in zip(values, canonical))
-    return f'<tr class="{"differs" if differs else ""}"><th>{_e(key)}</th>{tds}</tr>'
+    return {"key": key, "differs": differs,
+            "cells": [{"diff": differs and c != common, "value": _value_view(v)} for v, c in zip(values, canonical)]}
 
 
-def _fingerprints_html(lay: _Layout) -> str:
+def _fingerprints_view(lay: _Layout) -> dict[str, Any]:
     columns = _environment_fingerprints(lay)
-    if not columns:
-        return '<table id="fingerprints"><tbody><tr><td>no fingerprints recorded</td></tr></tbody></table>'
-    head = "".join(f"<th>{_e(name)}</th>" for name in columns)
-    rows = "".join(_fingerprint_row(k, [fp.get(k) for fp in columns.values()])
-                   for k in _fingerprint_keys(*columns.values()))
-    return f'<table id="fingerprints"><thead><tr><th>key</th>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    rows = [_fingerprint_row(k, [fp.get(k) for fp in columns.values()]) for k in _fingerprint_keys(*columns.values())]
+    return {"columns": list(columns), "rows": rows}
 
 
-def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int = 120) -> str:
-    """Inline SVG: one bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
+def _depth_chart(layers: list[LayerDiff], width: int = 480, height: int = 120) -> dict[str, Any]:
+    """One bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
     the first layer that is not bitwise is outlined."""
-    layers = list(layers)
-    if not layers:
-        return ""
     values = [math.log10(1 + d.max_ulp_diff) if d.max_ulp_diff is not None and math.isfinite(d.max_ulp_diff)
               else 0.0 for d in layers]
     top = max(max(values), 1.0)
@@ -662,53 +720,33 @@ def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int =
     bars = []
     for d, v in zip(layers, values):
         h = max(2.0, (height - 14) * v / top)
-        outline = ' stroke="#111" stroke-width="2"' if d.index == first else ""
-        bars.append(f'<rect x="{d.index * step + 1:.1f}" y="{height - 12 - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                    f'height="{h:.1f}" fill="{_COLOURS.get(d.verdict, "#999999")}"{outline}>'
-                    f"<title>{_e(f'{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp')}</title></rect>")
-    return (f'<svg class="depth" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="max ULP difference by layer depth">'
-            f'<line x1="0" y1="{height - 12}" x2="{width}" y2="{height - 12}" stroke="#888"/>{"".join(bars)}'
-            f'<text x="0" y="{height - 1}" font-size="10" fill="#555">input</text>'
-            f'<text x="{width}" y="{height - 1}" font-size="10" fill="#555" text-anchor="end">output '
-            f"(bar height: log10(1 + max ulp), up to {10 ** top - 1:.3g} ulp)</text></svg>")
+        bars.append({"x": f"{d.index * step + 1:.1f}", "y": f"{height - 12 - h:.1f}", "w": f"{max(step - 2, 1):.1f}",
+                     "h": f"{h:.1f}", "colour": _COLOURS.get(d.verdict, "#999999"), "first": d.index == first,
+                     "title": f"{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp"})
+    return {"width": width, "height": height, "axis": height - 12, "bars": bars, "top": f"{10 ** top - 1:.3g}"}
 
 
-def _explanations_html(explained: list[Explanation]) -> str:
-    parts = ['<h2>Explanations</h2><section id="explanations">']
-    for exp in explained:
-        layers = exp.localisation.layers if exp.localisation else ()
-        parts.append(f"<h3>{_e(exp.cell)}: {_e(exp.verdict)}</h3>")
-        parts.append(_dl([(k, _e(v)) for k, v in _explanation_facts(exp)]))
-        if layers:
-            rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in _layer_row(d)) + "</tr>" for d in layers)
-            parts.append(_divergence_svg(layers))
-            parts.append(f'<table class="layers"><thead><tr>{"".join(f"<th>{_e(h)}</th>" for h in _LAYER_HEADERS)}'
-                         f"</tr></thead><tbody>{rows}</tbody></table>")
-    return "".join(parts) + "</section>"
+def _explanation_view(exp: Explanation) -> dict[str, Any]:
+    layers = list(exp.localisation.layers) if exp.localisation else []
+    return {"cell": exp.cell, "verdict": exp.verdict, "facts": _explanation_facts(exp),
+            "layers": [_layer_row(d) for d in layers], "chart": _depth_chart(layers) if layers else None}
 
 
 def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | None, title: str | None,
           explanations: Mapping[str, Explanation] | None = None) -> str:
+    from markupsafe import Markup
+
     lay = _layout(table)
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
     if started is not None:
         meta.append(f"Started: {started:%Y-%m-%d %H:%M:%S} UTC")
-    body = [f"<h1>{_e(_title(table, title))}</h1>", *(f'<p class="meta">{_e(m)}</p>' for m in meta),
-            f'<p class="summary">{_e(_summary_line(lay))}</p>', _legend_html()]
-    body.append(_matrix_html(lay, history))
-    body += ["<h2>Fingerprints</h2>", _fingerprints_html(lay)]
-    explained = _explained(lay, explanations)
-    if explained:
-        body.append(_explanations_html(explained))
-    if changes is not None:
-        body += ['<h2>What changed</h2><section id="changes">',
-                 f"<pre>{_e(hist.render_changes_md(changes))}</pre></section>"]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{_e(_title(table, title))}</title><style>{_CSS}</style></head>"
-            f"<body>{''.join(body)}<script>{_JS}</script></body></html>\n")
+    return _template().render(
+        title=_title(table, title), meta=meta, summary=_summary_line(lay), legend_items=_legend_items(),
+        matrix_view=_matrix_view(lay, history), fingerprint_view=_fingerprints_view(lay),
+        explained=[_explanation_view(e) for e in _explained(lay, explanations)], layer_headers=_LAYER_HEADERS,
+        changes=hist.render_changes_md(changes) if changes is not None else None,
+        css=Markup(_CSS), js=Markup(_JS)) + "\n"
 
 
 # -- JUnit XML ---------------------------------------------------------------------------

@@ -296,7 +296,8 @@ def discover(extra: Iterable[str | os.PathLike] = ()) -> dict[str, Scenario]:
         if not d.is_dir():
             if d in {b.resolve() for b in BUILTIN_DIRS}:
                 continue
-            raise ScenarioError(f"{d}: scenario directory does not exist (check --scenarios-path / scenario_paths)")
+            # a sweep's scenario_paths were checked when it was loaded (naming the file and field)
+            raise ScenarioError(f"{d}: scenario directory does not exist (check --scenarios-path)")
         for f in sorted(d.glob("*.py")):
             if f.name.startswith("_"):
                 continue

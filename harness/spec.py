@@ -160,7 +160,8 @@ def nullable(model: type[_Spec]) -> Any:
     return Annotated[model, BeforeValidator(_none_is_empty, json_schema_input_type=Optional[model])]
 
 
-_PATH_KINDS = {  # what a local path in a runtime_env must be: (description, check)
+_PATH_KINDS = {  # what a local path in a runtime_env or scenario_paths must be: (description, check)
+    "directory": ("a directory", Path.is_dir),
     "dir": ("a directory (or .zip file)", lambda p: p.is_dir() or (p.is_file() and p.suffix == ".zip")),
     "file": ("a file", Path.is_file),
     "any": ("a file or directory", Path.exists),
@@ -175,6 +176,12 @@ def _resolve_local(value: str, base: Path, key: str, *, kind: str, hint: str = "
         raise fail(f"{value!r} is not {want}: looked for {path} (relative paths start at the sweep file's "
                    f"directory){hint}", key)
     return str(path)
+
+
+def _scenario_paths(value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+    """Scenario directories made absolute against the sweep file's directory; each must exist."""
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    return tuple(_resolve_local(p, base, str(i), kind="directory") for i, p in enumerate(value))
 
 
 def _runtime_env(value: RuntimeEnvSettings, info: ValidationInfo) -> dict[str, Any]:
@@ -393,9 +400,10 @@ class SweepFile(_Spec):
     description: Text = Field("", description="free text")
     storage: StorageURI = Field(".harness/store", description="pyarrow.fs URI: path, file://, s3://, gs://, hdfs://, "
                                                               "abfs://")
-    scenario_paths: name_list(Annotated[str, Field(min_length=1), expecting("a directory path")],  # type: ignore
-                              allow_empty=True, what="a list of directories") = Field(
-        (), description="extra scenario directories, relative to this file")
+    scenario_paths: Annotated[name_list(Annotated[str, Field(min_length=1), expecting("a directory path")],  # type: ignore
+                                        allow_empty=True, what="a list of directories"),
+                              AfterValidator(_scenario_paths)] = Field(
+        (), description="extra scenario directories, relative to this file; each must exist")
     scenarios: name_list(ScenarioName) = Field(  # type: ignore[valid-type]
         description="scenario names (required)", json_schema_extra=_NAMES)
     formats: name_list(choice(FORMATS)) = Field(  # type: ignore[valid-type]
@@ -513,7 +521,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         environments=tuple(_named(n, s) for n, s in doc.environments.items()),
         training=_named("training", doc.training),
         storage=doc.storage,
-        scenario_paths=tuple(str((base / p).resolve()) for p in doc.scenario_paths),
+        scenario_paths=doc.scenario_paths,  # absolute, checked to exist
         tolerance=doc.tolerance,
         output_tolerances=dict(doc.output_tolerances),
         expect=doc.expect,

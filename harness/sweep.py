@@ -145,6 +145,7 @@ class Collector:
         self.sweep, self.run_id, self.journal, self.total, self.progress = sweep, run_id, journal, total, progress
         self.done: set[str] = set(done)
         self.train_fingerprints: dict[str, str] = {}
+        self.train_seconds: dict[str, float] = {}
         self._envs = {env.name: env for env in sweep.environments}
         self.harness_failures: list[str] = []  # failures of the harness itself (exit code 3)
 
@@ -156,6 +157,7 @@ class Collector:
     def training_done(self, record: TrainRecord) -> None:
         # Encoded once per scenario, not once per cell.
         self.train_fingerprints[record.scenario] = json.dumps(record.fingerprint, sort_keys=True, default=str)
+        self.train_seconds[record.scenario] = record.seconds
         for art in record.artifacts.values():
             if art.repaired:
                 print(f"harness: warning: replaced a damaged artifact in storage: {art.repaired}", file=sys.stderr)
@@ -183,7 +185,7 @@ class Collector:
             # An optional environment no node can host is not judged: it may not exist on every machine.
             passed=None if env.optional and result.verdict == "unschedulable"
             else results.meets(result.verdict, expected) and save_ok,
-            train_fingerprint=self.train_fingerprints.get(cell.scenario),
+            train_fingerprint=self.train_fingerprints.get(cell.scenario), train_s=self.train_seconds.get(cell.scenario),
             attempts=result.attempts if attempts is None else attempts,
             # A cell that never started (unschedulable, failed save) is dated when decided.
             started_at=result.started_at or time.time(), **save)

@@ -54,6 +54,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "formats-duplicate": ("formats: duplicate entries ['keras']",),
     "bad-expect": ("expect: 'bitwize'", "did you mean 'bitwise'?"),
     "bad-expect-save": ("expect_save: 'strict' is not one of",),
+    "scenario-paths-missing": ("scenario_paths.0: '../my-scenarios-typo' is not a directory",
+                               "my-scenarios-typo (relative paths start at the sweep file's directory)"),
     "storage-ftp": ("storage:", "'ftp'", "s3://"),
     "storage-typo-scheme": ("storage:", "'s4'", "did you mean 's3'?"),
     "storage-s3-no-bucket": ("storage:", "names no bucket"),

@@ -651,3 +651,18 @@ def test_resume_refuses_another_sweeps_run_and_junk_results(store, good_run, tmp
     for args in (("run", other, "--out", junk, "--resume"), ("report", junk)):
         proc = run_cli(*args, cwd=tmp_path)
         assert_one_line_error(proc, str(junk / "results.parquet"), "not a results table")
+
+
+def test_progress_line_keeps_the_whole_error_and_marks_a_save_failure_as_such(capsys):
+    from conftest_report_helpers import make_row
+
+    from harness import cli
+    from harness.records import CellResult
+
+    advice = "x" * 300 + " ; use keras or savedmodel"
+    cli._progress(1, 2, CellResult.from_row(make_row("error", error=advice)))
+    cli._progress(2, 2, CellResult.from_row(make_row("bitwise", expected="bitwise", passed=False,
+                                                     error="save round trip is error (expect_save: bitwise)")))
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.endswith("error  ✗ expected tolerance -- " + advice)  # never cut before the advice
+    assert "bitwise  save✗ (expect_save) -- save round trip is error" in second and "✗ expected" not in second

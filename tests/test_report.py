@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import html as html_lib
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest_report_helpers import NIGHT_ONE, make_row, verdict_rows, verdict_table
+from conftest_report_helpers import NIGHT_ONE, fingerprint, make_row, verdict_rows, verdict_table
 from harness import history, report, results
 from harness.records import CellResult
 
@@ -66,9 +68,13 @@ def assert_self_contained(text):
 # -- console --------------------------------------------------------------------------
 def test_matrix_text_shows_every_verdict_compactly(table):
     text = report.matrix_text(table)
-    for expected in ("bitwise", "tol 14ulp", "tol 14ulp ✗", "MISMATCH 2.1e+03ulp ✗", "ERROR ✗", "CORRUPT ✗", "UNSCHED ✗"):
+    for expected in ("bitwise", "tol 14ulp 1.2e-06", "tol 14ulp 1.2e-06 ✗", "MISMATCH 2.1e+03ulp 0.034 ✗",
+                     "ERROR ✗ [1]", "CORRUPT ✗ [2]", "UNSCHED ✗ [3]"):
         assert expected in text
     assert "✓" not in text
+    # every reason in full below the matrix, whatever its length or line breaks
+    assert "[1] ValueError: Unknown layer: 'CustomDense'. Please ensure custom objects are registered." in text
+    assert "[3] no node satisfies {'GPU': 1, 'accelerator_type:H100': 0.001} within 600 s" in text
     assert text.splitlines()[-2] == ("8 cells: 2 bitwise, 2 within tolerance, 1 mismatch, 1 corrupt, 1 error, "
                                      "1 unschedulable; 3 passed, 5 failed expectations")
     assert text.splitlines()[-1] == report.MATRIX_LEGEND
@@ -91,6 +97,50 @@ def test_matrix_text_save_column_shows_the_worst_save_verdict():
 def test_empty_matrix_text():
     text = report.matrix_text(results.to_table([]))
     assert "no cells" in text and "0 cells" in text
+
+
+def test_save_round_trip_failure_reads_as_such_not_as_a_contradiction():
+    rows = [make_row("bitwise", environment="cpu-a", expected="bitwise", passed=False, save_verdict="error",
+                     error="save round trip is error (expect_save: bitwise)"),
+            make_row("within_tolerance", environment="cpu-b", expected="bitwise")]
+    table = results.to_table(rows)
+    line = report.matrix_text(table).splitlines()[2]
+    assert "bitwise save✗ [1]" in line and "bitwise ✗" not in line
+    assert "tol 14ulp 1.2e-06 ✗" in line  # the cell's own verdict missed: a plain ✗
+    assert "| mlp/keras | **bitwise** save✗ \\[1\\] |" in report.render(table, "md")
+    assert "bitwise save✗" in html_doc(table).find_class("cell")[0].text_content()
+
+
+def test_notes_hold_every_full_reason_once_in_every_renderer():
+    long = "FormatLimitation: h5 (legacy HDF5) cannot reload this model in Keras 3 " + "x" * 400 + " ; use keras"
+    rows = [make_row("error", environment=e, error=long) for e in ("cpu-a", "cpu-b")]
+    rows.append(make_row("error", environment="cpu-c", error=HOSTILE))
+    table = results.to_table(rows)
+    text = report.matrix_text(table)
+    assert text.count("[1]") == 3 and text.count("[2]") == 2  # two cells share note 1; note 2 is one cell's
+    notes = text.split("notes:\n", 1)[1]
+    assert "".join(line.strip() for line in notes.splitlines()).count("; use keras") == 1  # wrapped, never cut
+    assert "x" * 90 in text and "…" not in text
+    assert "\x1b" not in text and "\x00" not in text
+    md = report.render(table, "md")
+    assert md.count("; use keras") == 1 + 2  # the note, and each failed cell's own section
+    doc = html_doc(table)
+    notes_html = doc.get_element_by_id("notes")
+    assert [li.get("id") for li in notes_html.iter("li")] == ["note-1", "note-2"]
+    assert "; use keras" in notes_html.text_content() and "<script>" in notes_html.text_content()  # shown, escaped
+    assert "<script>alert" not in report.render(table, "html")
+
+
+def test_training_time_in_console_markdown_html_and_facts():
+    rows = [make_row("bitwise", environment="cpu-a", train_s=83.25),
+            make_row("bitwise", scenario="cnn", environment="cpu-a", train_s=0.04)]
+    table = results.to_table(rows)
+    assert "training: mlp 83.2 s, cnn 0.0 s" in report.matrix_text(table)
+    assert "| mlp/keras | bitwise | 0 | 0 | 83.2 |" in report.render(table, "md")
+    headers = [th.text_content() for th in html_doc(table).get_element_by_id("matrix").find("tbody").iter("th")]
+    assert headers == ["mlp/kerastrained in 83.2 s", "cnn/kerastrained in 0.0 s"]
+    assert "train_s 83.2" in dict(report._facts(CellResult.from_row(rows[0])))["worker"]
+    assert "training:" not in report.matrix_text(results.to_table([make_row("bitwise")]))  # older runs: no column
 
 
 # -- render dispatch -----------------------------------------------------------------
@@ -123,7 +173,8 @@ def test_thousand_cells_render_in_every_format(schema):
     assert len(list(junit_tree(big, schema).iter("testcase"))) == 1000
     assert len(json.loads(report.render(big, "json"))["cells"]) == 1000
     assert len(html_doc(big).find_class("cell")) == 1000
-    assert len(report.matrix_text(big).splitlines()) == 2 + 40 + 2  # header, rows, summary, legend
+    # header, rows, "notes:" and one note per distinct error text (error, corrupt, unschedulable), summary, legend
+    assert len(report.matrix_text(big).splitlines()) == 2 + 40 + 1 + 3 + 2
 
 
 # -- Markdown ------------------------------------------------------------------------
@@ -132,7 +183,8 @@ def test_markdown_cells_and_failure_sections(table):
     assert md.startswith("# Reproducibility report: nightly\n")
     assert "Run: `run-1`" in md
     assert "| mlp/keras | bitwise | within_tolerance (14 ulp, 1.2e-06) | **mismatch (2.1e+03 ulp, 0.034)** ✗ |" in md
-    assert "| cnn/savedmodel | **error** ✗ | **corrupt** ✗ | **unschedulable** ✗ |" in md
+    assert "| cnn/savedmodel | **error** ✗ \\[1\\] | **corrupt** ✗ \\[2\\] | **unschedulable** ✗ \\[3\\] |" in md
+    assert "- \\[1\\] ValueError: Unknown layer: 'CustomDense'. Please ensure custom objects are registered." in md
     assert "## Save round trip" in md and "| mlp/keras | bitwise | 0 | 0 |" in md
     failures = md.split("## Failed expectations")[1]
     assert failures.count("\n### ") == 5
@@ -253,6 +305,30 @@ def test_json_is_always_strict(drawn):
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows_strategy)
+def test_every_error_text_is_one_whole_note_and_every_cell_points_at_its_own(drawn):
+    from harness import text as text_
+
+    table = _random_table(drawn)
+    lines = report.matrix_text(table).splitlines()
+    notes: dict[int, str] = {}
+    if "notes:" in lines:
+        for line in lines[lines.index("notes:") + 1:-2]:
+            if line.startswith("    "):  # a wrapped line continues the note above
+                notes[max(notes)] += " " + line[4:]
+            elif line.startswith("["):
+                number, rest = line[1:].split("] ", 1)
+                notes[int(number)] = rest
+    lay = report._layout(table)
+    cells = lay.ordered()  # matrix order: rows, then environments left to right
+    texts = list(dict.fromkeys(text_.one_line(c.error) for c in cells if c.error and c.error.strip()))
+    assert list(notes.values()) == texts and list(notes) == list(range(1, len(texts) + 1))
+    for cell in (c for c in cells if c.verdict is not None):  # a cell's [n] is the note of its own text
+        expected = texts.index(text_.one_line(cell.error)) + 1 if cell.error and cell.error.strip() else None
+        assert report._short(cell, lay.note(cell)).endswith(f" [{expected}]") == bool(expected)
+
+
 # -- JSON ----------------------------------------------------------------------------
 def test_json_round_trip_decodes_columns_and_nulls_non_finite_floats():
     rows = verdict_rows()
@@ -355,20 +431,73 @@ def test_html_sparkline_per_cell_with_history(table):
     assert not html_doc(table).find_class("spark")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="chromium is not installed (apt-get install chromium)")
+WINDOW = (1400, 1000)  # a laptop browser window
+
+
+def _chromium(tmp_path, *args):
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={WINDOW[0]},{WINDOW[1]}"]
+    return subprocess.run([*common, *args], capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@needs_chromium
 def test_html_in_headless_chromium(table, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(report.render(table, "html", history=_history_of(table)), encoding="utf-8")
     png = tmp_path / "shot.png"
-    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"]
-    subprocess.run([*common, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=60, check=True)
-    dom = subprocess.run([*common, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
+    _chromium(tmp_path, f"--screenshot={png}", page.as_uri())
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
     assert png.exists() and png.stat().st_size > 20_000
     assert '<table id="matrix">' in dom
     assert dom.count('class="cell ') == 8
+
+
+QUICKSTART_ENVIRONMENTS = ["cpu-default", "cpu-onednn-off", "cpu-onednn-on", "cpu-single-thread", "cpu-xla",
+                           "cpu-batch-1", "cpu-isa-avx2", "cpu-isa-avx"]
+# Measured by the page itself once laid out: every table cell whose content is wider than the cell, and the
+# matrix's box against the window. Written into the DOM, which --dump-dom returns.
+_MEASURE = """<script>
+var over=[];document.querySelectorAll("td,th").forEach(function(e){
+ if(e.scrollWidth>e.clientWidth+1)over.push(e.textContent.slice(0,60)+" "+e.scrollWidth+">"+e.clientWidth);});
+var box=document.getElementById("matrix-box").getBoundingClientRect();
+var m=document.createElement("pre");m.id="measure";m.textContent=JSON.stringify({overflow:over,
+ matrix_right:box.right,table_width:document.getElementById("matrix").scrollWidth,window:window.innerWidth,
+ page_width:document.documentElement.scrollWidth});document.body.appendChild(m);</script>"""
+
+
+def quickstart_like_table():
+    """The quick start's shape (3 scenarios x 3 formats x 8 environments) with the longest texts it shows:
+    Ray node ids, ULP and abs diffs, an error, a failed save round trip, a training time."""
+    rows = []
+    for i, (s, f, e) in enumerate(itertools.product(["seed-binary-classifier", "seed-linear-regression",
+                                                     "seed-dense-regression"], ["keras", "h5", "savedmodel"],
+                                                    QUICKSTART_ENVIRONMENTS)):
+        node = f"{i:02d}" + "797559213729be1873e68a2b80164a0e15ef3f573ece35ee00735"
+        kind = ("within_tolerance", "bitwise", "mismatch", "error", "bitwise")[i % 5]
+        fp = dict(fingerprint(e), ray_node_id=node, hostname=f"ip-10-0-{i}-17.eu-west-1.compute.internal")
+        save = dict(save_verdict="mismatch", save_max_ulp_diff=3.0, save_max_abs_diff=1.2e-07, passed=False) \
+            if i % 5 == 1 else {}
+        rows.append(make_row(kind, s, f, e, node_id=node, fingerprint=fp, train_s=12.3, max_ulp_diff=88000.0,
+                             max_abs_diff=2.4e-07, **save))
+    return results.to_table(rows)
+
+
+@needs_chromium
+def test_html_matrix_of_the_quick_start_fits_a_laptop_window_and_no_cell_overflows(tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text(report.render(quickstart_like_table(), "html").replace("</body>", _MEASURE + "</body>"),
+                    encoding="utf-8")
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    measure = json.loads(html_lib.unescape(re.search(r'<pre id="measure">(.*?)</pre>', dom, re.S).group(1)))
+    assert measure["window"] == WINDOW[0]
+    assert measure["overflow"] == []  # no text runs out of its table cell (node ids, hostnames, notes)
+    assert measure["table_width"] <= WINDOW[0] - 48, measure  # the 8-environment matrix fits beside the margins
+    assert measure["page_width"] <= WINDOW[0], measure  # nothing makes the page scroll sideways
+    _chromium(tmp_path, f"--screenshot={tmp_path / 'shot.png'}", page.as_uri())
+    shutil.copy(tmp_path / "shot.png", Path(os.environ.get("HARNESS_SCREENSHOT_DIR", tmp_path)) / "quickstart.png")
 
 
 # -- write_all -------------------------------------------------------------------------

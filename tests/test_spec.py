@@ -65,6 +65,9 @@ precheck: false
 
 
 def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    if text is FULL:  # its scenario_paths must exist (relative to the sweep file)
+        for d in (tmp_path / "scen", tmp_path.parent / "other"):
+            d.mkdir(exist_ok=True)
     p = tmp_path / name
     p.write_text(textwrap.dedent(text))
     return p
@@ -154,12 +157,16 @@ def test_full_round_trip(tmp_path):
 
 
 def test_scenario_paths_relative_to_sweep_file_not_cwd(tmp_path, monkeypatch):
-    sub = tmp_path / "sweeps"
-    sub.mkdir()
-    p = write(sub, "scenario_paths: [../scenarios, /abs/dir]\n" + MINIMAL)
+    sub, absolute = tmp_path / "sweeps", tmp_path / "abs" / "dir"
+    for d in (sub, tmp_path / "scenarios", absolute):
+        d.mkdir(parents=True)
+    p = write(sub, f"scenario_paths: [../scenarios, {absolute}]\n" + MINIMAL)
     monkeypatch.chdir("/")
     sw = load_sweep(p)
-    assert sw.scenario_paths == (str((tmp_path / "scenarios").resolve()), str(Path("/abs/dir").resolve()))
+    assert sw.scenario_paths == (str((tmp_path / "scenarios").resolve()), str(absolute.resolve()))
+    (tmp_path / "scenarios").rmdir()  # a missing one is refused, naming the file and the field
+    with pytest.raises(SpecError, match=r"sweep.yaml: scenario_paths.0: '../scenarios' is not a directory: looked for "):
+        load_sweep(p)
 
 
 def test_parse_sweep_from_data_and_single_string_lists():

@@ -72,6 +72,13 @@ def test_one_row_per_cell_and_progress(main_run):
     assert seen[-1] == (30, 30) and [d for d, _ in seen] == list(range(1, 31))
     on_disk = results.read_table(res.run_dir)
     assert on_disk.schema == results.SCHEMA and on_disk.num_rows == 30
+    # each scenario's training time, from its TrainRecord, on every cell that replayed its artifacts
+    train_s = defaultdict(set)
+    for row in res.table.to_pylist():
+        if row["verdict"] in results.NUMERIC_VERDICTS:
+            train_s[row["scenario"]].add(row["train_s"])
+    assert set(train_s) == set(MAIN["scenarios"])
+    assert all(len(v) == 1 and 0 < next(iter(v)) < main_run[2] for v in train_s.values()), train_s
 
 
 # Fingerprint keys that decide the numerics of a CPU reload (besides the probe batch size).

@@ -9,6 +9,7 @@ trained once per session (``zoo_trained`` in conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,20 +33,38 @@ ZOO = yaml.safe_load((REPO / "scenarios/sweeps/zoo.yaml").read_text())["scenario
 DEFAULT = Environment(name="cpu-default")
 TRAINING = Environment(name="training")
 
-_H5_OPS = "h5 (legacy HDF5) cannot reload this model in Keras 3 (its loader cannot rebuild the keras.ops nodes"
+_H5_CALLS = "h5 (legacy HDF5) cannot reload this model in Keras 3 (its loader cannot call some layers and keras.ops"
 _NOT_KERAS = "saves Keras models only: the scenario produced a TwoLayerMLP, not a keras.Model; use tf-savedmodel"
-#: (scenario, format) -> the start of the limitation the error must name (with "; use <format>").
+#: (scenario, format) -> the limitation the error must name (with "; use <format>"): its start, and the
+#: error that really stops the load (every fragment must appear).
 LIMITATIONS = {
-    ("zoo-mobilenetv3-small", "h5"): _H5_OPS,          # x + 3.0 in hard_sigmoid
-    ("zoo-transformer-encoder", "h5"): _H5_OPS,        # x + attention
-    ("zoo-numeric-preprocessing", "h5"): _H5_OPS,      # inp[:, 1:2]
-    ("zoo-multi-output-dtypes", "h5"): _H5_OPS,        # ops.argmax
+    ("zoo-mobilenetv3-small", "h5"): (_H5_CALLS, "Only input tensors may be passed"),  # x + 3.0 in hard_sigmoid
+    ("zoo-transformer-encoder", "h5"): (_H5_CALLS, "TypeError: too many positional arguments"),  # x + attention
+    # the real obstacle, quoted once the unregistered classes are registered from where they are defined
+    ("zoo-convnext-mini", "h5"): (_H5_CALLS, "TypeError: too many positional arguments (what stops it once "
+                                  "'LayerScale', 'StochasticDepth' are registered from "
+                                  "keras.src.applications.convnext.LayerScale, "
+                                  "keras.src.applications.convnext.StochasticDepth"),
     ("zoo-string-lookup", "h5"): "h5 (legacy HDF5) cannot store string lookup vocabularies",
     ("zoo-noise-augmentation", "savedmodel"): "savedmodel (model.export) serves model(x) without training=False",
     **{("zoo-tf-module", f): f"{f} " + ("(legacy HDF5) " if f == "h5" else "(model.export) " if f == "savedmodel"
                                        else "(save_weights) " if f == "weights" else "") + _NOT_KERAS
        for f in ("keras", "h5", "savedmodel", "weights")},
 }
+
+#: (scenario, format) -> the classes (name: where defined) the saved model names but nothing registers
+#: under that name: not a limitation; the cell says so, with the custom_objects that make it reload.
+UNREGISTERED = {
+    ("zoo-numeric-preprocessing", "h5"): {"GetItem": "keras.src.ops.numpy.GetItem"},  # inp[:, 1:2]
+    ("zoo-multi-output-dtypes", "h5"): {"Argmax": "keras.src.ops.numpy.Argmax", "Cast": "keras.src.ops.core.Cast"},
+    ("zoo-keras-hub-resnet", "h5"): {  # a keras_hub task saved under its bare class name
+        "ResNetImageClassifier": "keras_hub.src.models.resnet.resnet_image_classifier.ResNetImageClassifier"},
+}
+#: (scenario, format) -> largest ULP of a save round trip that may not be bitwise: the restored SavedModel graph
+#: of a keras_hub BERT differs from the in-memory tf.function by 1 ULP on a few elements (plain TF shows it too:
+#: tests/verify_zoo_limitations.py, bert_export). Every environment is compared with the training environment's
+#: reload, so the cpu-default cell itself is still bitwise.
+SAVE_ULP = {("zoo-keras-hub-bert", "savedmodel"): 4, ("zoo-keras-hub-bert", "tf-savedmodel"): 4}
 
 
 def test_zoo_is_discovered_and_covers_the_sweep(scenarios):
@@ -65,11 +84,25 @@ def test_zoo_default_column(scenarios, zoo_store, zoo_trained, name, fmt):
         texts = [art.error] if art.error else [art.save_error, row.error]
         assert art.error or (art.save_verdict == "error" and row.verdict == "error")
         for text in texts:
-            assert limitation in text, text
-            assert "; use " in text and "Please ensure" not in text, text
+            fragments = (limitation,) if isinstance(limitation, str) else limitation
+            assert all(f in text for f in fragments), text
+            assert text.index(fragments[0]) <= text.index(fragments[-1]), text  # the limitation, then its cause
+            assert "; use " in text and "Please ensure" not in text and "UnregisteredClass" not in text, text
+        return
+    unregistered = UNREGISTERED.get((name, fmt))
+    if unregistered:
+        assert art.save_verdict == "error" and row.verdict == "error"
+        fix = "custom_objects={" + ", ".join(f"{n!r}: {where}" for n, where in unregistered.items()) + "}"
+        for text in (art.save_error, row.error):
+            assert "UnregisteredClass" in text and "it reloads once they are" in text and fix in text, text
+            assert "not a limitation of the format" in text and "FormatLimitation" not in text, text
         return
     assert art.error is None, art.error
-    assert art.save_verdict == "bitwise", art.save_error
+    if (name, fmt) in SAVE_ULP:
+        assert art.save_verdict in ("bitwise", "within_tolerance"), art.save_error
+        assert art.save_max_ulp_diff <= SAVE_ULP[name, fmt], art.save_max_ulp_diff
+    else:
+        assert art.save_verdict == "bitwise", art.save_error
     assert row.verdict == "bitwise", row.error
     detail = row.detail
     assert row.weights_equal is True and detail["weight_problems"] == []
@@ -240,3 +273,65 @@ def test_xla_with_string_inputs_is_refused_before_tensorflow_aborts(scenarios, z
         assert row.verdict == "error"
         assert "XLA (jit_compile=True) cannot compile a model with string inputs" in row.error
         assert "use an environment without jit_compile" in row.error
+
+
+# -- error causes that are true ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["zoo-keras-hub-resnet", "zoo-numeric-preprocessing", "zoo-multi-output-dtypes"])
+def test_unregistered_classes_reload_bitwise_once_registered_as_the_error_advises(scenarios, zoo_store, zoo_trained,
+                                                                                 name):
+    """The advice of an UnregisteredClass error is true: the scenario with exactly the custom_objects the error
+    names reloads its h5 artifact with the in-memory model's bits and every parameter restored."""
+    import importlib
+
+    def where(path):
+        module, cls = path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), cls)
+
+    art = zoo_trained[name].artifacts["h5"]
+    fixed = dataclasses.replace(scenarios[name], custom_objects={n: where(p) for n, p in
+                                                                 UNREGISTERED[name, "h5"].items()})
+    row = replay(fixed, "h5", art.path, zoo_store, DEFAULT, batch_size=32)
+    assert row.detail["reference_kind"] == "in_memory"  # the training reload failed: compared with the model itself
+    assert row.verdict == "bitwise" and row.weights_equal is True, row.error
+
+
+# A cell's verdict is a function of the artifact and the environment: the same h5 cell alone in a fresh
+# worker process, and after a keras cell of the same model that imported keras_hub (loading .keras does).
+_WORKER_CHILD = textwrap.dedent('''
+    import json, pickle, sys
+    from harness.spec import Environment
+    from harness.worker import ReplayJob, Worker
+    scenarios, artifacts, store = pickle.loads(open(sys.argv[1], "rb").read())
+    worker = Worker({"cpu-default": Environment(name="cpu-default")}, scenarios, store)
+    worker.warm()
+    verdicts = []
+    for name, fmt in json.loads(sys.argv[2]):
+        result = worker.run(ReplayJob(name, fmt, "cpu-default", artifacts[name, fmt], batch_size=32))
+        verdicts.append([fmt, result.verdict, result.error])
+    print("RESULT " + json.dumps({"verdicts": verdicts,
+                                  "keras_hub_imported": "keras_hub" in sys.modules}))
+''')
+
+
+def _in_a_fresh_worker(tmp_path, scenarios, artifacts, store, cells):
+    from ray import cloudpickle
+
+    blob = tmp_path / "jobs.pkl"
+    blob.write_bytes(cloudpickle.dumps((scenarios, artifacts, store)))
+    proc = subprocess.run([sys.executable, "-c", _WORKER_CHILD, str(blob), json.dumps(cells)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_a_cell_gives_the_same_verdict_first_or_after_its_siblings_in_a_worker(scenarios, zoo_store, zoo_trained,
+                                                                               tmp_path):
+    name = "zoo-keras-hub-bert"
+    artifacts = {(name, f): zoo_trained[name].artifacts[f] for f in ("keras", "h5")}
+    chosen = {name: scenarios[name]}
+    alone = _in_a_fresh_worker(tmp_path, chosen, artifacts, zoo_store, [[name, "h5"]])
+    after = _in_a_fresh_worker(tmp_path, chosen, artifacts, zoo_store, [[name, "keras"], [name, "h5"]])
+    assert alone["verdicts"][0] == after["verdicts"][1] == ["h5", "bitwise", None], (alone, after)
+    # the h5 file names keras_hub>BertBackbone: its package is imported before the load, in both orders
+    assert alone["keras_hub_imported"] and after["keras_hub_imported"]

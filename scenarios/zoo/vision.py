@@ -1,4 +1,10 @@
-"""Vision models: a ``keras.applications`` network and a hand-written ResNet block.
+"""Vision models: ``keras.applications`` networks and a hand-written ResNet block.
+
+``zoo-convnext-mini`` is ConvNeXt (keras.applications' own constructor, depths 1-1-1-1, widths
+8-64): its ``LayerScale`` and ``StochasticDepth`` layers are *not registered* with Keras. The
+``.keras`` format finds them by module; legacy h5 knows only their bare names, and once both are
+registered its loader still cannot call the blocks ("too many positional arguments"), as with
+``keras.applications.ConvNeXtTiny``.
 
 Small on purpose: 32x32 / 16x16 images, a handful of rows, one or two epochs,
 ``weights=None`` (nothing is downloaded).
@@ -28,6 +34,16 @@ def _image_data(n: int, size: int, channels: int, classes: int):
     def data(rng):
         return _images(n, size, channels)(rng), rng.integers(0, classes, n)
     return data
+
+
+# -- ConvNeXt, miniature: unregistered custom layers from keras.applications ----
+def _convnext_mini():
+    from keras.src.applications import convnext  # ConvNeXt(depths, projection_dims, ...) is not exported
+
+    # drop_path_rate > 0 adds StochasticDepth layers; layer_scale_init_value adds LayerScale.
+    return convnext.ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 32, 64], drop_path_rate=0.1,
+                             layer_scale_init_value=0.1, default_size=32, name="convnext_mini",
+                             input_shape=(32, 32, 3), classes=4, weights=None)
 
 
 # -- a ResNet basic block with BatchNormalization ------------------------------
@@ -62,6 +78,17 @@ SCENARIOS = [
         compile={"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
         fit={"epochs": 1, "batch_size": 8},
         seed=11,
+    ),
+    Scenario(
+        name="zoo-convnext-mini",
+        description="keras.applications ConvNeXt at 32x32 (depths 1-1-1-1, widths 8-64): unregistered LayerScale "
+                    "and StochasticDepth layers, 1 epoch on 16 images",
+        build=_convnext_mini,
+        data=_image_data(16, 32, 3, 4),
+        probe=_images(8, 32, 3),
+        compile={"optimizer": "adam", "loss": "sparse_categorical_crossentropy"},
+        fit={"epochs": 1, "batch_size": 8},
+        seed=13,
     ),
     Scenario(
         name="zoo-resnet-block",
