@@ -35,7 +35,7 @@ def _err(msg: str) -> None:
 def _load(args) -> tuple[Any, dict]:
     """Sweep + the scenarios it needs, or raise SpecError/ScenarioError/UsageError."""
     from .scenario import discover, select
-    from .spec import load_sweep
+    from .spec import check_scenarios, load_sweep
     from .spec_types import normalize_scheme, storage_problem
 
     sweep = load_sweep(args.sweep)
@@ -47,8 +47,9 @@ def _load(args) -> tuple[Any, dict]:
         if uri:
             setattr(args, option, normalize_scheme(uri))
     available = discover([*sweep.scenario_paths, *args.scenarios_path])
-    chosen = select(available, sweep.scenarios, source=str(args.sweep))
-    return sweep, {s.name: s for s in chosen}
+    chosen = {s.name: s for s in select(available, sweep.scenarios, source=str(args.sweep))}
+    check_scenarios(sweep, chosen)
+    return sweep, chosen
 
 
 def _plan(args, sweep) -> list:
