@@ -796,6 +796,11 @@ def rmse(truth: np.ndarray, values: np.ndarray) -> float:
         return float(np.sqrt(np.mean(d * d)))
 
 
+def _finite_or_none(d: dict) -> dict:
+    """``d`` with NaN and infinite floats as None (what strict JSON can hold)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
 @dataclass(frozen=True)
 class OutputAccuracy:
     """One output against the float64 oracle: is the observation as close to it as the reference?
@@ -826,8 +831,7 @@ class OutputAccuracy:
         return self.rmse - self.allowance
 
     def to_dict(self) -> dict:
-        d = {**asdict(self), "allowance": self.allowance}
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        return _finite_or_none({**asdict(self), "allowance": self.allowance})
 
 
 def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1093,8 +1097,7 @@ class MetricChange:
         return self.observed - self.reference
 
     def to_dict(self) -> dict:
-        d = {**asdict(self), "delta": self.delta}
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        return _finite_or_none({**asdict(self), "delta": self.delta})
 
 
 def metric_changes(metric: str, labels: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
