@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import text
+from .compare import AS_ACCURATE, LESS_ACCURATE
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -67,6 +68,8 @@ def _progress(done: int, total: int, cell) -> None:
     metric = ""
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
+        if cell.accuracy in (AS_ACCURATE, LESS_ACCURATE):
+            metric += f", {cell.accuracy.replace('_', ' ')} vs float64"
     mark = {True: "", False: "  ✗ expected " + cell.expected, None: "  (optional: not judged)"}[cell.passed]
     err = f" -- {text.one_line(cell.error, 160)}" if cell.error and cell.passed is not True else ""
     name = text.one_line(f"{cell.scenario}/{cell.format} @ {cell.environment}")
