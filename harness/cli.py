@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import text
-from .compare import AS_ACCURATE, LESS_ACCURATE
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -65,6 +64,8 @@ def _plan(args, sweep) -> list:
 
 def _progress(done: int, total: int, cell) -> None:
     """One stderr line per finished cell (``cell`` is a ``harness.records.CellResult``)."""
+    from .compare import AS_ACCURATE, LESS_ACCURATE
+
     metric = ""
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
