@@ -35,7 +35,7 @@ def _err(msg: str) -> None:
 def _load(args) -> tuple[Any, dict]:
     """Sweep + the scenarios it needs, or raise SpecError/ScenarioError/UsageError."""
     from .scenario import discover, select
-    from .spec import load_sweep
+    from .spec import check_scenarios, load_sweep
     from .spec_types import normalize_scheme, storage_problem
 
     sweep = load_sweep(args.sweep)
@@ -47,8 +47,9 @@ def _load(args) -> tuple[Any, dict]:
         if uri:
             setattr(args, option, normalize_scheme(uri))
     available = discover([*sweep.scenario_paths, *args.scenarios_path])
-    chosen = select(available, sweep.scenarios, source=str(args.sweep))
-    return sweep, {s.name: s for s in chosen}
+    chosen = {s.name: s for s in select(available, sweep.scenarios, source=str(args.sweep))}
+    check_scenarios(sweep, chosen)
+    return sweep, chosen
 
 
 def _plan(args, sweep) -> list:
@@ -63,11 +64,14 @@ def _plan(args, sweep) -> list:
 
 def _progress(done: int, total: int, cell) -> None:
     """One stderr line per finished cell (``cell`` is a ``harness.records.CellResult``)."""
+    from .compare import AS_ACCURATE, LESS_ACCURATE
     from .report import failure_mark
 
     metric = ""
     if cell.max_ulp_diff is not None and cell.verdict in ("within_tolerance", "mismatch"):
         metric = f" max {cell.max_ulp_diff:.3g} ulp, {cell.max_abs_diff or 0:.3g} abs"
+        if cell.accuracy in (AS_ACCURATE, LESS_ACCURATE):
+            metric += f", {cell.accuracy.replace('_', ' ')} vs float64"
     failed = "  save✗ (expect_save)" if failure_mark(cell) == "save✗" else f"  ✗ expected {cell.expected}"
     mark = {True: "", False: failed, None: "  (optional: not judged)"}[cell.passed]
     err = f" -- {text.one_line(cell.error)}" if cell.error and cell.passed is not True else ""  # in full: the advice ends it

@@ -763,3 +763,367 @@ def impact_summary(impacts: Mapping[str, Impact]) -> tuple[int | None, float | N
     ranks = [i.max_rank_change for i in decided if i.max_rank_change is not None]
     return (sum(i.flips for i in decided), max(i.flip_fraction or 0.0 for i in decided),
             max(ranks) if ranks else None)
+
+
+# -- accuracy against a float64 oracle: worse, or just different? ----------------------------
+#: Accuracy tiers of a numeric cell (see ``judge_accuracy``).
+AS_ACCURATE, LESS_ACCURATE, NOT_APPLICABLE = "as_accurate", "less_accurate", "n/a"
+ACCURACY_TIERS = (AS_ACCURATE, LESS_ACCURATE, NOT_APPLICABLE)
+#: PyTorch's multipliers (``torch._dynamo.utils.same``): the observation may be this many times
+#: further from the float64 run than the reference is; 3 where rounding noise dominates the error
+#: (half-precision outputs, outputs of fewer than ``SMALL_OUTPUT`` elements).
+MULTIPLIER, NOISY_MULTIPLIER, SMALL_OUTPUT = 2.0, 3.0, 1000
+HALF_PRECISION = ("float16", "bfloat16")
+
+
+def accuracy_multiplier(size: int, *dtypes: np.dtype | str) -> float:
+    """``m`` of the rule: 3 for outputs under 1,000 elements or in float16/bfloat16 on either side, else 2.
+
+    Example:
+        >>> accuracy_multiplier(64, np.float32), accuracy_multiplier(4096, np.float32)
+        (3.0, 2.0)
+    """
+    half = any(np.dtype(d).name in HALF_PRECISION for d in dtypes)
+    return NOISY_MULTIPLIER if half or size < SMALL_OUTPUT else MULTIPLIER
+
+
+def rmse(truth: np.ndarray, values: np.ndarray) -> float:
+    """Root mean squared error of ``values`` against ``truth``, in float64 (NaN for no elements)."""
+    if truth.size == 0:
+        return math.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = values.astype(np.float64) - truth.astype(np.float64)
+        return float(np.sqrt(np.mean(d * d)))
+
+
+def _finite_or_none(d: dict) -> dict:
+    """``d`` with NaN and infinite floats as None (what strict JSON can hold)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class OutputAccuracy:
+    """One output against the float64 oracle: is the observation as close to it as the reference?
+
+    ``rmse`` and ``reference_rmse`` are over the elements finite on all three sides;
+    ``elements`` counts them. The observation passes when
+    ``rmse <= multiplier * reference_rmse + tol / 10``.
+    """
+
+    name: str
+    tier: str
+    rmse: float = math.nan
+    reference_rmse: float = math.nan
+    multiplier: float = math.nan
+    tol: float = math.nan
+    elements: int = 0
+    reference_nonfinite: int = 0  # elements where the reference, not the observation, disagrees with the oracle
+    reason: str | None = None
+
+    @property
+    def allowance(self) -> float:
+        """``multiplier * reference_rmse + tol / 10``: the largest ``rmse`` that is as accurate."""
+        return self.multiplier * self.reference_rmse + self.tol / 10
+
+    @property
+    def excess(self) -> float:
+        """``rmse - allowance`` (> 0: less accurate); NaN where the rule did not apply."""
+        return self.rmse - self.allowance
+
+    def to_dict(self) -> dict:
+        return _finite_or_none({**asdict(self), "allowance": self.allowance})
+
+
+def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where ``a`` and ``b`` hold the same NaN/Inf (NaN with NaN, an infinity with the same one)."""
+    return (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+
+
+def _nonfinite_disagreements(truth: np.ndarray, values: np.ndarray, reference: np.ndarray) -> int:
+    """Elements where ``values`` does not have the oracle's NaN/Inf (or has one where the oracle is finite),
+    unless the reference has that very value too: then both sides err alike, and the element is left out."""
+    differs = (~np.isfinite(truth) | ~np.isfinite(values)) & ~_same_nonfinite(truth, values)
+    with np.errstate(invalid="ignore"):
+        alike = _same_nonfinite(values, reference) | (values == reference)
+    return int(np.count_nonzero(differs & ~alike))
+
+
+def output_accuracy(name: str, oracle: np.ndarray, reference: np.ndarray, observed: np.ndarray | None,
+                    tol: float) -> OutputAccuracy:
+    """Judge one output against its float64 oracle (PyTorch's rule, see ``judge_accuracy``).
+
+    Args:
+        name: output name.
+        oracle: the output of the model rebuilt in float64 (any float dtype is read as float64).
+        reference: the training environment's output (the baseline).
+        observed: this cell's output (``None``: the output is missing).
+        tol: the output's absolute tolerance; ``tol / 10`` is added to the allowance.
+
+    Returns:
+        ``as_accurate`` or ``less_accurate`` with both RMSEs, or ``n/a`` for outputs
+        without rounding error to measure (integers, bools, strings). An observation
+        that is missing, of another shape or not numeric is ``less_accurate``; so is one
+        with a NaN/Inf where the oracle is finite, or without the oracle's NaN/Inf, unless
+        the reference has that same NaN/Inf (both err alike: the element is left out,
+        so a bitwise observation is always ``as_accurate``).
+    """
+    reference = np.asarray(reference)
+    if not _is_float(reference.dtype):
+        kind = "string" if _is_string(reference.dtype) else "integer"
+        return OutputAccuracy(name, NOT_APPLICABLE, reason=f"{kind} output: no rounding error to measure")
+    oracle = np.asarray(oracle)
+    if oracle.shape != reference.shape:
+        return OutputAccuracy(name, NOT_APPLICABLE,
+                              reason=f"float64 oracle shape {oracle.shape} != reference {reference.shape}")
+    if observed is None:
+        return OutputAccuracy(name, LESS_ACCURATE, reason="output missing")
+    observed = np.asarray(observed)
+    if observed.shape != oracle.shape or not _is_float(observed.dtype):
+        what = (f"shape {observed.shape}" if observed.shape != oracle.shape else f"dtype {observed.dtype.name}")
+        return OutputAccuracy(name, LESS_ACCURATE, reason=f"observed {what} cannot approximate the float64 oracle")
+    t, r, x = (a.astype(np.float64).reshape(-1) for a in (oracle, reference, observed))
+    m = accuracy_multiplier(t.size, reference.dtype, observed.dtype)
+    bad = _nonfinite_disagreements(t, x, r)
+    if bad:
+        return OutputAccuracy(name, LESS_ACCURATE, multiplier=m, tol=tol, reason=(
+            f"{bad} of {t.size} elements are NaN/Inf where the float64 oracle and the reference are not, or "
+            "differ from the oracle's NaN/Inf"))
+    finite = np.isfinite(t) & np.isfinite(r) & np.isfinite(x)
+    ref_nonfinite = int(np.count_nonzero(np.isfinite(t) & ~np.isfinite(r)))
+    t, r, x = t[finite], r[finite], x[finite]
+    ref_err, obs_err = (rmse(t, r), rmse(t, x)) if t.size else (0.0, 0.0)
+    tier = AS_ACCURATE if obs_err <= m * ref_err + tol / 10 else LESS_ACCURATE
+    return OutputAccuracy(name, tier, rmse=obs_err, reference_rmse=ref_err, multiplier=m, tol=tol,
+                          elements=int(t.size), reference_nonfinite=ref_nonfinite)
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """A cell's accuracy tier: the worst of its outputs' (``less_accurate`` > ``as_accurate`` > ``n/a``)."""
+
+    tier: str
+    outputs: tuple[OutputAccuracy, ...] = ()
+    reason: str | None = None  # why n/a
+
+    @property
+    def decisive(self) -> OutputAccuracy | None:
+        """The judged output closest to failing (largest ``excess``; a rule-less ``less_accurate`` first)."""
+        judged = [o for o in self.outputs if o.tier != NOT_APPLICABLE]
+        if not judged:
+            return None
+        return max(judged, key=lambda o: math.inf if math.isnan(o.excess) else o.excess)
+
+    @property
+    def rmse(self) -> float | None:
+        d = self.decisive
+        return None if d is None or math.isnan(d.rmse) else d.rmse
+
+    @property
+    def reference_rmse(self) -> float | None:
+        d = self.decisive
+        return None if d is None or math.isnan(d.reference_rmse) else d.reference_rmse
+
+    @property
+    def note(self) -> str:
+        """One line: the rule with the decisive output's numbers, or why there is no tier."""
+        d = self.decisive
+        if d is None:
+            return self.reason or ""
+        if d.reason:
+            return f"{d.name}: {d.reason}"
+        sign = "<=" if d.tier == AS_ACCURATE else ">"
+        return (f"{d.name}: rmse vs float64 {d.rmse:.3g} {sign} {d.multiplier:g} x reference's {d.reference_rmse:.3g}"
+                f" + atol {d.tol:.3g}/10")
+
+    def to_dict(self) -> dict:
+        return {"tier": self.tier, "note": self.note, "outputs": [o.to_dict() for o in self.outputs]}
+
+
+def judge_accuracy(oracle: Mapping[str, np.ndarray] | None, reference: Mapping[str, np.ndarray],
+                   observed: Mapping[str, np.ndarray], tols: Mapping[str, float] | None = None, *,
+                   unavailable: Mapping[str, str] | None = None, reason: str | None = None) -> Accuracy:
+    """Worse, or just different? Judge every output against the model run in float64.
+
+    PyTorch's compiler accuracy check (``torch._dynamo.utils.same`` with ``fp64_ref``),
+    output by output: the observation is **as accurate** when
+    ``RMSE(observed, fp64) <= m * RMSE(reference, fp64) + tol / 10``, with ``m`` from
+    ``accuracy_multiplier`` and ``tol`` the output's atol (``tols``, default 0). RMSEs are
+    taken in float64 over the elements finite on every side; NaN/Inf must sit where the
+    oracle has them. Unlike PyTorch, the rule is applied to every cell, also those within
+    tolerance (the expectation ``accurate`` adds the tolerance back, see ``records.meets``).
+
+    Args:
+        oracle: output name -> float64 oracle; ``None`` when the model could not be rebuilt.
+        reference, observed: output name -> array.
+        tols: output name -> absolute tolerance.
+        unavailable: output name -> why it has no oracle (integer/string outputs, ...).
+        reason: why there is no oracle at all (with ``oracle=None``).
+
+    Example:
+        >>> truth = {"y": np.array([0.1, 0.2, 0.3] * 400)}
+        >>> ref = {"y": truth["y"].astype(np.float32)}
+        >>> judge_accuracy(truth, ref, {"y": ref["y"].astype(np.float16)}).tier
+        'less_accurate'
+    """
+    if oracle is None:
+        return Accuracy(NOT_APPLICABLE, reason=reason or "no float64 oracle")
+    tols, unavailable = tols or {}, unavailable or {}
+    outputs = []
+    for name, ref in reference.items():
+        if name in oracle:
+            outputs.append(output_accuracy(name, oracle[name], ref, observed.get(name), float(tols.get(name, 0.0))))
+        else:
+            outputs.append(OutputAccuracy(name, NOT_APPLICABLE, reason=unavailable.get(name, "no float64 oracle")))
+    tiers = {o.tier for o in outputs}
+    tier = next((t for t in (LESS_ACCURATE, AS_ACCURATE) if t in tiers), NOT_APPLICABLE)
+    why = None
+    if tier == NOT_APPLICABLE:
+        why = "; ".join(f"{o.name}: {o.reason}" for o in outputs) or "the model has no outputs"
+    return Accuracy(tier, tuple(outputs), why)
+
+
+# -- task metrics: MLPerf-style "does the metric move?" ---------------------------------------
+#: Task metrics a scenario may declare with probe labels.
+METRICS = ("accuracy", "auc", "mse", "mae")
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (positives x negatives), ties count one half).
+
+    Raises:
+        ValueError: the labels hold only one class.
+
+    Example:
+        >>> binary_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1]))
+        0.75
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    positive = np.asarray(positive).reshape(-1).astype(bool)
+    n_pos = int(np.count_nonzero(positive))
+    n_neg = positive.size - n_pos
+    if not n_pos or not n_neg:
+        raise ValueError("auc needs both positive and negative labels among the probe rows")
+    if np.isnan(scores).any():
+        return math.nan
+    ranks = _average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _class_ids(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Labels as class ids for scores over the last axis: ids as they are, one-hot rows by argmax."""
+    classes = values.shape[-1]
+    if labels.size * classes == values.size:
+        return labels.reshape(-1).astype(np.int64)
+    if labels.shape == values.shape:
+        return np.argmax(labels.reshape(-1, classes), axis=-1)
+    raise ValueError(f"labels of shape {labels.shape} fit neither class ids nor one-hot rows of "
+                     f"scores {values.shape}")
+
+
+def task_metric(metric: str, values: np.ndarray, labels: np.ndarray, kind: str) -> float:
+    """The task metric of one output on the probe labels, in float64.
+
+    Args:
+        metric: ``accuracy`` (share of decisions equal to the label: top-1 class, the 0.5
+            threshold, or the integer label, by ``kind``), ``auc`` (ROC AUC of a binary
+            score; macro one-vs-rest over classes), ``mse`` or ``mae``.
+        values: the output.
+        labels: one label per prediction (class ids or one-hot rows for ``classes``,
+            0/1 for ``binary``, the targets for ``mse``/``mae``).
+        kind: the output's kind (``output_kind``).
+
+    Raises:
+        ValueError: the metric does not apply to this kind of output, or the labels do
+            not fit it (the message says which).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    values, labels = np.asarray(values), np.asarray(labels)
+    if metric in ("mse", "mae"):
+        if labels.size != values.size:
+            raise ValueError(f"{metric} needs one target per output element: labels have {labels.size} "
+                             f"elements, the output {values.size}")
+        d = values.astype(np.float64).reshape(-1) - labels.astype(np.float64).reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.mean(d * d) if metric == "mse" else np.mean(np.abs(d)))
+    if kind == "regression":
+        raise ValueError(f"{metric} needs a decision, but the output is a regression (declare "
+                         "outputs={name: 'binary' | 'classes' | 'labels'} if it is not)")
+    if kind == "classes":
+        scores = values.astype(np.float64).reshape(-1, values.shape[-1])
+        ids = _class_ids(values, labels)
+        if metric == "accuracy":
+            return float(np.mean(np.argmax(scores, axis=-1) == ids))
+        aucs = [binary_auc(scores[:, c], ids == c) for c in range(scores.shape[1])
+                if 0 < np.count_nonzero(ids == c) < ids.size]
+        if not aucs:
+            raise ValueError("auc needs at least two classes among the probe labels")
+        return float(np.mean(aucs))
+    if labels.size != values.size:
+        raise ValueError(f"{metric} of a {kind} output needs one label per element: labels have {labels.size} "
+                         f"elements, the output {values.size}")
+    if kind == "binary":
+        scores, positive = values.astype(np.float64).reshape(-1), labels.reshape(-1).astype(np.float64) >= 0.5
+        if metric == "accuracy":
+            return float(np.mean((scores >= 0.5) == positive))
+        return binary_auc(scores, positive)
+    if metric == "auc":
+        raise ValueError("auc needs scores, but the output holds integer labels")
+    return float(np.mean(values.reshape(-1) == labels.reshape(-1)))  # labels (integer outputs)
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """A task metric of one output on the reference and on the observation."""
+
+    metric: str
+    output: str
+    reference: float
+    observed: float
+    reason: str | None = None  # why the observation has no metric (output missing, other shape)
+
+    @property
+    def delta(self) -> float:
+        """``observed - reference`` (NaN when either is)."""
+        return self.observed - self.reference
+
+    def to_dict(self) -> dict:
+        return _finite_or_none({**asdict(self), "delta": self.delta})
+
+
+def metric_changes(metric: str, labels: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                   observed: Mapping[str, np.ndarray], kinds: Mapping[str, str] | None = None) -> list[MetricChange]:
+    """``metric`` on every labelled output, reference vs observation.
+
+    An observed output that is missing or of another shape gets a NaN metric (and a reason).
+
+    Raises:
+        ValueError: the metric does not apply to a reference output (see ``task_metric``).
+    """
+    kinds = kinds or {}
+    out = []
+    for name, lab in labels.items():
+        ref = np.asarray(reference[name])
+        kind = output_kind(ref, kinds.get(name))
+        before = task_metric(metric, ref, lab, kind)
+        obs = observed.get(name)
+        if obs is None or np.asarray(obs).shape != ref.shape:
+            why = "output missing" if obs is None else f"shape {np.asarray(obs).shape} != reference {ref.shape}"
+            out.append(MetricChange(metric, name, before, math.nan, why))
+            continue
+        out.append(MetricChange(metric, name, before, task_metric(metric, np.asarray(obs), lab, kind)))
+    return out
+
+
+def largest_change(changes: Iterable[MetricChange]) -> MetricChange | None:
+    """The change with the largest ``|delta|`` (an undefined delta counts as the largest)."""
+    return max(changes, key=lambda c: math.inf if math.isnan(c.delta) else abs(c.delta), default=None)

@@ -34,8 +34,10 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -48,7 +50,13 @@ MODEL_DIR = "model"
 #: address, so artifacts stored by an older harness are retrained, not compared
 #: against outputs computed another way. 2: fresh Keras session per build
 #: (stable layer names), restored SavedModel endpoints called unwrapped.
-REFERENCE_RECIPE = 2
+#: 3: a float64 oracle (``oracle.arrow``) and the probe labels (``labels.arrow``).
+REFERENCE_RECIPE = 3
+#: Keras dtype policies a model can be rebuilt under: an environment's ``dtype_policy``
+#: (serving a float32 model in reduced precision), and ``float64`` for the oracle.
+DTYPE_POLICIES = ("mixed_bfloat16", "mixed_float16", "bfloat16", "float16", "float32", "float64")
+#: Formats whose artifacts reload as a Keras model (the others are traced graphs).
+KERAS_RELOADS = ("keras", "h5", "weights")
 
 
 @dataclass
@@ -66,7 +74,8 @@ class Format:
     description: str
 
 
-def _is_keras(obj: Any) -> bool:
+def is_keras(obj: Any) -> bool:
+    """Whether ``obj`` is a ``keras.Model`` (imports Keras)."""
     import keras
 
     return isinstance(obj, keras.Model)
@@ -95,6 +104,14 @@ class ActiveAugmentationInExport(ValueError):
 
 class VocabularyNotInConfig(ValueError):
     """Legacy HDF5 would drop an adapted lookup vocabulary (it is not in the layer config)."""
+
+
+class PolicyNeedsKeras(TypeError):
+    """An environment's ``dtype_policy`` asked of an artifact that does not reload as a Keras model."""
+
+
+class PolicyChangedModel(ValueError):
+    """Rebuilding a model under another dtype policy gave other variables, or lost a weight's value."""
 
 
 class XlaStringInputs(ValueError):
@@ -154,6 +171,9 @@ LIMITATIONS: tuple[Limitation, ...] = (
                "cannot reload this model in Keras 3 (its loader cannot call some layers and keras.ops nodes of a "
                "functional model with their saved arguments: x + 3.0, x + attention(x), ConvNeXt's blocks)",
                "keras or savedmodel"),
+    Limitation(("savedmodel", "tf-savedmodel"), ("load",), PolicyNeedsKeras,
+               "reloads a traced graph whose dtypes were fixed when it was saved, so a dtype_policy cannot "
+               "recompute it", "keras, h5 or weights (or an environment without dtype_policy)"),
     Limitation(("*",), ("predict",), XlaStringInputs,
                "cannot compile a model with string inputs (tf.string has no XLA type; TensorFlow 2.21 raises "
                "'Detected unsupported operations' once, then aborts the whole process on the next try with "
@@ -203,7 +223,7 @@ def _explained(fmt: str, stage: str, fn: Callable) -> Callable:
 
 
 def _require_keras(model: Any, fmt: str) -> None:
-    if not _is_keras(model):
+    if not is_keras(model):
         raise NotAKerasModel(f"the scenario produced a {type(model).__name__}, not a keras.Model")
 
 
@@ -243,11 +263,114 @@ def build_model(scenario: Scenario) -> Any:
 
 def call_model(model: Any, x: Any) -> Any:
     """Inference call: Keras models with ``training=False``, anything else plainly."""
-    return model(x, training=False) if _is_keras(model) else model(x)
+    return model(x, training=False) if is_keras(model) else model(x)
 
 
 def _keras_loaded(model) -> Loaded:
     return Loaded(fn=lambda x: model(x, training=False), variables=list(model.weights), owner=model)
+
+
+# -- the same model under another dtype policy (the oracle, the dtype_policy knob) ----------
+def _retyped(config: Any, policy: str, variable_dtype: str) -> Any:
+    """A Keras model config with every floating-point layer dtype set to ``policy``.
+
+    Layer policies (``{"class_name": "DTypePolicy", ...}`` or a dtype name) become
+    ``policy``; an ``InputLayer`` takes the policy's variable dtype (a tensor dtype, not a
+    policy); integer and string dtypes (token ids, lookups) and the recorded dtypes of the
+    functional graph's tensors (which Keras recomputes) stay as they are.
+    """
+    if isinstance(config, list):
+        return [_retyped(c, policy, variable_dtype) for c in config]
+    if not isinstance(config, dict) or config.get("class_name") == "__keras_tensor__":
+        return config
+    out = {}
+    for key, value in config.items():
+        if key == "dtype" and isinstance(value, str) and value in DTYPE_POLICIES:
+            value = policy
+        elif key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy" \
+                and value.get("config", {}).get("name") in DTYPE_POLICIES:
+            value = {**value, "config": {**value["config"], "name": policy}}
+        elif key == "config" and config.get("class_name") == "InputLayer" and isinstance(value, dict):
+            value = {**value, "dtype": variable_dtype} if value.get("dtype") in DTYPE_POLICIES else value
+        else:
+            value = _retyped(value, policy, variable_dtype)
+        out[key] = value
+    return out
+
+
+def _same_variables(original: list, rebuilt: list, exact: bool) -> None:
+    """Raise ``PolicyChangedModel`` unless ``rebuilt`` holds ``original``'s variables (cast back bit for bit if ``exact``)."""
+    if len(original) != len(rebuilt):
+        raise PolicyChangedModel(f"the rebuilt model has {len(rebuilt)} variables, the original {len(original)}")
+    for old, new in zip(original, rebuilt):
+        a, b = np.asarray(old.numpy()), np.asarray(new.numpy())
+        name = getattr(old, "path", None) or old.name
+        if a.shape != b.shape:
+            raise PolicyChangedModel(f"variable {name}: shape {b.shape} != original {a.shape}")
+        if (a.dtype.kind in "iub" or exact) and not np.array_equal(b.astype(a.dtype), a):
+            raise PolicyChangedModel(f"variable {name}: its value did not survive the cast to {b.dtype.name}")
+
+
+def with_dtype_policy(model: Any, policy: str, custom_objects: Any = None) -> Any:
+    """A copy of Keras ``model`` computing under dtype ``policy``, holding its trained weights.
+
+    Every floating-point layer of the copy gets ``policy`` (whatever policy it had, also a
+    mixed-precision layer's own), so ``float64`` gives the model's answer with float32
+    rounding out of the way, and ``mixed_bfloat16`` shows what serving it in bfloat16 does.
+    The copy goes through Keras's own saving: the model is saved as an unzipped ``.keras``
+    directory, its ``config.json`` retyped (see ``_retyped``) and loaded back, so Keras
+    restores every weight into the new variables (cast to their dtype), the vocabularies of
+    adapted lookup layers, and custom layers' own state; ``safe_mode`` stays on.
+
+    Args:
+        model: a Keras model.
+        policy: one of ``DTYPE_POLICIES``.
+        custom_objects: passed to ``keras.saving.load_model``.
+
+    Raises:
+        PolicyChangedModel: the copy's variables differ in number or shape, or (for a
+            policy whose variables are at least as wide as the original's) a weight's
+            value did not survive the cast.
+        Exception: whatever Keras raises when the model cannot be saved or rebuilt.
+    """
+    import keras
+
+    if policy not in DTYPE_POLICIES:
+        raise ValueError(f"unknown dtype policy {policy!r}; use one of {', '.join(DTYPE_POLICIES)}")
+    variable_dtype = keras.DTypePolicy(policy).variable_dtype
+    with tempfile.TemporaryDirectory(prefix="harness-policy-") as tmp:
+        path = os.path.join(tmp, "model")  # an unzipped .keras directory (Keras wants no .keras suffix on it)
+        keras.saving.save_model(model, path, zipped=False)
+        config_file = os.path.join(path, "config.json")
+        with open(config_file) as f:
+            config = _retyped(json.load(f), policy, variable_dtype)
+        with open(config_file, "w") as f:
+            json.dump(config, f)
+        with keras_scope():
+            rebuilt = keras.saving.load_model(path, custom_objects=custom_objects, compile=False)
+    widths = {np.dtype(v.dtype).itemsize for v in model.weights if np.dtype(v.dtype).kind == "f"}
+    exact = np.dtype(variable_dtype).itemsize >= max(widths, default=0)
+    _same_variables(list(model.weights), list(rebuilt.weights), exact)
+    return rebuilt
+
+
+def _policy_loaded(fmt: str, loaded: Loaded, scenario: Scenario, policy: str) -> Loaded:
+    if fmt not in KERAS_RELOADS or not is_keras(loaded.owner):
+        raise PolicyNeedsKeras(f"dtype_policy {policy!r} needs a Keras model, and format {fmt!r} is not one")
+    rebuilt = with_dtype_policy(loaded.owner, policy, scenario.resolved_custom_objects())
+    # The weight check stays on the artifact's own variables: the policy is how it is served.
+    return Loaded(fn=lambda x: rebuilt(x, training=False), variables=loaded.variables, owner=(loaded.owner, rebuilt))
+
+
+def under_policy(fmt: str, loaded: Loaded, scenario: Scenario, policy: str | None) -> Loaded:
+    """``loaded`` served under dtype ``policy`` (an environment's ``dtype_policy``); as it is for ``None``.
+
+    Raises:
+        FormatLimitation: ``fmt`` does not reload as a Keras model (``savedmodel``, ``tf-savedmodel``).
+    """
+    if policy is None:
+        return loaded
+    return _explained(fmt, "load", _policy_loaded)(fmt, loaded, scenario, policy)
 
 
 # -- keras / h5 ------------------------------------------------------------
@@ -565,8 +688,8 @@ def _save_tf_saved_model(model, directory, probe):
     module.model = model
     # A tracked list restores as an attribute of the loaded object, giving us
     # every variable back by the original order for the weight check.
-    module.harness_variables = list(model.weights if _is_keras(model) else model.variables)
-    if _is_keras(model):
+    module.harness_variables = list(model.weights if is_keras(model) else model.variables)
+    if is_keras(model):
         # Non-parameter state the traced call may capture (Keras SeedGenerator
         # states of Dropout / noise / augmentation layers) must be tracked too,
         # or saving fails with "captures tensor ... seed_generator_state".
@@ -623,6 +746,15 @@ def flatten(structure: Any, prefix: str) -> dict[str, np.ndarray]:
 
     walk(structure, prefix, True)
     return out
+
+
+def map_arrays(fn: Callable[[np.ndarray], Any], structure: Any) -> Any:
+    """``structure`` (an array, or dicts / lists / tuples of them) with ``fn`` applied to every array."""
+    if isinstance(structure, dict):
+        return {k: map_arrays(fn, v) for k, v in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(map_arrays(fn, v) for v in structure)
+    return fn(np.asarray(structure))
 
 
 def input_layout(structure: Any) -> dict:

@@ -22,27 +22,59 @@ from typing import Any, Mapping
 
 import pyarrow as pa
 
+from .compare import ACCURACY_TIERS, AS_ACCURATE, LESS_ACCURATE
+
 #: Verdicts, from best to worst. ``compare`` produces the first three,
 #: ``replay`` produces ``error``/``corrupt``, the driver produces ``unschedulable``.
 VERDICTS = ("bitwise", "within_tolerance", "mismatch", "corrupt", "error", "unschedulable")
 
-#: Expectations a sweep may state per environment.
-EXPECTATIONS = ("bitwise", "tolerance", "any")
+#: Expectations a sweep may state per environment, by name, from strictest to loosest. Besides
+#: these, ``{metric_delta: D}`` (``expected`` text ``metric_delta<=D``, see ``metric_delta_text``).
+EXPECTATIONS = ("bitwise", "tolerance", "accurate", "any")
+#: Expectations of the save round trip (no oracle or labels judge it).
+SAVE_EXPECTATIONS = ("bitwise", "tolerance", "any")
+#: The mapping key of the task-metric expectation, ``expect: {metric_delta: 0.001}``.
+METRIC_DELTA = "metric_delta"
+_METRIC_DELTA_PREFIX = f"{METRIC_DELTA}<="
 
 #: Verdicts that mean "the numbers were compared" (as opposed to a failure to run).
 NUMERIC_VERDICTS = ("bitwise", "within_tolerance", "mismatch")
 
 
-def meets(verdict: str | None, expected: str) -> bool:
-    """Whether a verdict satisfies an expectation.
+def metric_delta_text(bound: float) -> str:
+    """The ``expected`` text of ``{metric_delta: bound}``: ``metric_delta<=0.001``."""
+    return f"{_METRIC_DELTA_PREFIX}{float(bound)!r}"
 
-    ``bitwise`` accepts only ``bitwise``; ``tolerance`` accepts ``bitwise`` and
-    ``within_tolerance``; ``any`` accepts every numeric verdict (including
-    ``mismatch``) but never ``error``, ``corrupt`` or ``unschedulable``: a cell
-    that did not run cannot pass.
+
+def metric_delta_bound(expected: str | None) -> float | None:
+    """``D`` of an ``expected`` text ``metric_delta<=D``; None for any other expectation."""
+    if not isinstance(expected, str) or not expected.startswith(_METRIC_DELTA_PREFIX):
+        return None
+    try:
+        return float(expected[len(_METRIC_DELTA_PREFIX):])
+    except ValueError:
+        return None
+
+
+def meets(verdict: str | None, expected: str, *, accuracy: str | None = None, metric_delta: float | None = None,
+          weights_equal: bool | None = None) -> bool:
+    """Whether a cell's outcome satisfies an expectation.
+
+    * ``bitwise`` accepts only ``bitwise``;
+    * ``tolerance`` accepts ``bitwise`` and ``within_tolerance``;
+    * ``accurate`` accepts ``bitwise`` and any cell whose ``accuracy`` is ``as_accurate``;
+      it fails ``less_accurate``, and where there is no tier (``n/a``: no float64 oracle)
+      it falls back to ``tolerance``;
+    * ``metric_delta<=D`` accepts ``bitwise`` and any cell whose task metric moved by
+      ``|metric_delta| <= D``;
+    * ``any`` accepts every numeric verdict (including ``mismatch``).
+
+    ``error``, ``corrupt`` and ``unschedulable`` never pass: a cell that did not run
+    cannot. ``accurate`` and ``metric_delta`` judge the outputs, so a parameter that was
+    not restored (``weights_equal`` false) fails them whatever the outputs say.
 
     Raises:
-        ValueError: ``expected`` is not one of ``EXPECTATIONS``.
+        ValueError: ``expected`` is not one of ``EXPECTATIONS`` or a ``metric_delta<=D`` text.
     """
     if expected == "bitwise":
         return verdict == "bitwise"
@@ -50,7 +82,19 @@ def meets(verdict: str | None, expected: str) -> bool:
         return verdict in ("bitwise", "within_tolerance")
     if expected == "any":
         return verdict in NUMERIC_VERDICTS
-    raise ValueError(f"unknown expectation {expected!r}; use one of {', '.join(EXPECTATIONS)}")
+    bound = metric_delta_bound(expected)
+    if expected != "accurate" and bound is None:
+        raise ValueError(f"unknown expectation {expected!r}; use one of {', '.join(EXPECTATIONS)} "
+                         f"or {{{METRIC_DELTA}: D}}")
+    if verdict == "bitwise":
+        return True
+    if verdict not in NUMERIC_VERDICTS or weights_equal is False:
+        return False
+    if bound is not None:
+        return metric_delta is not None and math.isfinite(metric_delta) and abs(metric_delta) <= bound
+    if accuracy == AS_ACCURATE:
+        return True
+    return accuracy != LESS_ACCURATE and verdict == "within_tolerance"
 
 
 # -- training ------------------------------------------------------------------
@@ -81,6 +125,7 @@ class TrainRecord:
     fingerprint: Mapping[str, Any]
     artifacts: Mapping[str, ArtifactRecord]
     seconds: float = 0.0
+    oracle_seconds: float = 0.0  # of ``seconds``: rebuilding the model in float64 and predicting the probe
 
 
 # -- cell results ----------------------------------------------------------------
@@ -106,8 +151,9 @@ class CellResult:
     format: str | None = _col(pa.string(), "save format")
     environment: str | None = _col(pa.string(), "environment name")
     verdict: str | None = _col(pa.string(), "bitwise | within_tolerance | mismatch | corrupt | error | unschedulable")
-    expected: str | None = _col(pa.string(), "expectation for this environment: bitwise | tolerance | any")
-    passed: bool | None = _col(pa.bool_(), "verdict meets `expected` and the save round trip meets `expect_save`")
+    expected: str | None = _col(pa.string(), "expectation for this environment: bitwise | tolerance | accurate | any "
+                                "| metric_delta<=D")
+    passed: bool | None = _col(pa.bool_(), "the cell meets `expected` and the save round trip meets `expect_save`")
     max_abs_diff: float | None = _col(pa.float64(), "max |observed - reference| over all outputs (null if not compared)")
     max_rel_diff: float | None = _col(pa.float64(), "max |observed - reference| / |reference|")
     max_ulp_diff: float | None = _col(pa.float64(), "max distance in units in the last place of the reference dtype")
@@ -119,6 +165,17 @@ class CellResult:
     max_rank_change: int | None = _col(pa.int64(), "largest move in rank of one of the reference's top-k classes "
                                        "(k = 5 or the number of classes)")
     weights_equal: bool | None = _col(pa.bool_(), "every restored model parameter has the original's bytes (null if not checked)")
+    accuracy: str | None = _col(pa.string(), "as_accurate | less_accurate | n/a: is the observation as close to the "
+                                "model run in float64 as the reference (null if not compared)")
+    reference_rmse_vs_fp64: float | None = _col(pa.float64(), "RMSE of the reference against the float64 oracle "
+                                                "(the output closest to failing)")
+    rmse_vs_fp64: float | None = _col(pa.float64(), "RMSE of this cell's outputs against the float64 oracle (same output)")
+    accuracy_note: str | None = _col(pa.string(), "the accuracy rule with that output's numbers, or why there is no tier")
+    metric: str | None = _col(pa.string(), "the scenario's task metric on its probe labels: accuracy | auc | mse | mae")
+    reference_metric: float | None = _col(pa.float64(), "the task metric on the reference outputs (the output that "
+                                          "moved most)")
+    observed_metric: float | None = _col(pa.float64(), "the task metric on this cell's outputs (same output)")
+    metric_delta: float | None = _col(pa.float64(), "observed_metric - reference_metric")
     save_verdict: str | None = _col(pa.string(), "in-memory model vs reload in the training environment")
     save_max_abs_diff: float | None = _col(pa.float64(), "max abs diff of that save round trip")
     save_max_ulp_diff: float | None = _col(pa.float64(), "max ULP diff of that save round trip")
@@ -150,6 +207,13 @@ class CellResult:
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {self.verdict!r}; one of {', '.join(VERDICTS)}")
+        if self.accuracy is not None and self.accuracy not in ACCURACY_TIERS:
+            raise ValueError(f"unknown accuracy tier {self.accuracy!r}; one of {', '.join(ACCURACY_TIERS)}")
+
+    def meets(self, expected: str | None = None) -> bool:
+        """Whether this cell satisfies ``expected`` (default: its own ``expected``); see :func:`meets`."""
+        return meets(self.verdict, expected or self.expected or "", accuracy=self.accuracy,
+                     metric_delta=self.metric_delta, weights_equal=self.weights_equal)
 
     @property
     def key(self) -> tuple[str, str, str]:

@@ -38,8 +38,9 @@ from harness import history as hist
 from harness import results
 from harness import text as text_
 from harness.explain import Explanation, LayerDiff
-from harness.records import FIELDS, CellResult, json_object, json_value, unparsable
-from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS, meets
+from harness.compare import ACCURACY_TIERS, AS_ACCURATE, LESS_ACCURATE
+from harness.records import FIELDS, CellResult, json_object, json_value, metric_delta_bound, unparsable
+from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS
 
 #: Report formats and the file each is written to by :func:`write_all`.
 FILES = {"md": "report.md", "html": "report.html", "junit": "report.xml", "json": "report.json"}
@@ -47,6 +48,9 @@ FILES = {"md": "report.md", "html": "report.html", "junit": "report.xml", "json"
 _SHORT = {"bitwise": "bitwise", "error": "ERROR", "corrupt": "CORRUPT", "unschedulable": "UNSCHED"}
 _LABELS = {"bitwise": "bitwise", "within_tolerance": "within tolerance", "mismatch": "mismatch",
            "error": "error", "corrupt": "corrupt", "unschedulable": "unschedulable"}
+_TIER_LABELS = {AS_ACCURATE: "as accurate", LESS_ACCURATE: "less accurate", "n/a": "n/a"}
+#: Console tags of the accuracy tier (none for n/a, nor for bitwise cells: identical bits are as accurate).
+_TIER_TAGS = {AS_ACCURATE: "=acc", LESS_ACCURATE: "<acc"}
 #: Fingerprint keys left out of "what differs" lists: a process id always differs.
 _NOISE_KEYS = ("pid",)
 _XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -170,9 +174,11 @@ def summarize(table: pa.Table) -> dict[str, Any]:
 def _summarize(lay: _Layout) -> dict[str, Any]:
     cells = list(lay.cells.values())
     verdicts = Counter(c.verdict for c in cells)
+    tiers = Counter(c.accuracy for c in cells)
     return {
         "cells": len(cells),
         "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
+        "accuracy": {t: tiers.get(t, 0) for t in ACCURACY_TIERS},
         "passed": sum(c.passed is True for c in cells),
         "failed": sum(c.passed is False for c in cells),
         "not_judged": sum(c.passed is None for c in cells),
@@ -188,7 +194,10 @@ def _summary_line(lay: _Layout) -> str:
     s = _summarize(lay)
     counts = ", ".join(f"{s['verdicts'][v]} {_LABELS[v]}" for v in VERDICTS)
     judged = f"; {s['not_judged']} not judged (optional environments no node can host)" if s["not_judged"] else ""
-    return f"{s['cells']} cells: {counts}; {s['passed']} passed, {s['failed']} failed expectations{judged}"
+    tiers = ""
+    if any(s["accuracy"].values()):
+        tiers = "; vs float64: " + ", ".join(f"{n} {_TIER_LABELS[t]}" for t, n in s["accuracy"].items())
+    return f"{s['cells']} cells: {counts}{tiers}; {s['passed']} passed, {s['failed']} failed expectations{judged}"
 
 
 def _joined(cell: Cell, names: Iterable[str]) -> str:
@@ -209,6 +218,8 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
         ("verdict", _outcome_text(cell)),
         ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
         ("prediction impact", _impact_text(cell)),
+        ("accuracy vs float64", _accuracy_text(cell)),
+        ("task metric", _metric_text(cell)),
         ("save round trip", _joined(cell, ("save_verdict", "save_max_abs_diff", "save_max_ulp_diff"))),
         ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
         ("required tolerance", _required_text(cell)),
@@ -232,6 +243,21 @@ def _impact_text(cell: Cell) -> str:
     text = (f"{flips} prediction(s) changed their decision (worst output {100 * (cell.prediction_flip_fraction or 0):.3g}%)"
             if flips else "no decision changed")
     return text + (f"; top-k rank moved by up to {int(rank)}" if rank else "")
+
+
+def _accuracy_text(cell: Cell) -> str:
+    """``as accurate (output: rmse vs float64 2.4e-08 <= 3 x reference's ...)``, or ''."""
+    if cell.accuracy is None:
+        return ""
+    return f"{_TIER_LABELS.get(cell.accuracy, cell.accuracy)}" + (f" ({cell.accuracy_note})" if cell.accuracy_note else "")
+
+
+def _metric_text(cell: Cell) -> str:
+    """``accuracy 0.75 -> 0.7344 (delta -0.0156)``, or ''."""
+    if cell.metric is None:
+        return ""
+    return (f"{cell.metric} {_num(cell.reference_metric)} -> {_num(cell.observed_metric)} "
+            f"(delta {_num(cell.metric_delta)})")
 
 
 def _required_text(cell: Cell) -> str:
@@ -279,7 +305,11 @@ def failure_mark(cell: Cell) -> str:
     ``expect_save`` (so ``bitwise save✗`` never reads as a contradiction), '' when it passed or was not judged."""
     if not _failed(cell):
         return ""
-    return "save✗" if cell.expected in EXPECTATIONS and meets(cell.verdict, cell.expected) else "✗"
+    try:
+        met = cell.meets()
+    except ValueError:  # an expectation this version does not know: not met
+        met = False
+    return "save✗" if met else "✗"
 
 
 def _mark(cell: Cell) -> str:
@@ -301,14 +331,17 @@ def _short(cell: Cell | None, note: int | None = None) -> str:
         text = _SHORT.get(verdict, verdict.upper())
     if _flips(cell):
         text += f" {_flips(cell)}flip"
+    if verdict in ("within_tolerance", "mismatch") and cell.accuracy in _TIER_TAGS:
+        text += f" {_TIER_TAGS[cell.accuracy]}"
     return text + _mark(cell) + (f" [{note}]" if note else "")
 
 
 MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp A = within tolerance, at most N ULP and A absolute "
                  "difference from the reference; MISMATCH Nulp A = outside tolerance; Kflip = K predictions changed "
-                 "their decision (top-1 class, 0.5 threshold or label); ✗ = missed its expectation; save✗ = met it, "
-                 "but the save round trip missed expect_save; [n] = note n above (the full reason); save = in-memory "
-                 "model vs its reload in the training environment")
+                 "their decision (top-1 class, 0.5 threshold or label); =acc / <acc = as accurate as / less accurate "
+                 "than the reference, both measured against the model run in float64; ✗ = missed its expectation; "
+                 "save✗ = met it, but the save round trip missed expect_save; [n] = note n above (the full reason); "
+                 "save = in-memory model vs its reload in the training environment")
 
 
 def _train_text(lay: _Layout) -> str:
@@ -368,7 +401,8 @@ def _md_cell(cell: Cell | None, note: int | None = None) -> str:
     text = cell.verdict
     if text in ("within_tolerance", "mismatch"):
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
-        text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips})"
+        tier = f", {_TIER_LABELS[cell.accuracy]}" if cell.accuracy in _TIER_TAGS else ""
+        text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips}{tier})"
     text = f"**{text}**{_mark(cell)}" if _failed(cell) else text
     return text + (f" [{note}]" if note else "")
 
@@ -788,10 +822,17 @@ def _seconds(cells: Iterable[Cell]) -> str:
 
 def _failure_message(cell: Cell) -> str:
     verdict, expected = cell.verdict, cell.expected
-    if expected in EXPECTATIONS and meets(verdict, expected):
+    known = expected in EXPECTATIONS or metric_delta_bound(expected) is not None
+    if known and cell.meets():
         return f"{verdict} meets expectation {expected!r} but the save round trip was {cell.save_verdict}"
-    return (f"{verdict} does not meet expectation {expected!r} "
-            f"(max {_ulp(cell.max_ulp_diff)} ulp, max abs diff {_num(cell.max_abs_diff)})")
+    why = f"max {_ulp(cell.max_ulp_diff)} ulp, max abs diff {_num(cell.max_abs_diff)}"
+    if expected == "accurate":
+        why = f"{_accuracy_text(cell) or 'no accuracy tier'}; {why}"
+    elif metric_delta_bound(expected) is not None:
+        why = f"{_metric_text(cell) or 'no task metric'}; {why}"
+    if cell.weights_equal is False and (expected == "accurate" or metric_delta_bound(expected) is not None):
+        why = f"parameters not restored exactly; {why}"
+    return f"{verdict} does not meet expectation {expected!r} ({why})"
 
 
 def _error_message(cell: Cell) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .compare import OUTPUT_KINDS
+from .compare import METRICS, OUTPUT_KINDS
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 #: Built-in search path: the article's scenarios and the zoo of real architectures.
@@ -33,7 +33,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent.parent / "scenarios"
 BUILTIN_DIRS = (BUILTIN_DIR, BUILTIN_DIR / "zoo")
 _MODULE_PREFIX = "_harness_scenarios"
 #: Callable fields of a scenario (compared by identity when pickling).
-_FUNCTION_FIELDS = ("probe", "build", "data", "train", "setup", "custom_objects")
+_FUNCTION_FIELDS = ("probe", "build", "data", "train", "setup", "custom_objects", "labels")
 
 
 class ScenarioError(ValueError):
@@ -68,6 +68,12 @@ class Scenario:
             keys of a dict): ``classes``, ``binary``, ``labels`` or
             ``regression``. Unnamed outputs are guessed (see
             ``harness.compare.output_kind``).
+        labels: optional ``(probe_inputs) -> labels``: the true answer for each
+            probe row, an array for a single output or a dict by output name
+            (named as in ``outputs``). With ``metric``, every cell reports the
+            task metric on the reference and on its observation.
+        metric: the task metric of ``labels``: ``accuracy``, ``auc``, ``mse``
+            or ``mae`` (see ``harness.compare.task_metric``).
 
     Example:
         >>> SCENARIO = Scenario(name="seed-linear-regression", build=build, data=data,
@@ -87,6 +93,8 @@ class Scenario:
     setup: Callable[[], Any] | None = None
     description: str = ""
     outputs: Mapping[str, str] = field(default_factory=dict)
+    labels: Callable[[Any], Any] | None = None
+    metric: str | None = None
     source_file: str = ""
     source_digest: str = ""
     source_text: str = field(default="", repr=False)
@@ -112,6 +120,14 @@ class Scenario:
             if kind not in OUTPUT_KINDS:
                 raise ScenarioError(f"scenario {self.name!r}: outputs[{out!r}] is {kind!r}; use one of "
                                     f"{', '.join(OUTPUT_KINDS)}")
+        if (self.labels is None) != (self.metric is None):
+            given, missing = ("labels=", "metric=") if self.metric is None else ("metric=", "labels=")
+            raise ScenarioError(f"scenario {self.name!r}: {given} needs {missing} too (probe labels and the task "
+                                f"metric on them: one of {', '.join(METRICS)})")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ScenarioError(f"scenario {self.name!r}: metric={self.metric!r}; use one of {', '.join(METRICS)}")
+        if self.labels is not None and not callable(self.labels):
+            raise ScenarioError(f"scenario {self.name!r}: labels= must be a function probe_inputs -> labels")
 
 
 def _module_name(path: Path) -> str:

@@ -22,14 +22,15 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Mapping, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictStr,
-                      TypeAdapter, ValidationError, ValidationInfo, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PlainValidator,
+                      StrictStr, TypeAdapter, ValidationError, ValidationInfo, model_validator)
 
 from . import isa
 from .compare import Tolerance
-from .results import EXPECTATIONS
+from .formats import DTYPE_POLICIES
+from .records import EXPECTATIONS, SAVE_EXPECTATIONS, metric_delta_bound, metric_delta_text
 from .spec_types import (NAME_PATTERN, AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount,
                          LabelSelector, NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName,
                          Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
@@ -113,6 +114,51 @@ def _tolerance_input(value: Any) -> Any:
 ToleranceField = Annotated[ToleranceSettings,
                            BeforeValidator(_tolerance_input, json_schema_input_type=Optional[ToleranceSettings]),
                            AfterValidator(ToleranceSettings.tolerance), PlainSerializer(_tolerance_doc)]
+
+
+# -- expectations ----------------------------------------------------------------------------
+class MetricDeltaExpectation(_Spec):
+    """Pass when the bits differ but the scenario's task metric (on its probe labels) moves by at most this."""
+
+    model_config = ConfigDict(title="MetricDeltaExpectation")
+
+    metric_delta: NonNegative = Field(description="largest |observed - reference| of the scenario's task metric "
+                                                  "(accuracy, auc, mse or mae on its probe labels)")
+
+    @property
+    def text(self) -> str:
+        """The ``expected`` column's text: ``metric_delta<=0.001``."""
+        return metric_delta_text(self.metric_delta)
+
+
+def _expectation(value: Any) -> str | MetricDeltaExpectation:
+    """A name (``accurate``), or a mapping ``{metric_delta: D}``; our one-line errors either way."""
+    if not isinstance(value, (dict, MetricDeltaExpectation)):
+        if isinstance(value, str) and value in EXPECTATIONS:
+            return value
+        hint = did_you_mean(value, EXPECTATIONS)
+        raise fail(f"{show(value)} is not one of {', '.join(EXPECTATIONS)}, or a mapping {{metric_delta: D}}"
+                   + (f" ({hint})" if hint else ""))
+    try:
+        return MetricDeltaExpectation.model_validate(value)
+    except ValidationError as exc:
+        err = spec_error("", exc)
+        raise fail(err.message, *filter(None, err.field.split("."))) from None
+
+
+def _expectation_doc(value: str | MetricDeltaExpectation) -> Any:
+    return value.model_dump() if isinstance(value, MetricDeltaExpectation) else value
+
+
+def expectation_text(value: str | MetricDeltaExpectation) -> str:
+    """What the ``expected`` column says of an expectation (``accurate``, ``metric_delta<=0.001``)."""
+    return value.text if isinstance(value, MetricDeltaExpectation) else value
+
+
+#: An expectation in the file: a name, or ``{metric_delta: D}``.
+ExpectationField = Annotated[Union[str, MetricDeltaExpectation], PlainValidator(
+    _expectation, json_schema_input_type=Union[choice(EXPECTATIONS), MetricDeltaExpectation]),
+    PlainSerializer(_expectation_doc)]
 
 
 # -- runtime_env -----------------------------------------------------------------------------
@@ -258,8 +304,11 @@ class EnvironmentSettings(_Spec):
     runtime_env: RuntimeEnvField = Field(default_factory=dict, description="passed to Ray: pip, uv, conda, "
                                          "container/image_uri, env_vars, py_modules, working_dir, ...")
     tolerance: Optional[ToleranceField] = Field(None, description="overrides the sweep's tolerance, field by field")
-    expect: Optional[choice(EXPECTATIONS)] = Field(  # type: ignore[valid-type]
-        None, description="bitwise, tolerance or any; unset: the sweep's expect")
+    expect: Optional[ExpectationField] = Field(
+        None, description="bitwise, tolerance, accurate, any or {metric_delta: D}; unset: the sweep's expect")
+    dtype_policy: Optional[choice(DTYPE_POLICIES)] = Field(  # type: ignore[valid-type]
+        None, description="reload Keras artifacts (keras, h5, weights) with every floating-point layer under this "
+                          "Keras dtype policy, e.g. mixed_bfloat16: serving the model in reduced precision")
     cpu_isa: Optional[choice(isa.ISA_LEVELS)] = Field(  # type: ignore[valid-type]
         None, description="cap oneDNN (ONEDNN_MAX_CPU_ISA) and XLA's CPU code generation at this instruction set; "
                           "turns oneDNN on")
@@ -363,7 +412,12 @@ def environment_document(env: EnvironmentSettings) -> dict[str, Any]:
         value = getattr(env, name)
         if value == field.get_default(call_default_factory=True):
             continue
-        doc[name] = _tolerance_doc(value) if isinstance(value, Tolerance) else copy.deepcopy(value)
+        if isinstance(value, Tolerance):
+            doc[name] = _tolerance_doc(value)
+        elif name == "expect":
+            doc[name] = _expectation_doc(value)
+        else:
+            doc[name] = copy.deepcopy(value)
     return doc
 
 
@@ -418,14 +472,24 @@ class SweepFile(_Spec):
                                                                              "missing fields: per-dtype defaults")
     output_tolerances: mapping(StrictStr, ToleranceField) = Field(  # type: ignore[valid-type]
         default_factory=dict, description="per output name, on top of tolerance")
-    expect: choice(EXPECTATIONS) = Field("tolerance", description="default expectation of every environment")  # type: ignore
-    expect_save: choice(EXPECTATIONS) = Field("bitwise", description="expectation for the save round trip")  # type: ignore
+    expect: ExpectationField = Field("tolerance", description="default expectation of every environment: bitwise, "
+                                                              "tolerance, accurate, any or {metric_delta: D}")
+    expect_save: choice(SAVE_EXPECTATIONS) = Field(  # type: ignore[valid-type]
+        "bitwise", description="expectation for the save round trip: bitwise, tolerance or any")
     batch_size: BatchSize = Field(32, description="prediction batch size of the references")
     timeouts: nullable(TimeoutSettings) = Field(default_factory=TimeoutSettings,  # type: ignore[valid-type]
                                                 description="seconds")
     retries: Retries = Field(2, description="Ray retries of tasks lost with their worker or node (at most 1000)")
     precheck: Flag = Field(True, description="check placements against the cluster's nodes first")
     explain: Flag = Field(False, description="explain mismatches: per-layer traces and knob attribution")
+
+    @model_validator(mode="after")
+    def _training_in_full_precision(self) -> "SweepFile":
+        if self.training.dtype_policy is not None:
+            raise fail(f"{self.training.dtype_policy} is a way to serve the trained model, and the references are "
+                       "the model as trained; remove it here and set dtype_policy on an environment",
+                       "training", "dtype_policy")
+        return self
 
 
 SWEEP_FIELDS = tuple(SweepFile.model_fields)
@@ -446,7 +510,7 @@ class Sweep(BaseModel):
     scenario_paths: tuple[str, ...] = ()
     tolerance: Tolerance = Tolerance()
     output_tolerances: dict[str, Tolerance] = {}
-    expect: str = "tolerance"
+    expect: str = "tolerance"  # as the expected column says it: a name, or metric_delta<=D
     expect_save: str = "bitwise"
     batch_size: int = 32
     cell_timeout_s: float = 600.0
@@ -465,8 +529,8 @@ class Sweep(BaseModel):
         raise KeyError(name)
 
     def expectation(self, env: Environment) -> str:
-        """``env``'s own expect, else the sweep's."""
-        return env.expect or self.expect
+        """``env``'s own expect, else the sweep's, as the ``expected`` column says it (``metric_delta<=D``)."""
+        return expectation_text(env.expect) if env.expect is not None else self.expect
 
     def tolerance_for(self, env: Environment) -> Tolerance:
         """The sweep's tolerance with ``env``'s fields on top."""
@@ -524,7 +588,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         scenario_paths=doc.scenario_paths,  # absolute, checked to exist
         tolerance=doc.tolerance,
         output_tolerances=dict(doc.output_tolerances),
-        expect=doc.expect,
+        expect=expectation_text(doc.expect),
         expect_save=doc.expect_save,
         batch_size=doc.batch_size,
         cell_timeout_s=doc.timeouts.cell_timeout_s,
@@ -534,6 +598,25 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         precheck=doc.precheck,
         explain=doc.explain,
     )
+
+
+def check_scenarios(sweep: Sweep, scenarios: Mapping[str, Any]) -> None:
+    """Refuse expectations the chosen scenarios cannot be judged by: ``{metric_delta: D}`` needs probe labels.
+
+    Raises:
+        SpecError: an environment expects ``metric_delta`` and a scenario declares no
+            ``labels=`` / ``metric=`` (its cells could only ever pass bitwise).
+    """
+    unlabelled = [name for name, scenario in scenarios.items() if getattr(scenario, "metric", None) is None]
+    if not unlabelled:
+        return
+    for env in sweep.environments:
+        if metric_delta_bound(sweep.expectation(env)) is None:
+            continue
+        where = f"environments.{env.name}.expect" if env.expect is not None else "expect"
+        raise SpecError(sweep.source, where, f"metric_delta judges a scenario's task metric on its probe labels, but "
+                                             f"scenario {unlabelled[0]!r} declares none; give it labels= and metric= "
+                                             "(accuracy, auc, mse, mae), or expect accurate")
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:

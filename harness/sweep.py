@@ -184,7 +184,7 @@ class Collector:
             environment=cell.environment, expected=expected, error=error,
             # An optional environment no node can host is not judged: it may not exist on every machine.
             passed=None if env.optional and result.verdict == "unschedulable"
-            else results.meets(result.verdict, expected) and save_ok,
+            else result.meets(expected) and save_ok,
             train_fingerprint=self.train_fingerprints.get(cell.scenario), train_s=self.train_seconds.get(cell.scenario),
             attempts=result.attempts if attempts is None else attempts,
             # A cell that never started (unschedulable, failed save) is dated when decided.

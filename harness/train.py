@@ -9,7 +9,10 @@ Storage layout of one artifact (content-addressed, written once)::
         model/...            the saved files of this format
         reference.arrow      probe inputs + outputs after reloading here
         in_memory.arrow      outputs of the in-memory model right after training
-        reference.json       variable digests, save round-trip metrics, fingerprint
+        oracle.arrow         outputs of the model rebuilt in float64 (when it can be)
+        labels.arrow         the scenario's probe labels (when it declares them)
+        reference.json       variable digests, save round-trip metrics, fingerprint,
+                             the oracle's outputs (or why there is none), labels and metric
         manifest.json        sha256 of every file above (written last)
 """
 
@@ -19,14 +22,14 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import arrays, formats
-from .compare import compare_digests, compare_outputs
+from .compare import compare_digests, compare_outputs, output_kind, task_metric
 from .records import ArtifactRecord, TrainRecord
 from .scenario import Scenario, ScenarioError, activate
 from .spec import Environment
@@ -145,12 +148,104 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
             artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp,
                                         overwrite=retrain or f in damaged or storage.exists(rels[f]),
                                         repaired=damaged.get(f))
+    oracle_seconds = trained.oracle.seconds if todo else 0.0
     return TrainRecord(scenario=scenario.name, fingerprint=fp, artifacts={f: artifacts[f] for f in formats_},
-                       seconds=time.time() - start)
+                       seconds=time.time() - start, oracle_seconds=oracle_seconds)
+
+
+def _floating(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """The model's outputs on the probe, rebuilt in float64 with its trained weights (the "true answer").
+
+    ``outputs`` holds float64 arrays for the floating-point outputs; ``unavailable`` says
+    why an output has none (integer or string outputs, a layer that keeps its own dtype),
+    ``reason`` why there is none at all (a plain ``tf.Module``, a rebuild that failed).
+    """
+
+    outputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    unavailable: Mapping[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    seconds: float = 0.0
+
+    def info(self) -> dict[str, Any]:
+        """What ``reference.json`` records of it (``oracle.arrow`` holds the arrays)."""
+        return {"policy": "float64", "outputs": list(self.outputs), "unavailable": dict(self.unavailable),
+                "reason": self.reason, "seconds": self.seconds}
+
+
+def float64_oracle(scenario: Scenario, model: Any, probe: Any, batch_size: int,
+                   reference: Mapping[str, np.ndarray]) -> Oracle:
+    """Rebuild ``model`` in float64 (``formats.with_dtype_policy``), cast the weights, predict the probe.
+
+    Never raises for a model it cannot rebuild: the ``Oracle`` says why (cells then say
+    ``n/a`` with that reason).
+    """
+    from . import runtime
+
+    start = time.time()
+    unavailable = {n: ("string" if a.dtype.kind in "OSU" else "integer") + " output: no rounding error to measure"
+                   for n, a in reference.items() if not _floating(a)}
+    floats = [n for n in reference if n not in unavailable]
+
+    def none(reason: str) -> Oracle:
+        return Oracle(unavailable=unavailable, reason=reason, seconds=time.time() - start)
+
+    if not formats.is_keras(model):
+        return none(f"the scenario produced a plain {type(model).__name__}, not a Keras model: no architecture to "
+                    "rebuild in float64")
+    if not floats:
+        return none("no floating-point output: nothing to round")
+    try:
+        rebuilt = formats.with_dtype_policy(model, "float64", scenario.resolved_custom_objects())
+        wide = formats.map_arrays(lambda a: a.astype(np.float64) if _floating(a) else a, probe)
+        out = formats.predict(lambda x: formats.call_model(rebuilt, x), wide, batch_size)
+        del rebuilt
+    except Exception as exc:
+        return none(f"the model cannot be rebuilt in float64: {runtime.error_text(exc)}")
+    outputs = {}
+    for name in floats:
+        if out[name].dtype != np.float64:
+            unavailable[name] = (f"the float64 rebuild still computes it in {out[name].dtype.name} (a layer fixes "
+                                 "its own dtype)")
+        else:
+            outputs[name] = out[name]
+    return Oracle(outputs, unavailable, None, time.time() - start)
+
+
+def probe_labels(scenario: Scenario, probe: Any, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The scenario's probe labels by output name, checked against the outputs and the metric.
+
+    Raises:
+        ScenarioError: a label names no output, has another number of rows than the
+            probe, or does not fit the metric (``harness.compare.task_metric``'s reason).
+    """
+    if scenario.labels is None:
+        return {}
+    labels = formats.flatten(scenario.labels(probe), "output")
+    unknown = sorted(set(labels) - set(outputs))
+    if unknown:
+        raise ScenarioError(f"scenario {scenario.name!r}: labels() names {', '.join(map(repr, unknown))}, but the "
+                            f"model's outputs are {', '.join(map(repr, outputs))}; return an array for a single "
+                            "output or a dict by output name")
+    rows = next(iter(formats.flatten(probe, "input").values())).shape[0]
+    for name, lab in labels.items():
+        if lab.ndim == 0 or lab.shape[0] != rows:
+            raise ScenarioError(f"scenario {scenario.name!r}: labels for output {name!r} have shape {lab.shape}; "
+                                f"give one label per probe row ({rows} rows)")
+        try:
+            task_metric(scenario.metric, outputs[name], lab, output_kind(outputs[name], scenario.outputs.get(name)))
+        except (ValueError, TypeError) as exc:
+            raise ScenarioError(f"scenario {scenario.name!r}: metric {scenario.metric!r} on output {name!r}: "
+                                f"{exc}") from None
+    return labels
 
 
 class _Trained:
-    """A freshly trained model with its probe and in-memory outputs, saved format by format."""
+    """A freshly trained model with its probe, in-memory outputs, float64 oracle and labels, saved format by format."""
 
     def __init__(self, scenario: Scenario, model: Any, probe: Any, batch_size: int):
         self.scenario, self.model, self.probe, self.batch_size = scenario, model, probe, batch_size
@@ -159,7 +254,10 @@ class _Trained:
         if unknown:
             raise ScenarioError(f"scenario {scenario.name!r}: outputs= names {', '.join(map(repr, unknown))}, but the "
                                 f"model's outputs are {', '.join(map(repr, self.in_memory))}")
-        self.variables = formats.variable_digests(model.weights if formats._is_keras(model) else model.variables)
+        self.variables = formats.variable_digests(model.weights if formats.is_keras(model) else model.variables)
+        self.labels = probe_labels(scenario, probe, self.in_memory)
+        # Once per scenario: every format holds these weights (the save round trip checks them).
+        self.oracle = float64_oracle(scenario, model, probe, batch_size, self.in_memory)
 
     @classmethod
     def fit(cls, scenario: Scenario, batch_size: int) -> "_Trained":
@@ -193,9 +291,14 @@ class _Trained:
             probe_arrays = formats.flatten(self.probe, "input")
             (Path(tmp) / "reference.arrow").write_bytes(arrays.to_ipc_bytes({**probe_arrays, **reference}, meta))
             (Path(tmp) / "in_memory.arrow").write_bytes(arrays.to_ipc_bytes(self.in_memory, meta))
+            if self.oracle.outputs:
+                (Path(tmp) / "oracle.arrow").write_bytes(arrays.to_ipc_bytes(self.oracle.outputs, meta))
+            if self.labels:
+                (Path(tmp) / "labels.arrow").write_bytes(arrays.to_ipc_bytes(self.labels, meta))
             (Path(tmp) / "reference.json").write_text(json.dumps(
                 {**meta, "variables": [{"name": k, **v} for k, v in self.variables.items()], "save": save,
-                 "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference)},
+                 "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference),
+                 "oracle": self.oracle.info(), "labels": list(self.labels), "metric": self.scenario.metric},
                 indent=1, sort_keys=True, default=_json_default))
             storage.put_dir(tmp, rel, replace=overwrite)
         return replace(record, manifest_sha256=storage.manifest_sha256(rel), save_verdict=save["verdict"],

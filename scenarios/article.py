@@ -4,7 +4,9 @@ Written anew for Keras 3: the article's ``model.save('dir')`` raises on TF 2.16+
 and ``load_model`` refuses a SavedModel directory, so the harness saves each
 model through its formats (``.keras``, ``.h5``, ``model.export`` ...) instead.
 The recipes (layers, data, optimiser, epochs) follow the article. Probes have
-64 rows, not the article's single row, so that batch size matters.
+64 rows, not the article's single row, so that batch size matters. The linear
+regression knows the true answer of its probe (y = 2x): it declares labels and
+``mse``, so every cell also says how far the task metric moved.
 """
 
 import numpy as np
@@ -51,6 +53,11 @@ def _linear_probe(rng):
     return rng.uniform(-10.0, 10.0, size=(PROBE_ROWS, 1)).astype(np.float32)
 
 
+def _twice(x):
+    """The true answer of the probe: y = 2x, in float64."""
+    return 2.0 * x.astype(np.float64)
+
+
 SCENARIOS = [
     Scenario(
         name="seed-binary-classifier",
@@ -68,6 +75,8 @@ SCENARIOS = [
         build=_linear,
         data=_y_equals_2x,
         probe=_linear_probe,
+        labels=_twice,  # the task metric: mean squared error against y = 2x on the probe
+        metric="mse",
         compile={"optimizer": "sgd", "loss": "mean_squared_error"},
         fit={"epochs": 100},
         seed=0,

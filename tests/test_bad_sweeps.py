@@ -131,6 +131,14 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "cpu-isa-with-onednn-env-off": ("environments.cpu-bad.env.TF_ENABLE_ONEDNN_OPTS:", "cpu_isa"),
     "cpu-isa-with-onednn-max-isa": ("environments.cpu-bad.runtime_env.env_vars.ONEDNN_MAX_CPU_ISA:", "cpu_isa"),
     "cpu-isa-with-xla-max-isa": ("environments.cpu-bad.env.XLA_FLAGS:", "--xla_cpu_max_isa"),
+    "dtype-policy-unknown": ("environments.cpu-bad.dtype_policy: 'mixed_bf16' is not one of",
+                             "did you mean 'mixed_bfloat16'?"),
+    "dtype-policy-in-training": ("training.dtype_policy: mixed_bfloat16 is a way to serve the trained model",
+                                 "set dtype_policy on an environment"),
+    "metric-delta-negative": ("environments.cpu-bad.expect.metric_delta: expected a number >= 0, got -0.01",),
+    # the sweep against its scenarios
+    "metric-delta-without-labels": ("environments.cpu-bad.expect:", "scenario 'seed-binary-classifier' declares none",
+                                    "give it labels= and metric="),
 }
 
 

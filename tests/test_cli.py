@@ -32,7 +32,7 @@ from harness import results
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "scenarios" / "sweeps"
 ARTICLE = ("seed-binary-classifier", "seed-linear-regression", "seed-dense-regression")
-TEST_SCENARIOS = ("test-batch-nudge", "test-mlp", "test-multi-io", "test-tf-module", "test-slow-build")
+TEST_SCENARIOS = ("test-batch-nudge", "test-mlp", "test-multi-io", "test-tf-module", "test-slow-build", "test-labelled")
 
 # Seconds: a Ray run trains (once per store), starts a TF worker per environment and replays.
 RUN_TIMEOUT = 300

@@ -634,3 +634,174 @@ def test_prediction_impact_invariants(rows, classes, seed, moved):
         assert impact.max_rank_change >= 1
     expected_flips = int(np.count_nonzero(np.argmax(ref, -1) != np.argmax(obs, -1)))
     assert impact.flips == expected_flips  # top-1 is the first of equal maxima, as np.argmax takes it
+
+
+# -- accuracy against a float64 oracle (PyTorch's rule) -----------------------------------------
+from harness.compare import (  # noqa: E402
+    Accuracy,
+    MetricChange,
+    accuracy_multiplier,
+    binary_auc,
+    judge_accuracy,
+    largest_change,
+    metric_changes,
+    output_accuracy,
+    task_metric,
+)
+
+
+def test_multiplier_is_pytorchs_two_or_three():
+    assert accuracy_multiplier(1000, np.float32) == 2.0 and accuracy_multiplier(999, np.float32) == 3.0
+    assert accuracy_multiplier(10 ** 6, np.float32, np.float16) == 3.0
+    assert accuracy_multiplier(10 ** 6, BF16, np.float32) == 3.0
+    assert accuracy_multiplier(10 ** 6, np.float64, np.float32) == 2.0
+
+
+def _exact_case(obs_step: float, n: int = 1000):
+    """An oracle, a reference exactly 2**-10 off everywhere, an observation exactly ``obs_step`` off."""
+    truth = np.arange(n) * 0.25  # exact in float64, and the offsets below add exactly
+    sign = np.where(np.arange(n) % 2, 1.0, -1.0)
+    return truth, truth + sign * 2.0 ** -10, truth + sign * obs_step
+
+
+def test_rule_boundary_is_exact_and_tol_over_ten_widens_it():
+    truth, ref, _ = _exact_case(0)
+    at = output_accuracy("y", truth, ref, _exact_case(2.0 ** -9)[2], tol=0.0)  # rmse = 2 x reference's: passes
+    assert (at.tier, at.rmse, at.reference_rmse, at.multiplier) == ("as_accurate", 2.0 ** -9, 2.0 ** -10, 2.0)
+    over = output_accuracy("y", truth, ref, _exact_case(2.0 ** -9 + 2.0 ** -30)[2], tol=0.0)
+    assert over.tier == "less_accurate" and over.excess > 0
+    assert output_accuracy("y", truth, ref, _exact_case(2.0 ** -9 + 2.0 ** -30)[2], tol=1e-6).tier == "as_accurate"
+    small = output_accuracy("y", truth[:999], ref[:999], _exact_case(3 * 2.0 ** -10, 999)[2], tol=0.0)
+    assert (small.tier, small.multiplier) == ("as_accurate", 3.0)  # under 1,000 elements: m = 3
+
+
+@st.composite
+def oracle_and_reference(draw):
+    n = draw(st.integers(1, 300))
+    truth = draw(hnp.arrays(np.float64, n, elements=st.floats(-1e6, 1e6, allow_nan=False)))
+    ulps = draw(hnp.arrays(np.int32, n, elements=st.integers(-4, 4)))
+    ref = (truth.astype(np.float32).view(np.int32) + ulps).view(np.float32)
+    assume(np.isfinite(ref).all())
+    return truth, ref
+
+
+@SETTINGS
+@given(oracle_and_reference())
+def test_identical_bits_and_nearest_rounding_are_always_as_accurate(case):
+    truth, ref = case
+    assert output_accuracy("y", truth, ref, ref.copy(), tol=0.0).tier == "as_accurate"
+    # Rounding the oracle to nearest is the best float32 can do, element by element.
+    best = output_accuracy("y", truth, ref, truth.astype(np.float32), tol=0.0)
+    assert best.tier == "as_accurate" and best.rmse <= best.reference_rmse
+
+
+def test_half_precision_serving_of_a_float32_model_is_less_accurate():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(64, 3))
+    ref = truth.astype(np.float32)
+    for half in (np.float16, BF16):
+        out = output_accuracy("y", truth, ref, truth.astype(half), tol=1e-6)
+        assert out.tier == "less_accurate" and out.multiplier == 3.0 and out.rmse > 100 * out.reference_rmse
+
+
+def test_nonfinite_values_must_sit_where_the_oracle_has_them():
+    truth = np.array([1.0, np.nan, np.inf, 4.0] * 10)
+    ref = truth.astype(np.float32)
+    assert output_accuracy("y", truth, ref, ref.copy(), 0.0).tier == "as_accurate"
+    obs = ref.copy()
+    obs[0] = np.nan  # NaN where the oracle is finite
+    bad = output_accuracy("y", truth, ref, obs, 0.0)
+    assert bad.tier == "less_accurate" and "NaN/Inf" in bad.reason
+    obs = ref.copy()
+    obs[2] = -np.inf  # another infinity than the oracle's
+    assert output_accuracy("y", truth, ref, obs, 0.0).tier == "less_accurate"
+    obs = ref.copy()
+    obs[1] = 0.0  # finite where the oracle is NaN
+    assert output_accuracy("y", truth, ref, obs, 0.0).tier == "less_accurate"
+    # The reference overflowed where float64 did not; an observation that did not is not worse.
+    wrong_ref = ref.copy()
+    wrong_ref[3::4] = np.inf
+    fine = output_accuracy("y", truth, wrong_ref, ref, 0.0)
+    assert fine.tier == "as_accurate" and fine.reference_nonfinite == 10
+    # Both overflowed alike: left out, the rest judged.
+    assert output_accuracy("y", truth, wrong_ref, wrong_ref.copy(), 0.0).tier == "as_accurate"
+
+
+def test_outputs_without_rounding_error_or_without_an_observation():
+    ids = np.array([1, 2, 3])
+    assert output_accuracy("c", ids.astype(np.float64), ids, ids, 0.0).tier == "n/a"
+    text = np.array([b"a", b"b"], dtype=object)
+    assert "string output" in output_accuracy("s", np.zeros(2), text, text, 0.0).reason
+    truth = np.linspace(0, 1, 8)
+    ref = truth.astype(np.float32)
+    assert output_accuracy("y", truth, ref, None, 0.0).reason == "output missing"
+    assert output_accuracy("y", truth, ref, ref[:4], 0.0).tier == "less_accurate"
+    assert output_accuracy("y", truth, ref, (ref * 100).astype(np.int32), 0.0).tier == "less_accurate"
+
+
+def test_cell_tier_is_the_worst_output_and_names_it():
+    truth = {"a": np.linspace(0, 1, 50), "b": np.linspace(1, 2, 50), "ids": np.arange(50.0)}
+    ref = {"a": truth["a"].astype(np.float32), "b": truth["b"].astype(np.float32), "ids": np.arange(50)}
+    obs = {**ref, "b": truth["b"].astype(np.float16)}
+    oracle = {k: v for k, v in truth.items() if k != "ids"}
+    acc = judge_accuracy(oracle, ref, obs, {"a": 1e-6, "b": 1e-6}, unavailable={"ids": "integer output"})
+    assert acc.tier == "less_accurate" and acc.decisive.name == "b"
+    assert acc.rmse == acc.decisive.rmse and acc.note.startswith("b: rmse vs float64 ") and " > 3 x " in acc.note
+    assert [o.tier for o in acc.outputs] == ["as_accurate", "less_accurate", "n/a"]
+    same = judge_accuracy(oracle, ref, ref, {})
+    assert same.tier == "as_accurate" and " <= " in same.note
+    none = judge_accuracy(None, ref, obs, reason="the scenario produced a plain TwoLayerMLP")
+    assert (none.tier, none.note, none.rmse) == ("n/a", "the scenario produced a plain TwoLayerMLP", None)
+    only_ids = judge_accuracy({}, {"ids": ref["ids"]}, {"ids": ref["ids"]}, unavailable={"ids": "integer output"})
+    assert only_ids.tier == "n/a" and only_ids.note == "ids: integer output"
+    assert Accuracy("n/a").decisive is None
+
+
+# -- task metrics ---------------------------------------------------------------------------------
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), st.booleans()), min_size=2, max_size=40))
+def test_auc_is_the_share_of_correctly_ordered_pairs(pairs):
+    scores = np.array([p[0] for p in pairs])
+    labels = np.array([p[1] for p in pairs])
+    assume(0 < labels.sum() < len(labels))
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert binary_auc(scores, labels) == pytest.approx(brute, abs=1e-12)
+
+
+def test_task_metrics_by_output_kind():
+    scores = np.array([[0.1], [0.7], [0.4], [0.9]])
+    assert task_metric("accuracy", scores, np.array([0, 1, 1, 1]), "binary") == 0.75
+    assert task_metric("auc", scores, np.array([0, 1, 0, 1]), "binary") == 1.0
+    classes = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert task_metric("accuracy", classes, np.array([1, 0, 0]), "classes") == pytest.approx(2 / 3)
+    assert task_metric("accuracy", classes, np.eye(2)[[1, 0, 0]], "classes") == pytest.approx(2 / 3)  # one-hot
+    assert task_metric("auc", classes, np.array([1, 0, 1]), "classes") == 1.0
+    assert task_metric("accuracy", np.array([2, 1, 0]), np.array([2, 1, 1]), "labels") == pytest.approx(2 / 3)
+    y = np.array([[1.0], [2.0]], np.float32)
+    assert task_metric("mse", y, np.array([1.5, 2.0]), "regression") == 0.125
+    assert task_metric("mae", y, np.array([1.5, 2.0]), "regression") == 0.25
+    with pytest.raises(ValueError, match="regression"):
+        task_metric("accuracy", y, np.array([1, 2]), "regression")
+    with pytest.raises(ValueError, match="both positive and negative"):
+        task_metric("auc", scores, np.ones(4), "binary")
+    with pytest.raises(ValueError, match="one target per output element"):
+        task_metric("mse", y, np.ones(3), "regression")
+    with pytest.raises(ValueError, match="unknown metric"):
+        task_metric("f1", y, np.ones(2), "regression")
+
+
+def test_metric_changes_pick_the_output_that_moved_most():
+    labels = {"p": np.array([0, 1, 1, 0]), "q": np.array([1.0, 2.0, 3.0, 4.0])}
+    ref = {"p": np.array([[0.2], [0.6], [0.7], [0.4]]), "q": np.array([1.0, 2.0, 3.0, 4.0])}
+    obs = {"p": np.array([[0.2], [0.4], [0.7], [0.4]]), "q": np.array([1.0, 2.0, 3.0, 4.0])}
+    changes = metric_changes("mae", labels, ref, obs, {"p": "binary"})
+    assert [c.output for c in changes] == ["p", "q"]
+    top = largest_change(changes)
+    assert top.output == "p" and top.delta == pytest.approx(0.05)
+    acc = metric_changes("accuracy", {"p": labels["p"]}, ref, obs)
+    assert (acc[0].reference, acc[0].observed, acc[0].delta) == (1.0, 0.75, -0.25)
+    gone = metric_changes("mae", {"p": labels["p"]}, ref, {})
+    assert gone[0].reason == "output missing" and math.isnan(gone[0].delta)
+    assert largest_change([MetricChange("mse", "a", 1.0, 5.0), gone[0]]) is gone[0]  # undefined counts as largest
+    assert largest_change([]) is None

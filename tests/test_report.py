@@ -338,7 +338,8 @@ def test_json_round_trip_decodes_columns_and_nulls_non_finite_floats():
     assert doc["run_ids"] == ["run-1"] and doc["changes"] is None
     assert doc["summary"] == {"cells": 8, "passed": 3, "failed": 5, "not_judged": 0,
                               "verdicts": {"bitwise": 2, "within_tolerance": 2, "mismatch": 1, "corrupt": 1,
-                                           "error": 1, "unschedulable": 1}}
+                                           "error": 1, "unschedulable": 1},
+                              "accuracy": {"as_accurate": 0, "less_accurate": 0, "n/a": 0}}
     assert [e["name"] for e in doc["environments"]] == ["cpu-avx512", "cpu-amd", "gpu-a100"]
     mismatch = doc["cells"][2]
     assert mismatch["verdict"] == "mismatch"
@@ -645,3 +646,49 @@ def test_unknown_verdict_in_a_damaged_table_is_a_results_error(column):
     for render in (report.matrix_text, lambda t: report.render(t, "md")):
         with pytest.raises(results.ResultsError, match=rf"cell 'mlp/keras/cpu-avx512': unknown {column} '<b>weird\\x1b'"):
             render(table)
+
+
+# -- accuracy tiers and task metrics -----------------------------------------------------------------
+def tier_table():
+    note_as = "output: rmse vs float64 2.37e-08 <= 3 x reference's 2.35e-08 + atol 1e-06/10"
+    note_less = "output: rmse vs float64 0.000583 > 3 x reference's 2.35e-08 + atol 1e-06/10"
+    return results.to_table([
+        make_row("within_tolerance", environment="cpu-xla", expected="accurate", passed=True,
+                 accuracy="as_accurate", rmse_vs_fp64=2.37e-8, reference_rmse_vs_fp64=2.35e-8, accuracy_note=note_as),
+        make_row("mismatch", environment="serve-bf16", expected="accurate", passed=False, accuracy="less_accurate",
+                 rmse_vs_fp64=5.83e-4, reference_rmse_vs_fp64=2.35e-8, accuracy_note=note_less),
+        make_row("mismatch", environment="serve-bf16-metric", expected="metric_delta<=0.001", passed=False,
+                 accuracy="less_accurate", accuracy_note=note_less, metric="accuracy", reference_metric=0.75,
+                 observed_metric=0.734375, metric_delta=-0.015625),
+        make_row("within_tolerance", scenario="module", environment="cpu-xla", accuracy="n/a",
+                 accuracy_note="the scenario produced a plain TwoLayerMLP, not a Keras model"),
+    ])
+
+
+def test_console_tags_the_tier_and_counts_it():
+    text = report.matrix_text(tier_table())
+    row = next(line for line in text.splitlines() if line.startswith("mlp/keras"))
+    assert "tol 14ulp 1.2e-06 =acc" in row and "MISMATCH 2.1e+03ulp 0.034 <acc ✗" in row
+    module = next(line for line in text.splitlines() if line.startswith("module/keras"))
+    assert "acc" not in module  # n/a: no tag
+    assert "; vs float64: 1 as accurate, 2 less accurate, 1 n/a; 2 passed, 2 failed expectations" in text
+    assert "=acc / <acc = as accurate as / less accurate than the reference" in text
+
+
+def test_markdown_and_junit_say_why_a_tier_failed(schema):
+    table = tier_table()
+    md = report.render(table, "md")
+    assert "within_tolerance (14 ulp, 1.2e-06, as accurate)" in md
+    assert "- accuracy vs float64: less accurate (output: rmse vs float64 0.000583 > 3 x" in md
+    assert "- task metric: accuracy 0.75 -> 0.734 (delta -0.0156)" in md
+    root = junit_tree(table, schema)
+    less = _case(root, "mlp.keras", "serve-bf16").find("failure")
+    assert less.get("message").startswith("mismatch does not meet expectation 'accurate' (less accurate (output: rmse")
+    metric = _case(root, "mlp.keras", "serve-bf16-metric").find("failure")
+    assert metric.get("message").startswith("mismatch does not meet expectation 'metric_delta<=0.001' "
+                                            "(accuracy 0.75 -> 0.734 (delta -0.0156)")
+    out = _case(root, "module.keras", "cpu-xla").find("system-out").text
+    assert "accuracy vs float64: n/a (the scenario produced a plain TwoLayerMLP, not a Keras model)" in out
+    doc = json.loads(report.render(table, "json"))
+    assert doc["summary"]["accuracy"] == {"as_accurate": 1, "less_accurate": 2, "n/a": 1}
+    assert doc["cells"][0]["accuracy"] == "as_accurate" and doc["cells"][2]["metric_delta"] == -0.015625

@@ -52,6 +52,11 @@ def test_example_sweeps_validate_against_the_schema(path, validator):
 BASE = {"scenarios": ["seed-binary-classifier"], "environments": {"cpu": {}}}
 
 
+def test_new_expectations_and_dtype_policy_validate(validator):
+    validator.validate({**BASE, "expect": "accurate", "environments": {
+        "bf16": {"dtype_policy": "mixed_bfloat16", "expect": {"metric_delta": 0.001}}}})
+
+
 @pytest.mark.parametrize("doc", [
     {"environments": {"cpu": {}}},                                     # scenarios missing
     {**BASE, "retry": 3},                                              # unknown field
@@ -68,6 +73,10 @@ BASE = {"scenarios": ["seed-binary-classifier"], "environments": {"cpu": {}}}
     {**BASE, "environments": {"cpu": {"threads": "2"}}},               # no str -> int coercion
     {**BASE, "environments": {"cpu": {"cpu_isa": "avx3"}}},            # not an ISA level
     {**BASE, "environments": {"cpu": {"runtime_env": {"pipp": []}}}},  # unknown runtime_env key
+    {**BASE, "environments": {"cpu": {"dtype_policy": "bf16"}}},       # not a Keras dtype policy
+    {**BASE, "expect": {"metric_delta": -0.1}},                        # a bound >= 0
+    {**BASE, "expect": {"metric_delta": 0.1, "x": 1}},                 # nothing else in it
+    {**BASE, "expect_save": "accurate"},                               # no oracle for the round trip
 ])
 def test_invalid_documents_are_rejected_by_the_schema(doc, validator):
     with pytest.raises(jsonschema.ValidationError):

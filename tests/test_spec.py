@@ -308,12 +308,47 @@ def test_bad_sweep_and_output_tolerance(tmp_path):
 
 def test_bad_expect(tmp_path):
     msg, p = error(tmp_path, MINIMAL + "expect: bitwize\n")
-    assert msg.startswith(f"{p}: expect: 'bitwize' is not one of bitwise, tolerance, any")
+    assert msg.startswith(f"{p}: expect: 'bitwize' is not one of bitwise, tolerance, accurate, any, or a mapping "
+                          "{metric_delta: D}")
     assert "did you mean 'bitwise'?" in msg
     msg, p = error(tmp_path, MINIMAL + "expect_save: strict\n")
     assert msg.startswith(f"{p}: expect_save: 'strict' is not one of")
+    msg, p = error(tmp_path, MINIMAL + "expect_save: accurate\n")  # no oracle judges the save round trip
+    assert msg.startswith(f"{p}: expect_save: 'accurate' is not one of bitwise, tolerance, any")
     msg, p = error(tmp_path, env_block("expect: maybe\n"))
     assert msg.startswith(f"{p}: environments.cpu.expect: 'maybe' is not one of")
+    msg, p = error(tmp_path, env_block("expect: {metric_delta: -0.1}\n"))
+    assert msg.startswith(f"{p}: environments.cpu.expect.metric_delta: expected a number >= 0, got -0.1")
+    msg, p = error(tmp_path, env_block("expect: {metric_delt: 0.1}\n"))
+    assert msg.startswith(f"{p}: environments.cpu.expect.metric_delt: unknown field; did you mean 'metric_delta'?")
+    msg, p = error(tmp_path, env_block("expect: {}\n"))
+    assert msg.startswith(f"{p}: environments.cpu.expect.metric_delta: required field is missing")
+
+
+def test_accurate_and_metric_delta_expectations(tmp_path):
+    sw = parse_sweep({"scenarios": ["s"], "expect": "accurate", "environments": {
+        "plain": {}, "metric": {"expect": {"metric_delta": 0.001}}, "named": {"expect": "tolerance"}}})
+    assert sw.expect == "accurate"
+    assert [sw.expectation(e) for e in sw.environments] == ["accurate", "metric_delta<=0.001", "tolerance"]
+    # A derived copy of the environment (explain) keeps the mapping form, as a sweep file would hold it.
+    metric = sw.environment("metric")
+    assert environment_document(metric) == {"expect": {"metric_delta": 0.001}}
+    again = parse_sweep({"scenarios": ["s"], "environments": {"metric": environment_document(metric)}})
+    assert again.environments[0] == metric and again.expectation(again.environments[0]) == "metric_delta<=0.001"
+    assert metric.derive("m2", threads=1).expect == metric.expect
+    assert parse_sweep({"scenarios": ["s"], "expect": {"metric_delta": "1e-3"},
+                        "environments": {"e": {}}}).expect == "metric_delta<=0.001"
+
+
+def test_dtype_policy_is_an_environment_knob_refused_in_training(tmp_path):
+    sw = parse_sweep({"scenarios": ["s"], "environments": {"bf16": {"dtype_policy": "mixed_bfloat16"}}})
+    assert sw.environments[0].dtype_policy == "mixed_bfloat16"
+    msg, p = error(tmp_path, env_block("dtype_policy: bf16\n"))
+    assert msg.startswith(f"{p}: environments.cpu.dtype_policy: 'bf16' is not one of mixed_bfloat16, ")
+    assert "did you mean 'bfloat16'?" in msg
+    msg, p = error(tmp_path, MINIMAL + "training: {dtype_policy: mixed_float16}\n")
+    assert msg.startswith(f"{p}: training.dtype_policy: mixed_float16 is a way to serve the trained model")
+    assert "set dtype_policy on an environment" in msg
 
 
 def test_unknown_format(tmp_path):
