@@ -221,7 +221,9 @@ def test_changes_to_dict_and_markdown():
     assert "`cnn/h5` @ `cpu-avx512`: error -> bitwise" in md
     assert "max_ulp_diff 2.1e+03 -> 2.1e+04" in md
     assert "`gpu-a100`: tf_version: 2.21.0 -> 2.22.0" in md
-    assert "No changes since the previous run." in history.render_changes_md(history.Changes())
+    quiet = history.Changes(previous_run={"run_id": "run-1", "date": "2025-03-01"})
+    assert "No changes since the previous run." in history.render_changes_md(quiet)
+    assert "No previous run" in history.render_changes_md(history.Changes())
 
 
 def test_changes_markdown_caps_long_lists():
@@ -241,7 +243,8 @@ def test_report_with_history_and_changes(local_history):
     current = night(2)
     changes = history.diff_runs(history.previous_run(loaded, "nightly", "run-2"), current)
     md = report.render(current, "md", history=loaded, changes=changes)
-    assert "## What changed" in md and "Newly failing" in md
+    assert "## What changed" in md and "**New failures** (1):" in md
+    assert md.index("## What changed") < md.index("## Matrix")  # the report opens with it
     html = report.render(current, "html", history=loaded, changes=changes)
     assert html.count('class="spark"') == 12 and 'id="changes"' in html
 
