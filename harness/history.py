@@ -290,10 +290,13 @@ class History:
         """The history at ``uri`` (nothing there yet is an empty history).
 
         Raises:
-            harness.storage.StorageError: the storage cannot be opened.
+            harness.storage.StorageError: the storage cannot be opened or listed.
         """
         storage = Storage.open(uri)
-        listing = storage.walk_files("")
+        try:
+            listing = storage.walk_files("")
+        except OSError as exc:  # unreachable, refused, no such bucket: the harness cannot run (exit 3)
+            raise StorageError(f"history {storage.name_of('').rstrip('/')}: cannot list it: {text.one_line(exc, 300)}") from exc
         files = [RunFile(rel, m.group(1), m.group(2)) for rel in listing if (m := _FILE_RE.match(rel))]
         return cls(storage, files, listing)
 
@@ -344,10 +347,13 @@ class History:
             ds.field("run_id").isin(sorted(runs)) if runs is not None else None,
             *(ds.field(c).isin(sorted({k[i] for k in keys})) if keys is not None else None
               for i, c in enumerate(_CELL_KEY)))
+        scanned = names if keys is None else list(dict.fromkeys([*names, *_CELL_KEY]))
         parts = [part for fragment in dataset.get_fragments(filter=dates)
-                 if (part := self._scan(fragment, names, rows)) is not None]
-        table = pa.concat_tables(parts) if parts else empty
-        return _only_cells(table, keys) if keys is not None else table
+                 if (part := self._scan(fragment, scanned, rows)) is not None]
+        if not parts:
+            return empty
+        table = pa.concat_tables(parts)
+        return _only_cells(table, keys).select(names) if keys is not None else table
 
     def _scan(self, fragment: ds.Fragment, names: list[str], rows: ds.Expression | None) -> pa.Table | None:
         """One file's matching rows, or None (and the file in :attr:`problems`) if it is not a results table."""
@@ -373,7 +379,7 @@ class History:
         try:
             self.storage.fs.get_file_info(self.storage.path(rel))
         except OSError as down:
-            raise StorageError(f"history {self.storage.name_of('')}: cannot read {rel}: {down}") from exc
+            raise StorageError(f"history {self.storage.name_of('').rstrip('/')}: cannot read {rel}: {down}") from exc
         reason = text.one_line(f"{type(exc).__name__}: {str(exc).replace(self.storage.path(rel), rel)}", 200)
         self._bad[rel] = f"unreadable, damaged or not Parquet ({reason})"
 
