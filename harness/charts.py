@@ -12,6 +12,8 @@ Example:
     >>> svg = charts.svg([charts.Panel("required ULP", ["run-1", "run-2"], {"ulp": [0.0, 4.0]}, log=True)])
     >>> charts.spark([0, 1, 4, None])
     '▁▃█·'
+    >>> charts.spark([0, 1, 10, 100], log=True)
+    '▁▃▆█'
 """
 
 from __future__ import annotations
@@ -160,13 +162,16 @@ def svg(panels: Sequence[Panel], *, width: int = 360, panel_height: int = 120, l
 def spark(values: Sequence[float | None], *, log: bool = False) -> str:
     """A block sparkline for Markdown and the console: one character per value, ``·`` for a gap.
 
-    The lowest value maps to ``▁``, the highest to ``█``; with ``log``, values
-    are compared as ``log10(1 + v)`` (so 0, 1, 10, 1000 ULP stay apart).
+    The lowest value maps to ``▁``, the highest to ``█``. With ``log``, values
+    are compared as ``log10(v)`` and zeros sit a decade below the smallest
+    positive value (as on :func:`svg`'s log axes): 0, 1, 10 and 1000 ULP, or
+    an atol of 1e-9 and 1e-6, stay apart. Negative values are gaps on a log scale.
     """
-    def level(v: float) -> float:
-        return math.log10(1 + v) if log else v
-
-    shown = [level(float(v)) if _plottable(v, log) else None for v in values]
+    shown: list[float | None] = [float(v) if _plottable(v, log) else None for v in values]
+    if log:
+        positive = [math.log10(v) for v in shown if v]
+        floor = min(positive) - 1 if positive else 0.0
+        shown = [None if v is None else math.log10(v) if v > 0 else floor for v in shown]
     present = [v for v in shown if v is not None]
     if not present:
         return _MISSING * len(values)

@@ -261,17 +261,22 @@ def cmd_nightly(args) -> int:
         _write_partial_report(Path(result.run_dir), sweep.name)
         return _exit_code(result)
     explanations = _explain_differences(sweep, scenarios, args, result)
-    try:  # tonight's results go into the history first: nothing read or deleted later can lose them
-        history.append_run(result.table, args.history)
-    except OSError as exc:
-        raise StorageError(f"cannot append to the history {args.history}: {exc}; tonight's results are in "
-                           f"{result.run_dir}") from None
-    past = history.History.open(args.history)
-    recent = past.recent(sweep.name, history.TREND_RUNS, result.table)
-    changes = history.compare(past, result.table, factor=args.factor, recent=recent)
+    title = f"Nightly {sweep.name}"
+    try:
+        try:  # tonight's results go into the history first: nothing read or deleted later can lose them
+            history.append_run(result.table, args.history)
+        except OSError as exc:
+            raise StorageError(f"cannot append to the history {args.history}: {text.one_line(exc, 300)}") from None
+        past = history.History.open(args.history)
+        recent = past.recent(sweep.name, history.TREND_RUNS, result.table)
+        changes = history.compare(past, result.table, factor=args.factor, recent=recent)
+    except StorageError:  # the history is out of reach: tonight's reports still get written, without it
+        report.write_all(result.table, result.run_dir, title=title, explanations=explanations)
+        print(f"harness: tonight's results and reports are in {result.run_dir}", file=sys.stderr)
+        raise
     _warn_skipped(changes.skipped_files)
-    paths = report.write_all(result.table, result.run_dir, history=recent, changes=changes,
-                             title=f"Nightly {sweep.name}", explanations=explanations)
+    paths = report.write_all(result.table, result.run_dir, history=recent, changes=changes, title=title,
+                             explanations=explanations)
     print(report.matrix_text(result.table))
     print(history.render_changes_md(changes))
     for fmt, path in paths.items():

@@ -282,8 +282,8 @@ class History:
 
     storage: Storage
     files: list[RunFile]
-    listing: list[str]  # every file below the history, relative (run files and anything else)
-    _bad: dict[str, str] = dataclasses.field(default_factory=dict)
+    listing: list[str] = dataclasses.field(repr=False)  # every file below the history, relative
+    _bad: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)  # skipped file -> why
 
     @classmethod
     def open(cls, uri: str) -> "History":
@@ -296,7 +296,8 @@ class History:
         try:
             listing = storage.walk_files("")
         except OSError as exc:  # unreachable, refused, no such bucket: the harness cannot run (exit 3)
-            raise StorageError(f"history {storage.name_of('').rstrip('/')}: cannot list it: {text.one_line(exc, 300)}") from exc
+            where = storage.name_of("").rstrip("/")
+            raise StorageError(f"history {where}: cannot list it: {text.one_line(exc, 300)}") from exc
         files = [RunFile(rel, m.group(1), m.group(2)) for rel in listing if (m := _FILE_RE.match(rel))]
         return cls(storage, files, listing)
 
@@ -466,6 +467,7 @@ class History:
 
         Raises:
             ValueError: ``keep_days`` is negative.
+            harness.storage.StorageError: a partition could not be deleted (those before it are gone).
         """
         if keep_days < 0:
             raise ValueError(f"keep_days must be >= 0, got {keep_days}")
@@ -480,7 +482,11 @@ class History:
         size = sum(info.size or 0 for info in self.storage.fs.get_file_info(paths)) if paths else 0
         if not dry_run:
             for date in sorted(doomed):
-                self.storage.delete_dir(f"date={date}")
+                try:
+                    self.storage.delete_dir(f"date={date}")
+                except OSError as exc:
+                    where = self.storage.name_of(f"date={date}")
+                    raise StorageError(f"history retention: cannot delete {where}: {text.one_line(exc, 300)}") from exc
             self.files = [f for f in self.files if f.date not in doomed]
             self.listing = [rel for rel in self.listing if not any(rel in rels for rels in doomed.values())]
         return Freed(cutoff, tuple(sorted(doomed)), len(paths), size, dry_run)
@@ -1075,7 +1081,8 @@ def _status_text(entry: Mapping[str, Any]) -> str:
     line = f"{_cell_name(entry)}: {entry['old_verdict']} -> {entry['new_verdict']}"
     if "first_bad" in entry:
         good = _run_text(entry["last_good"]) if entry["last_good"] else "never passed in the history"
-        line += f"; first bad: {_run_text(entry['first_bad'])}, failing {entry['failing_runs']} run(s); last good: {good}"
+        line += (f"; first bad: {_run_text(entry['first_bad'])}, failing {entry['failing_runs']} run(s)"
+                 f"; last good: {good}")
         if entry["last_good"]:
             line += f"; since then: {_changed_text(entry['changed_since_good'])}"
     return line

@@ -91,19 +91,23 @@ def test_svg_without_data_says_so():
 
 @SETTINGS
 @given(st.lists(values, max_size=50), st.booleans())
-def test_spark_one_character_per_value(vals, log):
+def test_spark_one_character_per_value_in_order(vals, log):
     line = charts.spark(vals, log=log)
     assert len(line) == len(vals)
     for v, ch in zip(vals, line):
         assert (ch == "·") == (not plottable(v, log))
-    shown = [(v, ch) for v, ch in zip(vals, line) if ch != "·"]
-    if shown and len({v for v, _ in shown}) > 1:  # extremes map to the lowest and highest blocks
-        assert min(shown)[1] == "▁" and max(shown)[1] == "█"
+    shown = sorted((v, "▁▂▃▄▅▆▇█".index(ch)) for v, ch in zip(vals, line) if ch != "·")
+    levels = [level for _, level in shown]
+    assert levels == sorted(levels)  # a larger value never gets a lower block
+    if shown:
+        assert levels[0] == 0 and levels[-1] in (0, 7)  # the extremes take the lowest and the highest block
 
 
-def test_spark_is_monotonic():
-    assert charts.spark([0, 1, 10, 100, 1000], log=True) == "▁▂▃▆█"  # log10(1 + v): 0, .30, 1.04, 2.0, 3.0
-    assert charts.spark([5, 5, 5]) == "▁▁▁"
+def test_spark_scales():
+    assert charts.spark([0, 1, 10, 100], log=True) == "▁▃▆█"  # 0 a decade below 1
+    assert charts.spark([1e-9, 1e-6, 0.0, None], log=True) == "▃█▁·"
+    assert charts.spark([0, 1, 4, None]) == "▁▃█·"
+    assert charts.spark([5, 5, 5]) == "▁▁▁" and charts.spark([None, -1.0], log=True) == "··"
 
 
 def test_tolerance_and_nights_charts_from_history_data():
