@@ -549,37 +549,33 @@ def _order_key(run: Mapping[str, Any]) -> tuple[_dt.datetime, str]:
     return _when(run["started_at"], run["date"]), run["run_id"]
 
 
-def _summarise(run_id: str, dated: list[tuple[CellResult, str | None]]) -> dict[str, Any]:
-    cells = [cell for cell, _ in dated]
-    starts = [c.started_at for c in cells if c.started_at is not None]
-    verdicts = Counter(c.verdict for c in cells)
-    return {
-        "run_id": run_id,
-        "sweep": next((c.sweep for c in cells if c.sweep), None),
-        "date": next((date for _, date in dated if date), None),
-        "started_at": _dt.datetime.fromtimestamp(min(starts), tz=_dt.timezone.utc) if starts else None,
-        "cells": len(cells),
-        "passed": sum(c.passed is True for c in cells),
-        "failed": sum(c.passed is False for c in cells),
-        **{v: verdicts.get(v, 0) for v in results.VERDICTS},
-    }
-
-
-def _list_runs(dated: Iterable[tuple[CellResult, str | None]]) -> list[dict[str, Any]]:
-    grouped: dict[str, list[tuple[CellResult, str | None]]] = {}
-    for cell, date in dated:
-        grouped.setdefault(cell.run_id, []).append((cell, date))
-    return sorted((_summarise(rid, group) for rid, group in grouped.items()), key=_order_key)
+def _count(mask: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A boolean column as 0/1 (null counts as 0), to be summed per group."""
+    return pc.cast(pc.fill_null(mask, False), pa.int64())
 
 
 def list_runs(history: pa.Table) -> list[dict[str, Any]]:
-    """One summary dict per run, oldest first.
+    """One summary dict per run, oldest first (counted in Arrow: no row is decoded).
 
     Each dict has run_id, sweep, date, started_at (a UTC datetime or None),
     cells, passed, failed and one count per verdict (``bitwise``,
-    ``within_tolerance``, ...).
+    ``within_tolerance``, ...). ``history`` needs ``run_id``, ``sweep``,
+    ``started_at``, ``passed`` and ``verdict``; ``date`` if it has one.
     """
-    return _list_runs(_dated_cells(history))
+    if not history.num_rows:
+        return []
+    date = history["date"] if "date" in history.column_names else pa.nulls(history.num_rows, pa.string())
+    counts = {"passed": _count(pc.equal(history["passed"], True)), "failed": _count(pc.equal(history["passed"], False)),
+              **{v: _count(pc.equal(history["verdict"], v)) for v in results.VERDICTS}}
+    table = pa.table({"run_id": history["run_id"], "sweep": history["sweep"], "date": date,
+                      "started_at": history["started_at"], **counts})
+    grouped = table.group_by(["run_id"], use_threads=False).aggregate(
+        [("sweep", "first"), ("date", "first"), ("started_at", "min"), ([], "count_all"),
+         *((name, "sum") for name in counts)])
+    runs = [{"run_id": r["run_id"], "sweep": r["sweep_first"], "date": r["date_first"],
+             "started_at": r["started_at_min"], "cells": r["count_all"],
+             **{name: r[f"{name}_sum"] for name in counts}} for r in grouped.to_pylist()]
+    return sorted(runs, key=_order_key)
 
 
 def previous_run(history: pa.Table, sweep: str, run_id: str) -> pa.Table | None:
@@ -621,7 +617,7 @@ class TrendPoint:
 def trends(history: pa.Table, last: int | None = 10) -> dict[Key, list[TrendPoint]]:
     """Per cell ``(scenario, format, environment)``: its last ``last`` runs (all with None), oldest first."""
     dated = _dated_cells(history)
-    order = {r["run_id"]: _order_key(r) for r in _list_runs(dated)}
+    order = {r["run_id"]: _order_key(r) for r in list_runs(history)}
     per_cell: dict[Key, dict[str, TrendPoint]] = {}
     for cell, date in dated:
         per_cell.setdefault(cell.key, {})[cell.run_id] = TrendPoint.of(cell, date)  # a later duplicate wins
@@ -941,20 +937,10 @@ def night_counts(window: pa.Table) -> list[dict[str, Any]]:
     """Per run of a history window (oldest first): ``run_id``, ``date``, ``cells``, ``non_bitwise``, ``failed``.
 
     ``non_bitwise`` counts cells whose verdict is not ``bitwise`` (within
-    tolerance, mismatch, or did not run); computed in Arrow, no row decoded.
+    tolerance, mismatch, or did not run). From :func:`list_runs`.
     """
-    if not window.num_rows:
-        return []
-    table = pa.table({"run_id": window["run_id"], "date": window["date"], "started_at": window["started_at"],
-                      "non_bitwise": pc.cast(pc.fill_null(pc.not_equal(window["verdict"], "bitwise"), True),
-                                             pa.int64()),
-                      "failed": pc.cast(pc.fill_null(pc.invert(window["passed"]), False), pa.int64())})
-    grouped = table.group_by(["run_id", "date"], use_threads=False).aggregate(
-        [([], "count_all"), ("non_bitwise", "sum"), ("failed", "sum"), ("started_at", "min")])
-    nights = [{"run_id": r["run_id"], "date": r["date"], "started_at": r["started_at_min"], "cells": r["count_all"],
-               "non_bitwise": r["non_bitwise_sum"], "failed": r["failed_sum"]} for r in grouped.to_pylist()]
-    nights.sort(key=_order_key)
-    return [{k: v for k, v in n.items() if k != "started_at"} for n in nights]
+    return [{"run_id": r["run_id"], "date": r["date"], "cells": r["cells"], "non_bitwise": r["cells"] - r["bitwise"],
+             "failed": r["failed"]} for r in list_runs(window)]
 
 
 def drifting_cells(window: pa.Table, limit: int = _LIST_LIMIT) -> list[dict[str, Any]]:
