@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import itertools
 import json
 import math
+import operator
 import re
 from collections import Counter
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -232,15 +234,9 @@ def _size(n: float) -> str:
 
 
 def _all_of(*exprs: ds.Expression | None) -> ds.Expression | None:
+    """The conjunction of the filters given (None: no filter)."""
     kept = [e for e in exprs if e is not None]
-    return None if not kept else kept[0] if len(kept) == 1 else _and(kept)
-
-
-def _and(exprs: list[ds.Expression]) -> ds.Expression:
-    out = exprs[0]
-    for e in exprs[1:]:
-        out = out & e
-    return out
+    return functools.reduce(operator.and_, kept) if kept else None
 
 
 def _only_cells(table: pa.Table, keys: Iterable[Key]) -> pa.Table:
@@ -348,13 +344,14 @@ class History:
             ds.field("run_id").isin(sorted(runs)) if runs is not None else None,
             *(ds.field(c).isin(sorted({k[i] for k in keys})) if keys is not None else None
               for i, c in enumerate(_CELL_KEY)))
-        scanned = names if keys is None else list(dict.fromkeys([*names, *_CELL_KEY]))
+        # The verdict is always read: a file with verdicts outside VERDICTS is skipped by every query alike.
+        scanned = list(dict.fromkeys([*names, "verdict", *(_CELL_KEY if keys is not None else ())]))
         parts = [part for fragment in dataset.get_fragments(filter=dates)
                  if (part := self._scan(fragment, scanned, rows)) is not None]
         if not parts:
             return empty
         table = pa.concat_tables(parts)
-        return _only_cells(table, keys).select(names) if keys is not None else table
+        return (_only_cells(table, keys) if keys is not None else table).select(names)
 
     def _scan(self, fragment: ds.Fragment, names: list[str], rows: ds.Expression | None) -> pa.Table | None:
         """One file's matching rows, or None (and the file in :attr:`problems`) if it is not a results table."""
@@ -380,7 +377,8 @@ class History:
         try:
             self.storage.fs.get_file_info(self.storage.path(rel))
         except OSError as down:
-            raise StorageError(f"history {self.storage.name_of('').rstrip('/')}: cannot read {rel}: {down}") from exc
+            where = self.storage.name_of("").rstrip("/")
+            raise StorageError(f"history {where}: cannot read {rel}: {text.one_line(down, 300)}") from exc
         reason = text.one_line(f"{type(exc).__name__}: {str(exc).replace(self.storage.path(rel), rel)}", 200)
         self._bad[rel] = f"unreadable, damaged or not Parquet ({reason})"
 
@@ -445,9 +443,8 @@ class History:
                       last_good: Mapping[Key, RunRef]) -> dict[Key, dict[str, Any] | None]:
         """Per cell, the fingerprint keys that changed between its last good run and ``current``.
 
-        See :func:`fingerprint_delta` for the values.
-
-        Decodes the fingerprints of these cells only: theirs in those runs, and tonight's.
+        Values as :func:`fingerprint_delta`'s. Decodes the fingerprints of
+        these cells only: theirs in those runs, and tonight's.
         """
         if not last_good:
             return {}

@@ -547,3 +547,12 @@ def test_unreachable_history_is_a_storage_error(s3_server):
     # Nothing listens on port 9 (discard): pyarrow's S3 client gives up after its retries (a few seconds).
     with pytest.raises(StorageError, match=r"history s3://nowhere/history: cannot list it"):
         history.History.open("s3://nowhere/history?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1")
+
+
+def test_a_file_with_unknown_verdicts_is_skipped_by_every_query(local_history):
+    weird = night(2).set_column(results.COLUMN_NAMES.index("verdict"), "verdict", pa.array(["great"] * 12))
+    weird = weird.set_column(0, "run_id", pa.array(["run-9"] * 12))
+    _write(local_history, "date=2025-03-02/run-9.parquet", _raw_parquet(weird))
+    past = history.History.open(local_history)
+    assert [r.run_id for r in past.runs("nightly")] == ["run-2", "run-1"]  # though runs() reads no verdict
+    assert len(past.problems) == 1 and "unknown verdict 'great'" in past.problems[0]
