@@ -9,9 +9,11 @@ target. Rows without a target are informational and never fail the run.
 from __future__ import annotations
 
 import gc
+import resource
 import time
 import tracemalloc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
@@ -166,3 +168,19 @@ def peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     pa_retained = pa_now - pa_before
     pa_peak = max(pa_retained, (pa_max_now or 0) - (pa_max_before or 0))
     return (tm_peak - tm_before) + pa_peak, (tm_now - tm_before) + pa_retained
+
+
+def peak_rss_kb() -> int:
+    """This process's own peak RSS (KiB).
+
+    ``VmHWM`` belongs to the process's memory map, new at ``exec``; ``ru_maxrss``
+    is not reset by ``exec``, so in a subprocess of a big parent (``make bench``
+    runs the 1e7-element compare first) it reported the parent's peak instead.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ def _fingerprint(env: str) -> dict:
     return fp
 
 
+from _util import peak_rss_kb  # noqa: E402
 from harness.worker import Worker  # noqa: E402
 
 
@@ -75,22 +75,6 @@ class FakeWorker(Worker):
                           observation_uri=f"/store/{job.observation_path}", started_at=time.time(), seconds=0.0)
 
 
-def _peak_rss_kb() -> int:
-    """This process's own peak RSS (KiB).
-
-    ``VmHWM`` belongs to the process's memory map, new at ``exec``; ``ru_maxrss``
-    is not reset by ``exec``, so in a subprocess of a big parent (``make bench``
-    runs the 1e7-element compare first) it reported the parent's peak instead.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def measure(cells: int) -> dict:
     """Run a fake sweep of ``cells`` cells in this process; driver CPU, wall time, peak RSS."""
     from harness.scenario import Scenario
@@ -109,11 +93,11 @@ def measure(cells: int) -> dict:
             "training": {"num_cpus": 0.25},
         }, source="driver-bench.yaml")
         total = len(names) * len(FORMATS) * ENVIRONMENTS
-        rss0 = _peak_rss_kb()
+        rss0 = peak_rss_kb()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         res = run_sweep(sweep, scenarios, out_dir=f"{tmp}/run", worker_cls=FakeWorker)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        rss = _peak_rss_kb()
+        rss = peak_rss_kb()
         assert res.table.num_rows == total and res.passed, (res.table.num_rows, total)
     return {"cells": total, "driver_cpu_s": cpu, "wall_s": wall, "peak_rss_mb": rss / 1024,
             "rss_growth_mb": (rss - rss0) / 1024}

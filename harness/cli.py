@@ -12,6 +12,7 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -236,46 +237,104 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def _keep_days(args) -> int | None:
+    """``--keep-days`` checked (a whole number of days >= 0) before anything runs or is deleted."""
+    days = getattr(args, "keep_days", None)
+    if days is not None and days < 0:
+        raise UsageError(f"--keep-days {days}: must be a whole number of days >= 0 (history partitions older "
+                         "than that many days are deleted)")
+    if getattr(args, "dry_run", False) and days is None:
+        raise UsageError("--dry-run: only means something with --keep-days D")
+    return days
+
+
+def _warn_skipped(problems: Sequence[str]) -> None:
+    for problem in problems:
+        print(f"harness: warning: history file {text.one_line(problem, 400)}", file=sys.stderr)
+
+
 def cmd_nightly(args) -> int:
     from . import history, report
+    from .storage import StorageError
     from .sweep import run_sweep
 
+    keep_days = _keep_days(args)
     sweep, scenarios = _load(args)
     _plan(args, sweep)  # an unknown --only name is invalid input (exit 2), before anything runs
     result = run_sweep(sweep, scenarios, out_dir=args.out or Path("runs") / "nightly" / sweep.name,
                        address=args.address, storage=args.storage, only=args.only, retrain=args.retrain,
                        progress=_progress, verbose=args.verbose)
-    past = history.load_history(args.history, sweep=sweep.name)
-    previous = history.previous_run(past, sweep.name, result.run_id)
-    changes = history.diff_runs(previous, result.table, factor=args.factor)
     if result.harness_failures:
         _write_partial_report(Path(result.run_dir), sweep.name)
         return _exit_code(result)
     explanations = _explain_differences(sweep, scenarios, args, result)
-    history.append_run(result.table, args.history)
-    trend = history.load_history(args.history, sweep=sweep.name)
-    paths = report.write_all(result.table, result.run_dir, history=trend, changes=changes,
-                             title=f"Nightly {sweep.name}", explanations=explanations)
+    title = f"Nightly {sweep.name}"
+    try:
+        try:  # tonight's results go into the history first: nothing read or deleted later can lose them
+            history.append_run(result.table, args.history)
+        except OSError as exc:
+            raise StorageError(f"cannot append to the history {args.history}: {text.one_line(exc, 300)}") from None
+        past = history.History.open(args.history)
+        recent = past.recent(sweep.name, history.TREND_RUNS, result.table)
+        changes = history.compare(past, result.table, factor=args.factor, recent=recent)
+    except StorageError:  # the history is out of reach: tonight's reports still get written, without it
+        report.write_all(result.table, result.run_dir, title=title, explanations=explanations)
+        print(f"harness: tonight's results and reports are in {result.run_dir}", file=sys.stderr)
+        raise
+    _warn_skipped(changes.skipped_files)
+    paths = report.write_all(result.table, result.run_dir, history=recent, changes=changes, title=title,
+                             explanations=explanations)
     print(report.matrix_text(result.table))
     print(history.render_changes_md(changes))
     for fmt, path in paths.items():
         print(f"{fmt:>5}: {path}")
+    if keep_days is not None:
+        import datetime as dt
+
+        tonight = past.date_of(result.run_id)
+        freed = past.retain(keep_days, today=dt.date.fromisoformat(tonight), protect={result.run_id})
+        print(freed.text())
     return EXIT_FAILED if changes.regressed else EXIT_OK
 
 
 def cmd_history(args) -> int:
+    import datetime as dt
+
     from tabulate import tabulate
 
     from . import history
 
-    past = history.load_history(args.history, sweep=args.sweep_name)
+    from .spec_types import normalize_scheme, storage_problem
+
+    problem = storage_problem(args.history)
+    if problem:
+        raise UsageError(f"history URI: {problem}")
+    args.history = normalize_scheme(args.history)
+    keep_days = _keep_days(args)
+    if args.last < 1:
+        raise UsageError(f"--last {args.last}: must be at least 1")
+    past = history.History.open(args.history)
+    if keep_days is not None:
+        today = dt.datetime.now(dt.timezone.utc).date()
+        print(past.retain(keep_days, today=today, dry_run=args.dry_run).text())
+        return EXIT_OK
     if args.cell:
-        scenario, fmt, env = _split_cell(args.cell)
-        trend = history.cell_trend(past, scenario, fmt, env, last=args.last)
-        print(tabulate(trend, headers="keys"))
+        points = past.cell_points(_split_cell(args.cell), sweep=args.sweep_name)
+        shown = [{k: v for k, v in dataclasses.asdict(p).items() if k != "flaky" or any(q.flaky is not None
+                                                                                           for q in points)}
+                 for p in points[-args.last:]]
+        print(tabulate(shown, headers="keys") if shown else f"no results of {args.cell} in {args.history}")
+        streak = history.cell_streak(points)
+        if streak is not None:
+            good = streak.last_good
+            print(f"first bad: {streak.first_bad.run_id} ({streak.first_bad.date}), failing {streak.failing_runs} "
+                  f"run(s); last good: " + (f"{good.run_id} ({good.date})" if good else "none in the history"))
+        elif points:
+            print(f"not failing in its latest run ({points[-1].run_id}: {history.cell_status(points[-1])})")
     else:
-        runs = history.list_runs(past)[-args.last:]
+        runs = past.summaries(args.sweep_name, args.last)
         print(tabulate(runs, headers="keys") if runs else f"no runs in {args.history}")
+    _warn_skipped(past.problems)
     return EXIT_OK
 
 
@@ -352,13 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--history", required=True, help="history dataset URI (path, s3://...)")
     n.add_argument("--out", help="run directory (default runs/nightly/<sweep>)")
     n.add_argument("--factor", type=float, default=2.0, help="report ULP/abs changes beyond this factor")
+    n.add_argument("--keep-days", type=int, metavar="D",
+                   help="after appending tonight's results, delete history partitions older than D days")
     n.set_defaults(func=cmd_nightly)
 
-    h = sub.add_parser("history", help="list past runs, or one cell's trend")
+    h = sub.add_parser("history", help="list past runs, one cell's trend and first bad run, or apply retention")
     h.add_argument("history", help="history dataset URI")
     h.add_argument("--sweep", dest="sweep_name", help="only this sweep")
     h.add_argument("--cell", help="SCENARIO/FORMAT/ENVIRONMENT trend")
     h.add_argument("--last", type=int, default=10, help="how many runs (default 10)")
+    h.add_argument("--keep-days", type=int, metavar="D", help="delete history partitions older than D days")
+    h.add_argument("--dry-run", action="store_true", help="with --keep-days: only print what would be freed")
     h.set_defaults(func=cmd_history)
     return p
 

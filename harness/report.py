@@ -452,6 +452,8 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
               explanations: Mapping[str, Explanation] | None = None) -> str:
     lay = _layout(table)
     lines = _md_header(table, lay, title)
+    if changes is not None:  # a nightly report opens with what changed: new failures first
+        lines += ["## What changed", "", hist.render_changes_md(changes)]
     if not lay.cells:
         lines += ["No cells: this run has no results.", ""]
     else:
@@ -462,8 +464,6 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
     explained = _explained(lay, explanations)
     if explained:
         lines += ["## Explanations", ""] + [line for e in explained for line in _md_explanation(e)]
-    if changes is not None:
-        lines += ["## What changed", "", hist.render_changes_md(changes)]
     return "\n".join(lines).rstrip() + "\n"
 
 

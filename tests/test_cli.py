@@ -10,7 +10,8 @@ Covered: ``run`` (exit 0 and 1, matrix, progress lines, results.parquet,
 report.md; ``--inline``; a user scenario directory outside the repo),
 invalid input (exit 2, one ``harness: error:`` line, no traceback, nothing
 written), ``validate`` and ``scenarios`` on the shipped files, ``report`` in
-every format, ``nightly`` twice with a regression, and ``history``.
+every format, ``nightly`` three times (a new failure, then a known one, a damaged
+history file, ``--keep-days``), and ``history`` (``--cell`` with its first bad run, retention).
 """
 
 from __future__ import annotations
@@ -450,28 +451,58 @@ def test_report_without_results_is_invalid_input(tmp_path):
     assert_one_line_error(run_cli("report", "empty-run", cwd=tmp_path), "empty-run", "no results here")
 
 
-# -- 7. nightly twice, then history -----------------------------------------------------------
+# -- 7. nightly three times, then history ----------------------------------------------------
 NIGHTLY_ENVS = {"cpu-default": {"expect": "bitwise"}, "cpu-single-thread": {"threads": 1}}
+FAILING_CELL = "seed-linear-regression/keras/cpu-single-thread"
+OLD_NIGHT = "2020-01-01"  # a partition for --keep-days to delete, with a damaged and a foreign file
+
+
+def seed_history(hist: Path) -> dict[str, str]:
+    """An old run of another sweep, a damaged file and a foreign Parquet file; {relative path: why skipped}."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest_report_helpers import make_row
+    from harness import history
+
+    old = make_row(run_id="old-run", sweep="cli-nightly-old",
+                   started_at=dt.datetime.fromisoformat(f"{OLD_NIGHT}T02:00:00+00:00"))
+    history.append_run(results.to_table([old]), str(hist))
+    (hist / f"date={OLD_NIGHT}" / "broken.parquet").write_bytes(b"PAR1 a torn upload")
+    (hist / "date=2020-01-02").mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), hist / "date=2020-01-02" / "foreign.parquet")
+    return {f"date={OLD_NIGHT}/broken.parquet": "unreadable", "date=2020-01-02/foreign.parquet": "no column 'run_id'"}
 
 
 @pytest.fixture(scope="module")
 def nights(store, tmp_path_factory):
-    """Night 1 passes; night 2 (same sweep name) asks cpu-single-thread for a GPU, so it newly fails."""
+    """Night 1 passes; nights 2 and 3 (same sweep name) ask cpu-single-thread for a GPU, so it fails:
+    new on night 2, known on night 3 (which also applies --keep-days 30). The history starts with
+    an old partition holding another sweep's run, a damaged file and a foreign one."""
     work = tmp_path_factory.mktemp("nightly")
     hist = work / "history"
+    hist.mkdir()
+    skipped = seed_history(hist)
     night1 = write_sweep(work / "n1", "nightly.yaml", linear_sweep("cli-nightly", store, NIGHTLY_ENVS))
     stricter = {**NIGHTLY_ENVS, "cpu-single-thread": {**NIGHTLY_ENVS["cpu-single-thread"], "num_gpus": 1}}
     night2 = write_sweep(work / "n2", "nightly.yaml", linear_sweep("cli-nightly", store, stricter))
     procs, outs = [], []
-    for i, sweep in enumerate((night1, night2), 1):
+    for i, (sweep, extra) in enumerate(((night1, ()), (night2, ()), (night2, ("--keep-days", "30"))), 1):
         out = work / f"out{i}"
-        procs.append(run_cli("nightly", sweep, "--history", hist, "--out", out, cwd=work, timeout=RUN_TIMEOUT))
+        procs.append(run_cli("nightly", sweep, "--history", hist, "--out", out, *extra, cwd=work,
+                             timeout=RUN_TIMEOUT))
         outs.append(out)
-    return procs, outs, hist
+    return procs, outs, hist, skipped
+
+
+def run_ids_of(outs) -> list[str]:
+    return [results.read_table(out).column("run_id")[0].as_py() for out in outs]
 
 
 def test_nightly_flags_the_newly_failing_cell(nights):
-    (p1, p2), (out1, out2), _ = nights
+    (p1, p2, _), (out1, out2, _), _, skipped = nights
     assert p1.returncode == 0, explain(p1)
     assert all(r["passed"] for r in rows_by_cell(out1).values())
     assert "Regressed: **no**" in p1.stdout
@@ -483,15 +514,53 @@ def test_nightly_flags_the_newly_failing_cell(nights):
     assert (bad["verdict"], bad["passed"]) == ("unschedulable", False)
     assert rows[("seed-linear-regression", "keras", "cpu-default")]["passed"] is True
     assert "Regressed: **yes**" in p2.stdout
-    section = p2.stdout.split("**Newly failing** (1):", 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    assert "**1 new failure(s), 0 known failure(s), 0 fixed, 0 flaky**" in p2.stdout
+    run1, run2 = run_ids_of((out1, out2))
+    section = p2.stdout.split("**New failures** (1):", 1)[1].strip().split("\n\n", 1)[0].splitlines()
     assert len(section) == 1, p2.stdout
-    assert re.fullmatch(r"- `seed-linear-regression/keras` @ `cpu-single-thread`: "
-                        r"(bitwise|within_tolerance) -> unschedulable", section[0]), p2.stdout
+    assert re.fullmatch(rf"- `seed-linear-regression/keras` @ `cpu-single-thread`: "
+                        rf"(bitwise|within_tolerance) -> unschedulable; first bad: `{run2}` \(\d{{4}}-\d\d-\d\d\), "
+                        rf"failing 1 run\(s\); last good: `{run1}` \(\d{{4}}-\d\d-\d\d\); "
+                        rf"since then: fingerprints not comparable \(the cell did not run\)", section[0]), p2.stdout
+
+
+def test_nightly_reports_and_skips_damaged_history_files(nights):
+    procs, outs, _, skipped = nights
+    for proc, out in zip(procs, outs):
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("harness: warning: history file")]
+        assert len(warnings) == len(skipped), explain(proc)
+        for rel, why in skipped.items():
+            assert any(rel in w and why in w and "skipped" in w for w in warnings), explain(proc)
+        report = (out / "report.md").read_text()
+        assert f"**Skipped history files** ({len(skipped)}):" in report
+        assert report.index("## What changed") < report.index("## Matrix")  # the report opens with it
+
+
+def test_nightly_known_failure_first_bad_and_retention(nights):
+    (_, _, p3), outs, hist, _ = nights
+    run1, run2, run3 = run_ids_of(outs)
+    assert p3.returncode == 0, explain(p3)  # a known failure is not a regression
+    assert "Regressed: **no**" in p3.stdout
+    assert "**0 new failure(s), 1 known failure(s), 0 fixed, 0 flaky**" in p3.stdout
+    line = p3.stdout.split("**Known failures** (1):", 1)[1].strip().splitlines()[0]
+    assert f"first bad: `{run2}`" in line and "failing 2 run(s)" in line and f"last good: `{run1}`" in line, line
+    doc = json.loads((outs[2] / "report.json").read_text())
+    assert doc["changes"]["counts"] == {"new": 0, "known": 1, "fixed": 0, "flaky": 0}
+    (known,) = doc["changes"]["known_failing"]
+    assert (known["first_bad"]["run_id"], known["last_good"]["run_id"]) == (run2, run1)
+    assert doc["changes"]["previous_run"]["run_id"] == run2
+    assert [n["run_id"] for n in doc["changes"]["nights"]] == [run1, run2, run3]
+    assert [n["failed"] for n in doc["changes"]["nights"]] == [0, 1, 1]
+    freed = [line for line in p3.stdout.splitlines() if line.startswith("history retention:")]
+    assert len(freed) == 1 and "freed 2 partition(s) (2020-01-01 .. 2020-01-02)" in freed[0], p3.stdout
+    assert "3 file(s)" in freed[0]
+    assert not [p for p in hist.iterdir() if p.name.startswith("date=2020")]  # the old partitions are gone
+    assert sorted(f.stem for f in hist.glob("date=*/*.parquet")) == sorted([run1, run2, run3])
 
 
 def test_nightly_writes_every_report_and_the_history(nights):
-    (p1, p2), outs, hist = nights
-    for proc, out in zip((p1, p2), outs):
+    procs, outs, hist, _ = nights
+    for proc, out in zip(procs, outs):
         for name in ("report.md", "report.html", "report.xml", "report.json", "results.parquet"):
             assert (out / name).is_file(), (name, explain(proc))
         assert str(out / "report.html") in proc.stdout
@@ -499,15 +568,13 @@ def test_nightly_writes_every_report_and_the_history(nights):
     assert doc["changes"]["regressed"] is True
     assert [(c["environment"], c["new_verdict"]) for c in doc["changes"]["newly_failing"]] == [
         ("cpu-single-thread", "unschedulable")]
-    files = sorted(hist.glob("date=*/*.parquet"))
-    run_ids = [results.read_table(out).column("run_id")[0].as_py() for out in outs]
-    assert len(files) == 2 and run_ids[0] != run_ids[1]
-    assert sorted(f.stem for f in files) == sorted(run_ids)
+    run_ids = run_ids_of(outs)
+    assert len(set(run_ids)) == 3
 
 
 def test_history_lists_runs_and_a_cell_trend(nights, tmp_path):
-    _, outs, hist = nights
-    run_ids = [results.read_table(out).column("run_id")[0].as_py() for out in outs]
+    _, outs, hist, _ = nights
+    run_ids = run_ids_of(outs)
 
     listed = run_cli("history", hist, cwd=tmp_path)
     assert listed.returncode == 0, explain(listed)
@@ -519,24 +586,45 @@ def test_history_lists_runs_and_a_cell_trend(nights, tmp_path):
     assert trend.returncode == 0, explain(trend)
     points = [line.split() for line in trend.stdout.splitlines() if line.startswith(tuple(run_ids))]
     assert [p[0] for p in points] == run_ids and all("bitwise" in p for p in points), trend.stdout
+    assert "first bad:" not in trend.stdout and "not failing in its latest run" in trend.stdout
 
-    failing = run_cli("history", hist, "--cell", "seed-linear-regression/keras/cpu-single-thread", cwd=tmp_path)
+    failing = run_cli("history", hist, "--cell", FAILING_CELL, cwd=tmp_path)
     assert failing.returncode == 0, explain(failing)
     verdicts = {line.split()[0]: line.split()[2] for line in failing.stdout.splitlines()
                 if line.startswith(tuple(run_ids))}
     assert verdicts[run_ids[0]] in ("bitwise", "within_tolerance"), failing.stdout
-    assert verdicts[run_ids[1]] == "unschedulable", failing.stdout
+    assert verdicts[run_ids[1]] == verdicts[run_ids[2]] == "unschedulable", failing.stdout
+    first_bad = [line for line in failing.stdout.splitlines() if line.startswith("first bad:")]
+    assert len(first_bad) == 1 and re.fullmatch(
+        rf"first bad: {run_ids[1]} \(\d{{4}}-\d\d-\d\d\), failing 2 run\(s\); "
+        rf"last good: {run_ids[0]} \(\d{{4}}-\d\d-\d\d\)", first_bad[0]), failing.stdout
 
     assert_one_line_error(run_cli("history", hist, "--cell", "seed-linear-regression/keras", cwd=tmp_path),
                           "--cell", "SCENARIO/FORMAT/ENVIRONMENT")
 
 
 def test_history_cell_trend_is_oldest_first_for_unschedulable_cells(nights, tmp_path):
-    _, outs, hist = nights
-    run_ids = [results.read_table(out).column("run_id")[0].as_py() for out in outs]
-    trend = run_cli("history", hist, "--cell", "seed-linear-regression/keras/cpu-single-thread", cwd=tmp_path)
+    _, outs, hist, _ = nights
+    run_ids = run_ids_of(outs)
+    trend = run_cli("history", hist, "--cell", FAILING_CELL, "--last", "2", cwd=tmp_path)
     assert trend.returncode == 0, explain(trend)
-    assert [line.split()[0] for line in trend.stdout.splitlines() if line.startswith(tuple(run_ids))] == run_ids
+    assert [line.split()[0] for line in trend.stdout.splitlines() if line.startswith(tuple(run_ids))] == run_ids[1:]
+    assert f"first bad: {run_ids[1]}" in trend.stdout  # the streak is the whole history's, not --last's
+
+
+def test_history_retention_without_a_run(tmp_path):
+    hist = tmp_path / "history"
+    hist.mkdir()
+    seed_history(hist)
+    dry = run_cli("history", hist, "--keep-days", "30", "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, explain(dry)
+    assert "history retention: would free 2 partition(s) (2020-01-01 .. 2020-01-02)" in dry.stdout
+    assert len(list(hist.glob("date=*/*.parquet"))) == 3  # nothing deleted
+    done = run_cli("history", hist, "--keep-days", "30", cwd=tmp_path)
+    assert done.returncode == 0 and "history retention: freed 2 partition(s)" in done.stdout, explain(done)
+    assert list(hist.iterdir()) == []
+    assert_one_line_error(run_cli("history", hist, "--keep-days", "-1", cwd=tmp_path), "--keep-days -1", ">= 0")
+    assert_one_line_error(run_cli("history", hist, "--dry-run", cwd=tmp_path), "--dry-run", "--keep-days")
 
 
 # -- 8. run --inline ------------------------------------------------------------------------
