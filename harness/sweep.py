@@ -324,7 +324,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     Raises:
         SweepError: Ray could not be started or reached.
     """
-    from .storage import Storage, normalize_uri
+    from .storage import RunLease, Storage, StorageError, normalize_uri
 
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +341,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     _write_run_file(run_dir, sweep, run_id, storage_uri)
     done = {"/".join(k) for k in zip(*(previous.column(d).to_pylist() for d in ("scenario", "format", "environment")))}
     todo = [c for c in cells if c.key not in done]
-    with results.Journal(run_dir) as journal:
+    with results.Journal(run_dir) as journal, RunLease(storage_uri, run_id):  # gc honours the lease
         collector = Collector(sweep, run_id, journal, total=len(cells), progress=progress,
                               done=[c.key for c in cells if c.key in done])
         observation = lambda cell: f"runs/{run_id}/observations/{cell.scenario}/{cell.format}/{cell.environment}.arrow"
@@ -362,6 +362,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
         st = Storage.open(storage_uri)
         st.write_bytes(rel, results.to_parquet_bytes(table))
         uri = st.uri_of(rel)
+    except StorageError as exc:  # one sentence that starts with the cause and the place
+        collector.harness_failed(f"{exc}; the results are in {run_dir / 'results.parquet'}")
     except Exception as exc:
         collector.harness_failed(f"results could not be published to storage {storage_uri}: {exc}; "
                                  f"they are in {run_dir / 'results.parquet'}")
