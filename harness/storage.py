@@ -133,6 +133,10 @@ _S3_CODES = {
     "NETWORK_CONNECTION": ("storage unreachable", "network error", True),
 }
 
+# The HTTP status of errors the SDK names without printing it.
+_S3_STATUS = {"AccessDenied": 403, "NoSuchBucket": 404, "SlowDown": 503, "InternalError": 500,
+              "ServiceUnavailable": 503, "RequestTimeout": 400}
+
 
 def classify(exc: BaseException) -> Cause:
     """What a filesystem exception (local ``OSError`` or pyarrow's S3/remote errors) means, in one line.
@@ -158,10 +162,11 @@ def classify(exc: BaseException) -> Cause:
             if key == "NETWORK_CONNECTION":
                 detail = re.search(r"curlCode: \d+, ([^;]+)", text)
                 label = detail.group(1).strip() if detail else label
+            status = status or _S3_STATUS.get(label)
             return Cause(kind, f"{label}" + (f" (HTTP {status})" if status else ""), transient)
     if status is not None:
         if status == 507:
-            return Cause("storage full", f"HTTP 507 Insufficient Storage")
+            return Cause("storage full", "HTTP 507 Insufficient Storage")
         if status >= 500 or status == 429:
             return Cause("storage unavailable", f"HTTP {status}", True)
         if status == 403:
@@ -631,6 +636,10 @@ class Storage:
             self._call("writing", vrel, copy)
         except BaseException:
             _remove(staging)
+            try:
+                staging.parent.rmdir()  # if this write made it and nothing else is there
+            except OSError:
+                pass
             raise
 
     def _put_remote(self, src: Path, vrel: str, manifest: dict[str, Any], raw: bytes) -> None:
@@ -806,17 +815,23 @@ class Storage:
             raise
 
     def _fetch(self, rel: str, dest: Path) -> None:
+        """Copy one stored file into the cache; a local write error is a ``_CacheWriteError`` (never retried)."""
         with self.fs.open_input_stream(self.path(rel)) as src:
             try:
                 out = open(dest, "wb")
             except OSError as exc:
                 raise _CacheWriteError() from exc
-            with out:
-                while chunk := src.read(_CHUNK):
+            try:
+                while chunk := src.read(_CHUNK):  # a storage error here is the storage's (retried)
                     try:
                         out.write(chunk)
-                    except OSError as exc:  # the local disk, not the storage: not retried
+                    except OSError as exc:
                         raise _CacheWriteError() from exc
+            finally:
+                try:
+                    out.close()  # flushes: a full disk may only show here
+                except OSError as exc:
+                    raise _CacheWriteError() from exc
 
     # -- crash debris ----------------------------------------------------
     def remove_debris(self, max_age_s: float = DEBRIS_AGE_S, now: float | None = None) -> list[Entry]:
@@ -827,18 +842,32 @@ class Storage:
         version left without its manifest by a crash is removed by ``harness gc``.
         """
         now = time.time() if now is None else now
-        removed = [e for e in self.entries(LEASES, recursive=False)
-                   if not e.is_dir and (e.mtime or now) < now - max(max_age_s, lease_ttl_s())]
+        found = [Entry(lease.path, False, 0, lease.renewed_at) for lease in leases(self) if lease.stale(now, max_age_s)]
         if is_local(self.fs):
-            found = sorted((e for top in ("artifacts", "runs") for e in self.entries(top)
-                            if is_debris(e.path.rsplit("/", 1)[-1]) and (e.mtime or now) < now - max_age_s),
-                           key=lambda e: e.path)
-            for entry in found:  # not what is inside a debris directory already listed
-                if not any(entry.path.startswith(f"{d.path}/") for d in removed if d.is_dir):
-                    removed.append(entry)
-        for entry in removed:
+            found += debris_in(self.entries("artifacts") + self.entries("runs"), now, max_age_s)
+        for entry in found:
             self.delete(entry.path)
-        return removed
+        return found
+
+
+def debris_in(entries: list[Entry], now: float, max_age_s: float = DEBRIS_AGE_S) -> list[Entry]:
+    """The crash debris among ``entries`` (as :meth:`Storage.entries` lists them), older than ``max_age_s``.
+
+    Debris: staging directories, trash and temporary files of interrupted
+    writes (leases of crashed runs: :meth:`Lease.stale`). What is inside a
+    debris directory is not listed again.
+    """
+    out: list[Entry] = []
+    dirs: set[str] = set()
+    for entry in sorted(entries, key=lambda e: e.path.count("/")):  # parents first
+        parts = entry.path.split("/")
+        if any("/".join(parts[:i]) in dirs for i in range(1, len(parts))):
+            continue
+        if is_debris(parts[-1]) and (entry.mtime or now) < now - max_age_s:
+            out.append(entry)
+            if entry.is_dir:
+                dirs.add(entry.path)
+    return sorted(out, key=lambda e: e.path)
 
 
 class _CacheWriteError(Exception):
@@ -941,10 +970,15 @@ class Lease:
     ttl_s: float
     host: str = ""
     pid: int = 0
+    path: str = ""  # relative to the storage root
 
     def live(self, now: float | None = None) -> bool:
         """Renewed within its time to live (a crashed run's lease stops being renewed)."""
         return (time.time() if now is None else now) < self.renewed_at + self.ttl_s
+
+    def stale(self, now: float | None = None, max_age_s: float = DEBRIS_AGE_S) -> bool:
+        """Expired more than ``max_age_s`` ago: its run crashed, and the lease is debris."""
+        return (time.time() if now is None else now) > self.renewed_at + self.ttl_s + max_age_s
 
 
 def leases(storage: Storage) -> list[Lease]:
@@ -957,12 +991,12 @@ def leases(storage: Storage) -> list[Lease]:
         try:
             doc = storage.read_json(entry.path)
             out.append(Lease(doc["run_id"], float(doc["started_at"]), float(doc["renewed_at"]),
-                             float(doc["ttl_s"]), str(doc.get("host", "")), int(doc.get("pid", 0))))
+                             float(doc["ttl_s"]), str(doc.get("host", "")), int(doc.get("pid", 0)), entry.path))
         except FileNotFoundError:
             continue  # released meanwhile
         except (ValueError, KeyError, TypeError):
             # Safe side: honoured as a run in progress that started before anything else.
-            out.append(Lease(name[:-5], 0.0, entry.mtime or time.time(), lease_ttl_s()))
+            out.append(Lease(name[:-5], 0.0, entry.mtime or time.time(), lease_ttl_s(), path=entry.path))
     return out
 
 
