@@ -186,6 +186,33 @@ def test_s3_outage_during_download_is_retried_and_the_cache_holds_a_verified_cop
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([".locks", Path(local).name])
 
 
+# ---------------------------------------------------------------- two workers on one node share one download
+
+def test_a_worker_waits_for_another_ones_download_instead_of_downloading_again(s3, s3_store, tmp_path):
+    from filelock import FileLock
+
+    pub = s3_store.publish_dir(make_dir(tmp_path / "src"), "artifacts/s/d")
+    theirs, _ = s3_store.get_dir(pub.path, cache_root=tmp_path / "elsewhere")  # what the other worker fetches
+    cache = tmp_path / "cache"
+    name = pub.manifest_sha256[:24]
+    (cache / ".locks").mkdir(parents=True)
+    other = FileLock(str(cache / ".locks" / f"{name}.lock"))  # the other worker, downloading
+    other.acquire()
+    data = s3.proxy.hold("GET", r"/model/model\.keras$")  # a download of our own would show here
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(got=s3_store.get_dir(pub.path, cache_root=cache)))
+    try:
+        worker.start()
+        assert not data.reached.wait(3), "downloaded while another worker held the lock"
+        shutil.copytree(theirs, cache / name)  # the other worker's verified copy appears, and it lets go
+    finally:
+        other.release()
+        worker.join(60)
+        data.release()
+    assert not data.reached.is_set()  # never fetched a file itself
+    assert out["got"][0] == str(cache / name)  # used the other worker's copy, verified
+
+
 # ---------------------------------------------------------------- two writers at once: first writer wins, nothing mixed
 
 def _pause_local_writer(monkeypatch, writer: str):
