@@ -151,6 +151,8 @@ def classify(exc: BaseException) -> Cause:
         return Cause(_ERRNO_KINDS[code], os.strerror(code))
     if code in _TRANSIENT_ERRNOS:
         return Cause("storage unreachable", os.strerror(code), True)
+    if isinstance(code, int) and code > 0:
+        return Cause("storage missing" if code == errno.ENOENT else "storage error", os.strerror(code))
     text = str(exc).strip()
     status_match = re.search(r"HTTP status (\d{3})", text)
     status = int(status_match.group(1)) if status_match else None
@@ -417,16 +419,19 @@ class Storage:
     def _call(self, verb: str, rel: str, fn: Callable[[], T]) -> T:
         """``fn()``; transient failures of remote storage retried with backoff; any failure a StorageFailure.
 
-        ``FileNotFoundError`` passes through as it is (callers decide what a
-        missing file means), and so do our own errors.
+        ``FileNotFoundError`` of a read passes through as it is (callers
+        decide what a missing file means), and so do our own errors; a write
+        that finds no place to go (``storage missing``) is a failure.
         """
         deadline, delay, started = None, 0.5, time.monotonic()
         while True:
             try:
                 return fn()
-            except (FileNotFoundError, StorageError, CorruptArtifact):
+            except (StorageError, CorruptArtifact):
                 raise
             except OSError as exc:
+                if isinstance(exc, FileNotFoundError) and verb != "writing":
+                    raise
                 cause = classify(exc)
                 now = time.monotonic()
                 if cause.transient and not is_local(self.fs):
@@ -435,10 +440,10 @@ class Storage:
                         time.sleep(delay)
                         delay = min(delay * 2, 8.0)
                         continue
-                raise self.failure(cause, verb, rel, retried_s=now - started if deadline is not None else None) \
+                raise self._failure(cause, verb, rel, retried_s=now - started if deadline is not None else None) \
                     from exc
 
-    def failure(self, cause: Cause, verb: str, rel: str, retried_s: float | None = None) -> StorageFailure:
+    def _failure(self, cause: Cause, verb: str, rel: str, retried_s: float | None = None) -> StorageFailure:
         """The one sentence for ``cause`` while ``verb`` (writing, reading ...) ``rel`` in this storage."""
         retried = f" (still failing after {_seconds(retried_s)} of retries)" if retried_s else ""
         return StorageFailure(f"{cause.kind}: {cause.text} {verb} {rel or '.'} on {self.where}{retried}",
@@ -559,9 +564,12 @@ class Storage:
         return doc
 
     def current(self, rel: str) -> str | None:
-        """The complete directory ``rel`` stands for, relative to the root: ``rel`` itself if it holds a
-        manifest (a version, or a directory written before versions), else the version its pointer
-        names (complete or not: :meth:`get_dir` says which); None if neither is there."""
+        """The directory ``rel`` stands for (relative to the root), or None if nothing is published there.
+
+        ``rel`` itself if it holds a manifest (a version, or a directory written
+        before versions), else the version its pointer names (complete or not:
+        :meth:`get_dir` says which).
+        """
         if self.is_complete(rel):
             return rel
         found = self.pointer(rel)
@@ -791,7 +799,7 @@ class Storage:
                 _remove_stale(local.parent, f".{local.name}.")
                 tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
             except OSError as exc:
-                raise cache_failure(exc, local) from exc
+                raise _cache_failure(exc, local) from exc
             for relfile in manifest["files"]:
                 dest = tmp / relfile
                 try:
@@ -802,9 +810,9 @@ class Storage:
                     raise CorruptArtifact(f"{self.name_of(f'{rel}/{relfile}')}: file listed in the manifest "
                                           "is missing") from None
                 except _CacheWriteError as exc:
-                    raise cache_failure(exc.__cause__, local) from exc.__cause__
+                    raise _cache_failure(exc.__cause__, local) from exc.__cause__
                 except OSError as exc:  # making the directory in the cache
-                    raise cache_failure(exc, local) from exc
+                    raise _cache_failure(exc, local) from exc
             verify_dir(tmp, manifest, shown_as=self.uri_of(rel))
             try:
                 os.rename(tmp, local)
@@ -874,7 +882,7 @@ class _CacheWriteError(Exception):
     """Writing the local cache copy failed (its cause is the OSError): not a storage failure, not retried."""
 
 
-def cache_failure(exc: BaseException | None, local: Path) -> StorageFailure:
+def _cache_failure(exc: BaseException | None, local: Path) -> StorageFailure:
     """The one sentence for a failure of this node's artifact cache (``HARNESS_CACHE``) while writing ``local``."""
     cause = classify(exc) if exc is not None else Cause("cache error", "unknown error")
     kind = {"storage full": "worker cache full", "storage read-only": "worker cache read-only"}.get(

@@ -270,7 +270,7 @@ def check_storage(uri: str, run_id: str) -> None:
     Raises:
         StorageError: the storage cannot be opened, written or read (exit code 3).
     """
-    from .storage import Storage, StorageError
+    from .storage import Storage, StorageError, StorageFailure
 
     rel = f"runs/{run_id}/.writable"
     try:
@@ -279,6 +279,9 @@ def check_storage(uri: str, run_id: str) -> None:
         if st.read_bytes(rel) != b"ok":
             raise OSError("a file written there reads back differently")
         st.fs.delete_file(st.path(rel))
+    except StorageFailure as exc:  # the cause and the place first, then what it means here
+        raise StorageFailure(f"{exc}; this storage cannot be used (check the path or bucket exists and "
+                             "is writable)", exc.kind, exc.transient) from None
     except StorageError:
         raise
     except Exception as exc:

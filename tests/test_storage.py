@@ -11,6 +11,8 @@ from pathlib import Path
 import boto3
 import pyarrow.fs as pafs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st_
 
 from harness import storage as storage_mod
 from harness.storage import (
@@ -444,3 +446,55 @@ def test_manifest_is_json_with_sorted_files(store, tmp_path):
     pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/j")
     raw = store.read_bytes(f"{pub.path}/{MANIFEST}")
     assert list(json.loads(raw)["files"]) == sorted(FILES)
+
+
+# ---------------------------------------------------------------- what a storage exception means (pure)
+
+@pytest.mark.parametrize("exc, kind, text, transient", [
+    (OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+     "storage full", "No space left on device", False),
+    (OSError(30, "Failed to open local file '/x'. Detail: [errno 30] Read-only file system"),
+     "storage read-only", "Read-only file system", False),
+    (PermissionError(13, "Permission denied"), "permission denied", "Permission denied", False),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject "
+             "operation: No response body."), "access denied", "AccessDenied (HTTP 403)", False),
+    (OSError("When initiating multiple part upload for key 'p/big' in bucket 'b': AWS Error UNKNOWN (HTTP status "
+             "400) during CreateMultipartUpload operation: Unable to parse ExceptionName: EntityTooLarge Message: "
+             "too large"), "storage full", "EntityTooLarge (HTTP 400)", False),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error UNKNOWN (HTTP status 507) during "
+             "HeadObject operation: No response body."), "storage full", "HTTP 507 Insufficient Storage", False),
+    (OSError("When initiating multiple part upload for key 'p/a' in bucket 'b': AWS Error SLOW_DOWN during "
+             "CreateMultipartUpload operation: m"), "storage unavailable", "SlowDown (HTTP 503)", True),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error UNKNOWN (HTTP status 502) during "
+             "HeadObject operation: No response body."), "storage unavailable", "HTTP 502", True),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+             "HeadObject operation: curlCode: 28, Timeout was reached; Details: Operation too slow."),
+     "storage unreachable", "Timeout was reached", True),
+    (OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, Could not connect "
+             "to server; Details: Failed to connect"), "storage unreachable", "Could not connect to server", True),
+    (OSError("AWS Error NO_SUCH_BUCKET during CreateMultipartUpload operation: The specified bucket does not "
+             "exist"), "bucket missing", "NoSuchBucket (HTTP 404)", False),
+    (ConnectionResetError(104, "Connection reset by peer"), "storage unreachable", "Connection reset by peer", True),
+    (OSError("something else\nsecond line"), "storage error", "something else", False),
+])
+def test_classify_storage_exceptions(exc, kind, text, transient):
+    cause = storage_mod.classify(exc)
+    assert (cause.kind, cause.text, cause.transient) == (kind, text, transient)
+
+
+@given(status=st_.integers(400, 599), code=st_.sampled_from(["", "Whatever", "AccessDenied", "SlowDown"]))
+def test_classify_http_statuses(status, code):
+    """A status alone decides what an unknown code means; a known code decides for itself."""
+    detail = f"Unable to parse ExceptionName: {code} Message: m" if code else "No response body."
+    cause = storage_mod.classify(OSError(f"AWS Error UNKNOWN (HTTP status {status}) during PutObject operation: "
+                                         f"{detail}"))
+    assert "\n" not in cause.text and cause.text
+    if code == "AccessDenied":
+        assert cause.kind == "access denied" and not cause.transient
+    elif code == "SlowDown":
+        assert cause.transient
+    else:
+        assert cause.transient == (status >= 500 and status != 507 or status == 429)
+        assert cause.kind == ("storage full" if status == 507 else "access denied" if status == 403
+                              else "storage unavailable" if cause.transient else "storage error")
+        assert f"HTTP {status}" in cause.text
