@@ -182,13 +182,10 @@ def collect(storage_uri: str, keep_runs: int | None = None, keep_days: float | N
         retired_at = max(float(digest.pointer.get("published_at", 0) or 0), digest.pointer_mtime or 0) \
             if digest.pointer else None
         for version in digest.versions.values():
-            why = _doom(version, current, retired_at, referenced, live, earliest_live, grace_s, now)
-            if why is None:
+            fate, why = _judge(version, current, retired_at, referenced, live, earliest_live, grace_s, now)
+            if fate != "remove":
                 report.kept_artifacts += 1
-                continue
-            if why.startswith("held: "):
-                report.kept_artifacts += 1
-                held_by_lease += 1
+                held_by_lease += fate == "held"
                 continue
             kind = "artifact" if version.complete else "debris"
             report.removed.append(Removal(version.path, kind, version.size, version.files, why))
@@ -317,25 +314,25 @@ def _digests(st: Storage, entries: list[Entry]) -> dict[str, _Digest]:
     return digests
 
 
-def _doom(version: _Version, current: str | None, retired_at: float | None, referenced: set[str],
-          live: list[Lease], earliest_live: float | None, grace_s: float, now: float) -> str | None:
-    """Why ``version`` goes (None: it stays; ``held: ...``: it stays for a run in progress)."""
+def _judge(version: _Version, current: str | None, retired_at: float | None, referenced: set[str],
+           live: list[Lease], earliest_live: float | None, grace_s: float, now: float) -> tuple[str, str]:
+    """``(fate, why)``: ``keep``, ``held`` (kept for a run in progress) or ``remove``."""
     if version.path in referenced:
-        return None
+        return "keep", "a kept run uses it"
     if now - version.born < grace_s:
-        return None
+        return "keep", "younger than the grace period"
     if not version.complete:  # an upload that never finished, unless a running run is still at it
         if earliest_live is not None and earliest_live < version.born + CLOCK_SKEW_S:
-            return "held: being uploaded"
-        return "an interrupted upload (no manifest)"
+            return "held", "a running run may still be uploading it"
+        return "remove", "an interrupted upload (no manifest)"
     if version.path == current or version.legacy:
         if live:  # any run in progress may have read the pointer (or, before versions, the directory)
-            return "held: the current version"
-        return "no kept run uses it"
+            return "held", "the current version, and a run is in progress"
+        return "remove", "no kept run uses it"
     retired = retired_at if retired_at is not None else version.born
     if earliest_live is not None and earliest_live < retired + CLOCK_SKEW_S:
-        return "held: replaced after a running run started"
-    return "replaced, and no kept run uses it"
+        return "held", "replaced after a running run started"
+    return "remove", "replaced, and no kept run uses it"
 
 
 def _size_of(entry: Entry, entries: list[Entry]) -> tuple[int, int]:

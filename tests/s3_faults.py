@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
+from conftest import S3Server
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -233,19 +235,12 @@ class S3Process:
         return cls(proc, f"127.0.0.1:{port}", FaultProxy(f"127.0.0.1:{port}"))
 
     def make_bucket(self, name: str) -> None:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=f"http://{self.moto_endpoint}", region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
-        try:
-            client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
+        """Create bucket ``name`` on the server itself (AWS credentials from the environment)."""
+        S3Server(self.moto_endpoint).make_bucket(name)
 
     def uri(self, bucket: str, prefix: str = "") -> str:
         """An ``s3://`` storage URI that goes through the proxy."""
-        return (f"s3://{bucket}/{prefix.strip('/')}"
-                f"?endpoint_override={self.endpoint}&scheme=http&region=us-east-1")
+        return S3Server(self.endpoint).uri(bucket, prefix)
 
     def pause(self) -> None:
         """SIGSTOP the server: connections are accepted by the kernel, never answered."""

@@ -20,17 +20,9 @@ from harness.records import CellResult
 from harness.retention import DEFAULT_GRACE_S, collect
 from harness.storage import LEASES, MANIFEST, POINTER, RunLease, Storage, new_version
 
-BUCKET = "harness-gc"
+from test_storage import store  # noqa: F401 -- the same empty storage root, on local disk and on S3
+
 HOUR, DAY = 3600.0, 86400.0
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> Storage:
-    if request.param == "local":
-        return Storage.open(tmp_path / "store")
-    s3 = request.getfixturevalue("s3_server")
-    s3.make_bucket(BUCKET)
-    return Storage.open(s3.uri(BUCKET, f"gc-{uuid.uuid4().hex[:8]}"))
 
 
 def run_id(at: float) -> str:
