@@ -158,18 +158,13 @@ def _outage_during(s3: S3Process, method: str, path: str, action, seconds: float
     return out, time.monotonic() - stopped
 
 
-def test_s3_outage_during_publish_is_retried_and_no_half_artifact_is_visible(s3, s3_store, tmp_path):
-    seen = []
-
-    def publish():
-        return s3_store.publish_dir(make_dir(tmp_path / "src"), "artifacts/s/d")
-
-    out, took = _outage_during(s3, "PUT", r"/model/sub/weights\.h5$", publish)
+def test_s3_outage_during_publish_is_retried_and_publishes_once(s3, s3_store, tmp_path):
+    out, took = _outage_during(s3, "PUT", r"/model/sub/weights\.h5$",
+                               lambda: s3_store.publish_dir(make_dir(tmp_path / "src"), "artifacts/s/d"))
     assert "error" not in out, out.get("error")
     assert took >= 10  # it waited the outage out
     pub = out["value"]
-    seen.append(s3_store.current("artifacts/s/d"))
-    assert seen == [pub.path] and pub.ours
+    assert pub.ours and s3_store.current("artifacts/s/d") == pub.path
     local, manifest = s3_store.get_dir("artifacts/s/d", cache_root=tmp_path / "cache",
                                        expected_manifest_sha256=pub.manifest_sha256)
     assert set(manifest["files"]) == set(FILES)
@@ -184,6 +179,22 @@ def test_s3_outage_during_download_is_retried_and_the_cache_holds_a_verified_cop
     local, manifest = out["value"]
     storage_mod.verify_dir(local, manifest)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([".locks", Path(local).name])
+
+
+def test_a_run_rides_out_an_s3_outage_without_a_corrupt_or_failed_cell(s3, scenarios, tmp_path):
+    from harness.spec import parse_sweep
+    from harness.sweep import run_sweep
+
+    uri = s3.uri(BUCKET, f"run-{uuid.uuid4().hex[:8]}")
+    sweep = parse_sweep({"name": "outage", "scenarios": ["test-slow-build"], "formats": ["keras", "h5"],
+                         "storage": uri, "expect": "bitwise", "environments": {"cpu-default": {}}},
+                        source=str(tmp_path / "outage.yaml"))
+    out, took = _outage_during(s3, "PUT", r"/observations/", lambda: run_sweep(
+        sweep, scenarios, out_dir=tmp_path / "run", inline=True))
+    assert "error" not in out, out.get("error")
+    res = out["value"]
+    assert res.harness_failures == [] and res.results_uri is not None and took >= 10
+    assert [(r["verdict"], r["error"]) for r in res.table.to_pylist()] == [("bitwise", None)] * 2
 
 
 # ---------------------------------------------------------------- two workers on one node share one download
