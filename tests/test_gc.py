@@ -12,8 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
 from harness import results
 from harness.cli import main
 from harness.records import CellResult
