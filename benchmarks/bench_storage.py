@@ -1,8 +1,9 @@
-"""storage.Storage.put_dir + get_dir on a local store vs plain ``shutil.copytree``.
+"""storage.Storage.publish_dir + get_dir on a local store vs plain ``shutil.copytree``.
 
-``put_dir`` hashes every file (sha256 manifest), copies the directory to a
-staging name, writes the manifest and renames; ``get_dir`` on local storage
-verifies every file against the manifest in place (hashing again). The
+``publish_dir`` hashes every file (sha256 manifest), copies the directory to a
+staging name, writes the manifest, renames it to a new version and writes the
+pointer; ``get_dir`` on local storage follows the pointer and verifies every
+file against the manifest in place (hashing again). The
 baseline copies the same files and checks nothing. The ratio is the price of
 integrity checking.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from _util import Row, timed_row
 from harness.storage import Storage, build_manifest
 
-LIMIT_PUT_GET = 8.0  # (put_dir + get_dir) / copytree; measured 4.7-5.6x
+LIMIT_PUT_GET = 8.0  # (publish_dir + get_dir) / copytree; measured 4.7-5.6x (with put_dir, before versions)
 
 # A SavedModel-like tree, ~50 MiB: one big variables shard plus a few small files.
 FILES = {
@@ -59,7 +60,7 @@ def run(repeat: int, workdir: str) -> list[Row]:
 
     def ours():
         rel = f"artifacts/bench/{next(counter)}"
-        store.put_dir(src, rel)
+        store.publish_dir(src, rel)
         return store.get_dir(rel)
 
     def baseline():
@@ -71,7 +72,7 @@ def run(repeat: int, workdir: str) -> list[Row]:
     assert sorted(manifest["files"]) == sorted(FILES), sorted(manifest["files"])
     assert os.path.isfile(os.path.join(local, "manifest.json")), local
 
-    rows = [timed_row(f"put_dir+get_dir {total / 2**20:.0f} MiB/{len(FILES)} files vs copytree",
+    rows = [timed_row(f"publish_dir+get_dir {total / 2**20:.0f} MiB/{len(FILES)} files vs copytree",
                       ours, baseline, repeat=repeat, min_time=0.5, limit=LIMIT_PUT_GET, setup=clear)]
     # Where the time goes: hashing the tree once, against the same copy.
     rows.append(timed_row("build_manifest (sha256 once) vs copytree", lambda: build_manifest(src), baseline,

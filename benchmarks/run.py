@@ -8,7 +8,7 @@ table and exits 0 when every target is met, 1 otherwise. See
 benchmarks/README.md for what each row measures and why its target is what it is.
 
 Options:
-    --only compare,arrays,storage,driver,history,sweep,oracle   run some groups only
+    --only compare,arrays,storage,gc,driver,history,sweep,oracle   run some groups only
     --repeat N                      rounds per measurement (default 3; more = steadier, slower)
 """
 
@@ -38,11 +38,12 @@ import bench_compare  # noqa: E402
 import bench_driver  # noqa: E402
 import bench_oracle  # noqa: E402
 import bench_history  # noqa: E402
+import bench_gc  # noqa: E402
 import bench_storage  # noqa: E402
 import bench_sweep  # noqa: E402
 from _util import Row, fmt_ratio  # noqa: E402
 
-GROUPS = ("compare", "arrays", "storage", "driver", "history", "sweep", "oracle")
+GROUPS = ("compare", "arrays", "storage", "gc", "driver", "history", "sweep", "oracle")
 
 
 def _subdir(root: str, name: str) -> str:
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows += bench_arrays.run(args.repeat, _subdir(workdir, "arrays"))
                 elif group == "storage":
                     rows += bench_storage.run(args.repeat, _subdir(workdir, "storage"))
+                elif group == "gc":
+                    rows += bench_gc.run(args.repeat, _subdir(workdir, "gc"))
                 elif group == "driver":
                     rows += bench_driver.run()
                 elif group == "history":

@@ -1,4 +1,4 @@
-"""``harness``: run | validate | schema | scenarios | envs | report | nightly | history.
+"""``harness``: run | validate | schema | scenarios | envs | report | nightly | history | gc.
 
 Exit codes (also in the README):
     0  every cell met its expectation (nightly: nothing regressed)
@@ -338,6 +338,29 @@ def cmd_history(args) -> int:
     return EXIT_OK
 
 
+def cmd_gc(args) -> int:
+    from .retention import collect
+    from .spec_types import normalize_scheme, storage_problem
+    from .storage import LEASES, Storage, normalize_uri
+
+    problem = storage_problem(args.storage)
+    if problem:
+        raise UsageError(f"STORAGE: {problem}")
+    for option, value in (("--keep-runs", args.keep_runs), ("--keep-days", args.keep_days),
+                          ("--grace-hours", args.grace_hours)):
+        if value is not None and value < 0:
+            raise UsageError(f"{option} {value:g}: must be >= 0")
+    uri = normalize_uri(normalize_scheme(args.storage))
+    st = Storage.open(uri)
+    if not any(st.exists(top) for top in ("runs", "artifacts", LEASES)):
+        raise UsageError(f"STORAGE {args.storage}: nothing the harness wrote is there (no runs/, artifacts/ or "
+                         f"{LEASES}/); check the path")
+    report = collect(uri, keep_runs=args.keep_runs, keep_days=args.keep_days, grace_s=args.grace_hours * 3600,
+                     dry_run=args.dry_run)
+    print(report.text(items=args.dry_run or args.verbose))
+    return EXIT_OK
+
+
 def _split_cell(text: str) -> tuple[str, str, str]:
     parts = text.split("/")
     if len(parts) != 3:
@@ -423,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--keep-days", type=int, metavar="D", help="delete history partitions older than D days")
     h.add_argument("--dry-run", action="store_true", help="with --keep-days: only print what would be freed")
     h.set_defaults(func=cmd_history)
+
+    from .retention import DEFAULT_GRACE_S
+
+    g = sub.add_parser("gc", help="remove old runs, artifacts no kept run uses, and crash debris from a storage")
+    g.add_argument("storage", help="storage URI (path, s3://...)")
+    g.add_argument("--keep-runs", type=int, metavar="N", help="keep at least the N newest runs")
+    g.add_argument("--keep-days", type=float, metavar="D", help="keep runs younger than D days")
+    g.add_argument("--grace-hours", type=float, default=DEFAULT_GRACE_S / 3600, metavar="H",
+                   help=f"never remove an artifact younger than H hours (default {DEFAULT_GRACE_S / 3600:g})")
+    g.add_argument("--dry-run", action="store_true", help="report what would go, remove nothing")
+    g.add_argument("--verbose", action="store_true", help="list every path removed")
+    g.set_defaults(func=cmd_gc)
     return p
 
 

@@ -480,8 +480,8 @@ class History:
         if not dry_run:
             for date in sorted(doomed):
                 try:
-                    self.storage.delete_dir(f"date={date}")
-                except OSError as exc:
+                    self.storage.delete(f"date={date}")
+                except (OSError, StorageError) as exc:
                     where = self.storage.name_of(f"date={date}")
                     raise StorageError(f"history retention: cannot delete {where}: {text.one_line(exc, 300)}") from exc
             self.files = [f for f in self.files if f.date not in doomed]

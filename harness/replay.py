@@ -21,7 +21,7 @@ from .compare import (Tolerance, compare_digests, compare_outputs, impact_summar
 from .records import CellResult
 from .scenario import Scenario, activate
 from .spec import Environment
-from .storage import CorruptArtifact, Storage
+from .storage import CorruptArtifact, Storage, StorageError
 
 
 def _nan_to_none(x: float | None) -> float | None:
@@ -69,6 +69,8 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         local, _manifest = storage.get_dir(artifact_path, expected_manifest_sha256=manifest_sha256)
     except CorruptArtifact as exc:
         return _finish(cell, start, fp, verdict="corrupt", error=f"artifact failed verification: {exc}")
+    except StorageError as exc:  # one sentence, cause first: storage full, access denied, worker cache full...
+        return _finish(cell, start, fp, verdict="error", error=str(exc))
     except Exception as exc:  # storage unreachable, permissions...
         return _finish(cell, start, fp, verdict="error",
                        error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
@@ -101,9 +103,13 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
         error = "; ".join(filter(None, [f"{len(problems)} variable(s) not restored exactly: " + "; ".join(problems[:5]), error]))
     observation_uri = None
     if observation_path:
-        storage.write_bytes(observation_path, arrays.to_ipc_bytes(observed, {
-            "scenario": scenario.name, "format": fmt, "environment": environment.name, "verdict": verdict}))
-        observation_uri = storage.uri_of(observation_path)
+        try:
+            storage.write_bytes(observation_path, arrays.to_ipc_bytes(observed, {
+                "scenario": scenario.name, "format": fmt, "environment": environment.name, "verdict": verdict}))
+            observation_uri = storage.uri_of(observation_path)
+        except StorageError as exc:  # the comparison stands (its metrics are kept); the cell says what failed
+            error = "; ".join(filter(None, [f"{exc} (the outputs compared {verdict})", error]))
+            verdict = "error"
     atol, rtol, max_ulp = cmp.applied
     req_atol, req_rtol, req_ulp = cmp.required
     impacts = prediction_impacts(reference, observed, scenario.outputs)

@@ -272,7 +272,7 @@ def check_storage(uri: str, run_id: str) -> None:
     Raises:
         StorageError: the storage cannot be opened, written or read (exit code 3).
     """
-    from .storage import Storage, StorageError
+    from .storage import Storage, StorageError, StorageFailure
 
     rel = f"runs/{run_id}/.writable"
     try:
@@ -281,6 +281,9 @@ def check_storage(uri: str, run_id: str) -> None:
         if st.read_bytes(rel) != b"ok":
             raise OSError("a file written there reads back differently")
         st.fs.delete_file(st.path(rel))
+    except StorageFailure as exc:  # the cause and the place first, then what it means here
+        raise StorageFailure(f"{exc}; this storage cannot be used (check the path or bucket exists and "
+                             "is writable)", exc.kind, exc.transient) from None
     except StorageError:
         raise
     except Exception as exc:
@@ -326,7 +329,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     Raises:
         SweepError: Ray could not be started or reached.
     """
-    from .storage import Storage, normalize_uri
+    from .storage import RunLease, Storage, StorageError, normalize_uri
 
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -343,7 +346,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     _write_run_file(run_dir, sweep, run_id, storage_uri)
     done = {"/".join(k) for k in zip(*(previous.column(d).to_pylist() for d in ("scenario", "format", "environment")))}
     todo = [c for c in cells if c.key not in done]
-    with results.Journal(run_dir) as journal:
+    with results.Journal(run_dir) as journal, RunLease(storage_uri, run_id):  # gc honours the lease
         collector = Collector(sweep, run_id, journal, total=len(cells), progress=progress,
                               done=[c.key for c in cells if c.key in done])
         observation = lambda cell: f"runs/{run_id}/observations/{cell.scenario}/{cell.format}/{cell.environment}.arrow"
@@ -364,6 +367,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
         st = Storage.open(storage_uri)
         st.write_bytes(rel, results.to_parquet_bytes(table))
         uri = st.uri_of(rel)
+    except StorageError as exc:  # one sentence that starts with the cause and the place
+        collector.harness_failed(f"{exc}; the results are in {run_dir / 'results.parquet'}")
     except Exception as exc:
         collector.harness_failed(f"results could not be published to storage {storage_uri}: {exc}; "
                                  f"they are in {run_dir / 'results.parquet'}")

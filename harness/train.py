@@ -3,17 +3,20 @@
 A plain function (no Ray inside): ``sweep`` runs it as a Ray task in the
 training environment; tests and ``--inline`` call it directly.
 
-Storage layout of one artifact (content-addressed, written once)::
+Storage layout of one artifact (content-addressed; each save a version written
+once, published first-writer-wins, see ``harness.storage.Storage.publish_dir``)::
 
     artifacts/<scenario>/<digest>/
-        model/...            the saved files of this format
-        reference.arrow      probe inputs + outputs after reloading here
-        in_memory.arrow      outputs of the in-memory model right after training
-        oracle.arrow         outputs of the model rebuilt in float64 (when it can be)
-        labels.arrow         the scenario's probe labels (when it declares them)
-        reference.json       variable digests, save round-trip metrics, fingerprint,
-                             the oracle's outputs (or why there is none), labels and metric
-        manifest.json        sha256 of every file above (written last)
+        current.json         the pointer: which version is the artifact (written last)
+        <version>/
+            model/...            the saved files of this format
+            reference.arrow      probe inputs + outputs after reloading here
+            in_memory.arrow      outputs of the in-memory model right after training
+            oracle.arrow         outputs of the model rebuilt in float64 (when it can be)
+            labels.arrow         the scenario's probe labels (when it declares them)
+            reference.json       variable digests, save round-trip metrics, fingerprint,
+                                 the oracle's outputs (or why there is none), labels and metric
+            manifest.json        sha256 of every file above (written last)
 """
 
 from __future__ import annotations
@@ -33,15 +36,15 @@ from .compare import compare_digests, compare_outputs, output_kind, task_metric
 from .records import ArtifactRecord, TrainRecord
 from .scenario import Scenario, ScenarioError, activate
 from .spec import Environment
-from .storage import CorruptArtifact, Storage
+from .storage import ARTIFACT_LAYOUT, CorruptArtifact, Storage, StorageError
 
 
 def artifact_digest(scenario: Scenario, fmt: str, tf_version: str, keras_version: str,
                     training: Environment, batch_size: int) -> str:
-    """Content address: scenario (+ its source), format, seed, TF/Keras, training knobs."""
+    """Content address: scenario (+ its source), format, seed, TF/Keras, training knobs, storage layout."""
     key = {"scenario": scenario.name, "source": scenario.source_digest, "format": fmt, "seed": scenario.seed,
            "tf": tf_version, "keras": keras_version, "training": training.env_vars() | training.knobs(),
-           "batch_size": batch_size, "recipe": formats.REFERENCE_RECIPE}
+           "batch_size": batch_size, "recipe": formats.REFERENCE_RECIPE, "layout": ARTIFACT_LAYOUT}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -87,10 +90,11 @@ def check_probe(scenario: str, probe: Any) -> None:
 
 
 def _reference_from_storage(storage: Storage, scenario: str, fmt: str, rel: str, digest: str) -> ArtifactRecord:
-    """The record of a complete artifact found in storage, after verifying every file of it.
+    """The record of a complete artifact found in storage (``rel``: its version), after verifying every file of it.
 
     Raises:
         CorruptArtifact: it does not match its manifest (or signature), or its reference is unreadable.
+        StorageError: storage failed.
     """
     local, _manifest = storage.get_dir(rel)
     try:
@@ -135,18 +139,19 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
     rels = {f: f"artifacts/{scenario.name}/{d}" for f, d in digests.items()}
     artifacts, damaged = {}, {}
     for f in formats_:
-        if retrain or not storage.exists(rels[f]):
-            continue
         try:
-            artifacts[f] = _reference_from_storage(storage, scenario.name, f, rels[f], digests[f])
-        except CorruptArtifact as exc:  # trained again below, and the damaged copy replaced
+            found = None if retrain else storage.current(rels[f])
+            if found is not None:
+                artifacts[f] = _reference_from_storage(storage, scenario.name, f, found, digests[f])
+        except CorruptArtifact as exc:  # trained again below, and a new version replaces the damaged one
             damaged[f] = str(exc)
+        except StorageError as exc:  # storage failed: every cell of the format says why
+            artifacts[f] = ArtifactRecord(scenario=scenario.name, format=f, digest=digests[f], error=str(exc))
     todo = [f for f in formats_ if f not in artifacts]
     if todo:
         trained = _Trained.fit(scenario, batch_size)
         for f in todo:
-            artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp,
-                                        overwrite=retrain or f in damaged or storage.exists(rels[f]),
+            artifacts[f] = trained.save(f, storage, rels[f], digests[f], fp, overwrite=retrain or f in damaged,
                                         repaired=damaged.get(f))
     oracle_seconds = trained.oracle.seconds if todo else 0.0
     return TrainRecord(scenario=scenario.name, fingerprint=fp, artifacts={f: artifacts[f] for f in formats_},
@@ -266,9 +271,11 @@ class _Trained:
 
     def save(self, fmt: str, storage: Storage, rel: str, digest: str, fp: dict[str, Any], *,
              overwrite: bool = False, repaired: str | None = None) -> ArtifactRecord:
-        """Save in ``fmt``, reload here, and store the artifact with its references.
+        """Save in ``fmt``, reload here, and publish the artifact with its references as a new version.
 
-        ``overwrite`` swaps out a stored copy (``--retrain``, or damaged: ``repaired`` says how).
+        ``overwrite`` makes it the artifact even if one is published (``--retrain``, or damaged:
+        ``repaired`` says how); otherwise a version another run published first is used instead.
+        A storage failure is the record's ``error`` (one sentence, cause first).
         """
         from . import runtime
 
@@ -300,8 +307,14 @@ class _Trained:
                  "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference),
                  "oracle": self.oracle.info(), "labels": list(self.labels), "metric": self.scenario.metric},
                 indent=1, sort_keys=True, default=_json_default))
-            storage.put_dir(tmp, rel, replace=overwrite)
-        return replace(record, manifest_sha256=storage.manifest_sha256(rel), save_verdict=save["verdict"],
+            try:
+                published = storage.publish_dir(tmp, rel, replace=overwrite)
+                if not published.ours:  # another run published this digest first: everyone uses that one
+                    return _reference_from_storage(storage, self.scenario.name, fmt, published.path, digest)
+            except (StorageError, CorruptArtifact) as exc:
+                return replace(record, path=None, uri=None, error=str(exc))
+        return replace(record, path=published.path, uri=storage.uri_of(published.path),
+                       manifest_sha256=published.manifest_sha256, save_verdict=save["verdict"],
                        save_error=save.get("error"), save_max_abs_diff=save.get("max_abs_diff"),
                        save_max_ulp_diff=save.get("max_ulp_diff"))
 

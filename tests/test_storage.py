@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
 import boto3
 import pyarrow.fs as pafs
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st_
 
 from harness import storage as storage_mod
 from harness.storage import (
     MANIFEST,
+    POINTER,
     CorruptArtifact,
     Storage,
     StorageError,
+    StorageFailure,
     build_manifest,
+    is_debris,
     resolve,
     sha256_file,
     verify_dir,
+    version_time,
 )
 
 BUCKET = "harness-test"
@@ -97,116 +104,132 @@ def test_exists_listdir_walk_files(store):
     assert store.listdir("a/b") == ["c", "y.txt"]
     assert store.walk_files("a") == ["a/b/c/z.txt", "a/b/y.txt", "a/x.txt"]
     assert store.walk_files("") == ["a/b/c/z.txt", "a/b/y.txt", "a/x.txt", "other/w.txt"]
-    store.delete_dir("a/b")
-    assert store.walk_files("a") == ["a/x.txt"]
-    store.delete_dir("missing")  # no error
+    store.delete("a/b")
+    store.delete("a/x.txt")
+    assert store.walk_files("a") == []
+    store.delete("missing")  # no error
 
 
 # ---------------------------------------------------------------- directories with manifests
 
-def test_put_dir_get_dir_roundtrip(store, tmp_path):
+def test_publish_dir_get_dir_roundtrip(store, tmp_path):
     src = make_dir(tmp_path / "src", FILES)
-    manifest = store.put_dir(src, "artifacts/mlp/abc", extra={"format": "keras"})
+    pub = store.publish_dir(src, "artifacts/mlp/abc", extra={"format": "keras"})
+    manifest = pub.manifest
+    assert pub.ours and pub.path.startswith("artifacts/mlp/abc/v") and version_time(pub.path.rsplit("/", 1)[1])
     assert manifest["format"] == "keras"
     assert set(manifest["files"]) == set(FILES)
     assert manifest["files"]["model.keras"]["size"] == 1000
-    assert store.is_complete("artifacts/mlp/abc")
-    assert store.read_json(f"artifacts/mlp/abc/{MANIFEST}") == manifest
+    assert store.is_complete(pub.path) and not store.is_complete("artifacts/mlp/abc")
+    assert store.current("artifacts/mlp/abc") == pub.path and store.current(pub.path) == pub.path
+    assert store.read_json(f"{pub.path}/{MANIFEST}") == manifest
+    assert store.manifest_sha256("artifacts/mlp/abc") == store.manifest_sha256(pub.path) == pub.manifest_sha256
+    assert store.pointer("artifacts/mlp/abc")["manifest_sha256"] == pub.manifest_sha256
     assert sorted(store.walk_files("artifacts")) == sorted(
-        [f"artifacts/mlp/abc/{k}" for k in FILES] + [f"artifacts/mlp/abc/{MANIFEST}"])
-    local, got = store.get_dir("artifacts/mlp/abc", cache_root=tmp_path / "cache")
+        [f"{pub.path}/{k}" for k in FILES] + [f"{pub.path}/{MANIFEST}", f"artifacts/mlp/abc/{POINTER}"])
+    local, got = store.get_dir("artifacts/mlp/abc", cache_root=tmp_path / "cache")  # through the pointer
     assert got == manifest
     for rel, data in FILES.items():
         assert (Path(local) / rel).read_bytes() == data
     if storage_mod.is_local(store.fs):
-        assert local == store.path("artifacts/mlp/abc")  # verified in place, no copy
+        assert local == store.path(pub.path)  # verified in place, no copy
         assert not (tmp_path / "cache").exists()
     else:
         assert Path(local).parent == tmp_path / "cache"
-        assert os.listdir(tmp_path / "cache") == [Path(local).name]  # no temp dirs left
+        assert [p for p in os.listdir(tmp_path / "cache") if p != ".locks"] == [Path(local).name]  # no temp dirs
         # second call reuses the cache (same path, still verified)
-        assert store.get_dir("artifacts/mlp/abc", cache_root=tmp_path / "cache")[0] == local
+        assert store.get_dir(pub.path, cache_root=tmp_path / "cache")[0] == local
 
 
-def test_put_dir_is_idempotent(store, tmp_path):
-    first = store.put_dir(make_dir(tmp_path / "one", {"a.bin": b"first"}), "art/x")
-    second = store.put_dir(make_dir(tmp_path / "two", {"a.bin": b"second", "b.bin": b"new"}), "art/x")
-    assert second == first
-    assert store.read_bytes("art/x/a.bin") == b"first"
-    assert not store.exists("art/x/b.bin")
-    assert store.listdir("art") == ["x"]  # no staging leftovers
+def test_publish_dir_first_writer_wins(store, tmp_path):
+    first = store.publish_dir(make_dir(tmp_path / "one", {"a.bin": b"first"}), "art/x")
+    second = store.publish_dir(make_dir(tmp_path / "two", {"a.bin": b"second", "b.bin": b"new"}), "art/x")
+    assert first.ours and not second.ours
+    assert (second.path, second.manifest, second.manifest_sha256) == (first.path, first.manifest, first.manifest_sha256)
+    assert store.read_bytes(f"{first.path}/a.bin") == b"first"
+    assert store.listdir("art/x") == sorted([POINTER, first.path.rsplit("/", 1)[1]])  # nothing staged left
 
 
-def test_local_put_dir_manifest_last_and_directory_appears_whole(tmp_path, monkeypatch):
+def test_replace_publishes_a_new_version_and_keeps_the_old_for_its_readers(store, tmp_path):
+    old = store.publish_dir(make_dir(tmp_path / "one", {"a.bin": b"first"}), "art/v")
+    new = store.publish_dir(make_dir(tmp_path / "two", {"a.bin": b"retrained"}), "art/v", replace=True)
+    assert new.ours and new.path != old.path and new.manifest_sha256 != old.manifest_sha256
+    assert store.current("art/v") == new.path
+    # A run that was given the old version still reads exactly it, whole.
+    local, _ = store.get_dir(old.path, cache_root=tmp_path / "c1", expected_manifest_sha256=old.manifest_sha256)
+    assert Path(local, "a.bin").read_bytes() == b"first"
+    local, _ = store.get_dir("art/v", cache_root=tmp_path / "c2", expected_manifest_sha256=new.manifest_sha256)
+    assert Path(local, "a.bin").read_bytes() == b"retrained"
+
+
+def test_local_publish_manifest_last_and_version_appears_whole(tmp_path, monkeypatch):
     st = Storage.open(tmp_path / "store")
     src = make_dir(tmp_path / "src", FILES)
     real_rename = os.rename
     seen = []
 
     def spy_rename(a, b):
-        # the target is invisible until the rename, and the staged copy is complete, manifest included
-        assert not st.exists("art/y")
+        # the version is invisible until the rename, the staged copy is complete, manifest included,
+        # and the pointer comes after
+        assert not os.path.exists(b) and not st.exists(f"art/y/{POINTER}")
         staged = {p.relative_to(a).as_posix() for p in Path(a).rglob("*") if p.is_file()}
         seen.append(staged)
         return real_rename(a, b)
 
     monkeypatch.setattr(os, "rename", spy_rename)
-    st.put_dir(src, "art/y")
+    st.publish_dir(src, "art/y")
     assert seen == [set(FILES) | {MANIFEST}]
 
 
-def test_s3_put_dir_writes_manifest_last(s3_server, tmp_path, monkeypatch):
+def test_s3_publish_writes_manifest_then_pointer_last(s3_server, tmp_path, monkeypatch):
     s3_server.make_bucket(BUCKET)
     st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
     real = Storage.write_bytes
-    checked = []
+    order = []
 
     def spy(self, rel, data):
-        if rel.endswith(MANIFEST):
-            checked.append(rel)
+        if rel.endswith((MANIFEST, POINTER)):
+            order.append(rel.rsplit("/", 1)[1])
+            version = self.walk_files("art/z")
             for f in FILES:
-                assert self.exists(f"art/z/{f}"), f"{f} not uploaded before the manifest"
+                assert any(p.endswith(f"/{f}") for p in version), f"{f} not uploaded before {rel}"
+        if rel.endswith(POINTER):
+            assert any(p.endswith(f"/{MANIFEST}") for p in self.walk_files("art/z")), "pointer before manifest"
         return real(self, rel, data)
 
     monkeypatch.setattr(Storage, "write_bytes", spy)
-    st.put_dir(make_dir(tmp_path / "src", FILES), "art/z")
-    assert checked == [f"art/z/{MANIFEST}"]
+    st.publish_dir(make_dir(tmp_path / "src", FILES), "art/z")
+    assert order == [MANIFEST, POINTER]
 
 
-def test_interrupted_upload_is_not_complete(store, tmp_path, monkeypatch):
+def test_failed_upload_leaves_nothing_and_is_not_published(store, tmp_path, monkeypatch):
+    calls = []
+
     def boom(*args, **kwargs):
-        raise OSError("network down")
+        calls.append(args)
+        if len(calls) == 2:  # the second file: the first one is staged or uploaded already
+            raise OSError("network down")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pafs, "copy_files", boom)
-    monkeypatch.setattr(storage_mod.shutil, "copytree", boom)
-    with pytest.raises(OSError, match="network down"):
-        store.put_dir(make_dir(tmp_path / "src", FILES), "art/i")
-    assert not store.is_complete("art/i")
+    if storage_mod.is_local(store.fs):
+        real = storage_mod.shutil.copyfile
+        monkeypatch.setattr(storage_mod.shutil, "copyfile", boom)
+    else:
+        real = Storage._upload
+        monkeypatch.setattr(Storage, "_upload", lambda self, *a: boom(self, *a))
+    with pytest.raises(StorageFailure, match=r"^storage error: network down writing art/i/v\S+ on ") as info:
+        store.publish_dir(make_dir(tmp_path / "src", FILES), "art/i")
+    assert store.where in str(info.value)
+    assert store.walk_files("art") == [] and store.current("art/i") is None
+    assert [e.path for e in store.entries("art") if is_debris(e.path)] == []
     with pytest.raises(CorruptArtifact, match="never fully written"):
         store.get_dir("art/i", cache_root=tmp_path / "cache")
 
 
-def test_local_put_dir_race_loser_keeps_winner(tmp_path, monkeypatch):
-    st = Storage.open(tmp_path / "store")
-    first = st.put_dir(make_dir(tmp_path / "one", {"a.bin": b"winner"}), "art/r")
-    real = Storage.is_complete
-    calls = []
-
-    def stale_once(self, rel):  # the loser checked before the winner finished
-        calls.append(rel)
-        return False if len(calls) == 1 else real(self, rel)
-
-    monkeypatch.setattr(Storage, "is_complete", stale_once)
-    got = st.put_dir(make_dir(tmp_path / "two", {"a.bin": b"loser"}), "art/r")
-    assert got == first
-    assert st.read_bytes("art/r/a.bin") == b"winner"
-    assert st.listdir("art") == ["r"]
-
-
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_damaged_storage_is_corrupt_artifact(store, tmp_path, damage):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/d")
-    target = "art/d/sub/weights.h5"
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/d")
+    target = f"{pub.path}/sub/weights.h5"
     if damage == "flip":
         flip_byte(store, target)
     else:
@@ -216,23 +239,33 @@ def test_damaged_storage_is_corrupt_artifact(store, tmp_path, damage):
     assert "sub/weights.h5" in str(info.value)
     assert ("missing" if damage == "delete" else "sha256") in str(info.value)
     if (tmp_path / "cache").exists():
-        assert os.listdir(tmp_path / "cache") == []  # the failed download was cleaned up
+        assert [p for p in os.listdir(tmp_path / "cache") if p != ".locks"] == []  # the failed download was cleaned up
 
 
 def test_missing_manifest_is_corrupt_artifact(store, tmp_path):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/m")
-    store.fs.delete_file(store.path(f"art/m/{MANIFEST}"))
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/m")
+    store.fs.delete_file(store.path(f"{pub.path}/{MANIFEST}"))
     with pytest.raises(CorruptArtifact, match=MANIFEST) as info:
         store.get_dir("art/m", cache_root=tmp_path / "cache")
-    assert "art/m" in str(info.value)
+    assert pub.path in str(info.value)
     with pytest.raises(CorruptArtifact):
         store.get_dir("never/written", cache_root=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("pointer, fragment", [(b'{"version": ', "not a pointer to a version"),
+                                               (b'{"version": "../../etc"}', "which is not a version")])
+def test_damaged_pointer_is_corrupt_naming_it(store, tmp_path, pointer, fragment):
+    store.publish_dir(make_dir(tmp_path / "src", FILES), "art/p")
+    store.write_bytes(f"art/p/{POINTER}", pointer)
+    with pytest.raises(CorruptArtifact, match=fragment) as info:
+        store.get_dir("art/p", cache_root=tmp_path / "cache")
+    assert f"art/p/{POINTER}" in str(info.value)
 
 
 def test_s3_damaged_cache_is_refetched_and_harness_cache_env(s3_server, tmp_path, monkeypatch):
     s3_server.make_bucket(BUCKET)
     st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
-    st.put_dir(make_dir(tmp_path / "src", FILES), "art/c")
+    pub = st.publish_dir(make_dir(tmp_path / "src", FILES), "art/c")
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "envcache"))
     local, _ = st.get_dir("art/c")  # no cache_root: HARNESS_CACHE decides
     assert Path(local).parent == tmp_path / "envcache"
@@ -244,9 +277,9 @@ def test_s3_damaged_cache_is_refetched_and_harness_cache_env(s3_server, tmp_path
     os.remove(cached)
     assert st.get_dir("art/c")[0] == local and cached.read_bytes() == good
     # Damage in storage itself is corrupt, named by its storage URI.
-    flip_byte(st, "art/c/model.keras")
+    flip_byte(st, f"{pub.path}/model.keras")
     cached.write_bytes(b"x")  # force a new download
-    with pytest.raises(CorruptArtifact, match=r"s3://.*/art/c/model.keras: sha256"):
+    with pytest.raises(CorruptArtifact, match=r"s3://.*/art/c/v\S+/model.keras: sha256"):
         st.get_dir("art/c")
 
 
@@ -262,33 +295,33 @@ def _rewrite_manifest(store: Storage, rel: str, data: bytes) -> None:
     ("escape", "not a relative path inside the artifact"),
 ])
 def test_damaged_manifest_is_corrupt_naming_it(store, tmp_path, damage, fragment):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/bad")
-    raw = store.read_bytes(f"art/bad/{MANIFEST}")
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/bad")
+    raw = store.read_bytes(f"{pub.path}/{MANIFEST}")
     doc = json.loads(raw)
     data = {"truncated": raw[: len(raw) // 2],
             "no-files": json.dumps({"file": doc["files"]}).encode(),
             "escape": json.dumps({"files": {"../../outside": {"sha256": "0" * 64, "size": 1}}}).encode()}[damage]
-    _rewrite_manifest(store, "art/bad", data)
+    _rewrite_manifest(store, pub.path, data)
     with pytest.raises(CorruptArtifact, match=fragment) as info:
         store.get_dir("art/bad", cache_root=tmp_path / "cache")
-    assert f"art/bad/{MANIFEST}" in str(info.value)
+    assert f"{pub.path}/{MANIFEST}" in str(info.value)
     assert not (tmp_path / "outside").exists()
 
 
 def test_file_not_in_the_manifest_is_corrupt(store, tmp_path):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/x")
-    store.write_bytes("art/x/sub/planted.py", b"import os")
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/x")
+    store.write_bytes(f"{pub.path}/sub/planted.py", b"import os")
     with pytest.raises(CorruptArtifact, match="sub/planted.py: file is not in the manifest"):
         store.get_dir("art/x", cache_root=tmp_path / "cache")
 
 
 def test_manifest_rewritten_since_training_is_corrupt(store, tmp_path):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/t")
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/t")
     bound = store.manifest_sha256("art/t")
     store.get_dir("art/t", cache_root=tmp_path / "cache", expected_manifest_sha256=bound)
     # A changed file with a matching, rewritten manifest: verification alone would pass it.
-    store.write_bytes("art/t/model.keras", b"evil" * 250)
-    _rewrite_manifest(store, "art/t", json.dumps(build_manifest(make_dir(tmp_path / "evil", {
+    store.write_bytes(f"{pub.path}/model.keras", b"evil" * 250)
+    _rewrite_manifest(store, pub.path, json.dumps(build_manifest(make_dir(tmp_path / "evil", {
         **FILES, "model.keras": b"evil" * 250}))).encode())
     store.get_dir("art/t", cache_root=tmp_path / "cache2")  # consistent in itself
     with pytest.raises(CorruptArtifact, match="not the manifest the training step of this run wrote"):
@@ -296,38 +329,39 @@ def test_manifest_rewritten_since_training_is_corrupt(store, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["flip", "delete-manifest"])
-def test_put_dir_replace_repairs_a_damaged_artifact(store, tmp_path, how):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/r")
+def test_replace_repairs_a_damaged_artifact(store, tmp_path, how):
+    damaged = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/r")
     if how == "flip":
-        flip_byte(store, "art/r/model.keras")
+        flip_byte(store, f"{damaged.path}/model.keras")
     else:
-        store.fs.delete_file(store.path(f"art/r/{MANIFEST}"))
+        store.fs.delete_file(store.path(f"{damaged.path}/{MANIFEST}"))
     with pytest.raises(CorruptArtifact):
         store.get_dir("art/r", cache_root=tmp_path / "cache")
     fresh = {**FILES, "model.keras": b"N" * 1000}
-    store.put_dir(make_dir(tmp_path / "fresh", fresh), "art/r", replace=True)
+    pub = store.publish_dir(make_dir(tmp_path / "fresh", fresh), "art/r", replace=True)
     local, manifest = store.get_dir("art/r", cache_root=tmp_path / "cache")
     assert set(manifest["files"]) == set(fresh) and Path(local, "model.keras").read_bytes() == b"N" * 1000
-    assert store.listdir("art") == ["r"]  # no staging or trash left behind
+    # the pointer and two versions (the damaged one goes with gc); nothing staged
+    assert store.listdir("art/r") == sorted([POINTER, damaged.path.rsplit("/", 1)[1], pub.path.rsplit("/", 1)[1]])
 
 
 def test_s3_cache_entry_replaced_by_a_file_is_fetched_again(s3_server, tmp_path):
     s3_server.make_bucket(BUCKET)
     st = Storage.open(s3_server.uri(BUCKET, f"t-{uuid.uuid4().hex[:8]}"))
-    st.put_dir(make_dir(tmp_path / "src", FILES), "art/f")
+    st.publish_dir(make_dir(tmp_path / "src", FILES), "art/f")
     local, _ = st.get_dir("art/f", cache_root=tmp_path / "cache")
-    storage_mod._discard(Path(local))
+    shutil.rmtree(local)
     Path(local).write_bytes(b"not a directory")
     again, _ = st.get_dir("art/f", cache_root=tmp_path / "cache")
     assert again == local and Path(again, "model.keras").read_bytes() == FILES["model.keras"]
 
 
 def test_signed_manifests(store, tmp_path, monkeypatch):
-    store.put_dir(make_dir(tmp_path / "unsigned", FILES), "art/u")
+    store.publish_dir(make_dir(tmp_path / "unsigned", FILES), "art/u")
     monkeypatch.setenv("HARNESS_SIGNING_KEY", "k1")
     with pytest.raises(CorruptArtifact, match="not signed"):
         store.get_dir("art/u", cache_root=tmp_path / "cache")
-    store.put_dir(make_dir(tmp_path / "signed", FILES), "art/s")
+    store.publish_dir(make_dir(tmp_path / "signed", FILES), "art/s")
     store.get_dir("art/s", cache_root=tmp_path / "cache")
     monkeypatch.setenv("HARNESS_SIGNING_KEY", "k2")
     with pytest.raises(CorruptArtifact, match="does not match"):
@@ -409,6 +443,58 @@ def test_bad_uri_is_storage_error(uri):
 
 
 def test_manifest_is_json_with_sorted_files(store, tmp_path):
-    store.put_dir(make_dir(tmp_path / "src", FILES), "art/j")
-    raw = store.read_bytes(f"art/j/{MANIFEST}")
+    pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/j")
+    raw = store.read_bytes(f"{pub.path}/{MANIFEST}")
     assert list(json.loads(raw)["files"]) == sorted(FILES)
+
+
+# ---------------------------------------------------------------- what a storage exception means (pure)
+
+@pytest.mark.parametrize("exc, kind, text, transient", [
+    (OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+     "storage full", "No space left on device", False),
+    (OSError(30, "Failed to open local file '/x'. Detail: [errno 30] Read-only file system"),
+     "storage read-only", "Read-only file system", False),
+    (PermissionError(13, "Permission denied"), "permission denied", "Permission denied", False),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject "
+             "operation: No response body."), "access denied", "AccessDenied (HTTP 403)", False),
+    (OSError("When initiating multiple part upload for key 'p/big' in bucket 'b': AWS Error UNKNOWN (HTTP status "
+             "400) during CreateMultipartUpload operation: Unable to parse ExceptionName: EntityTooLarge Message: "
+             "too large"), "storage full", "EntityTooLarge (HTTP 400)", False),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error UNKNOWN (HTTP status 507) during "
+             "HeadObject operation: No response body."), "storage full", "HTTP 507 Insufficient Storage", False),
+    (OSError("When initiating multiple part upload for key 'p/a' in bucket 'b': AWS Error SLOW_DOWN during "
+             "CreateMultipartUpload operation: m"), "storage unavailable", "SlowDown (HTTP 503)", True),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error UNKNOWN (HTTP status 502) during "
+             "HeadObject operation: No response body."), "storage unavailable", "HTTP 502", True),
+    (OSError("When getting information for key 'p/a' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+             "HeadObject operation: curlCode: 28, Timeout was reached; Details: Operation too slow."),
+     "storage unreachable", "Timeout was reached", True),
+    (OSError("AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7, Could not connect "
+             "to server; Details: Failed to connect"), "storage unreachable", "Could not connect to server", True),
+    (OSError("AWS Error NO_SUCH_BUCKET during CreateMultipartUpload operation: The specified bucket does not "
+             "exist"), "bucket missing", "NoSuchBucket (HTTP 404)", False),
+    (ConnectionResetError(104, "Connection reset by peer"), "storage unreachable", "Connection reset by peer", True),
+    (OSError("something else\nsecond line"), "storage error", "something else", False),
+])
+def test_classify_storage_exceptions(exc, kind, text, transient):
+    cause = storage_mod.classify(exc)
+    assert (cause.kind, cause.text, cause.transient) == (kind, text, transient)
+
+
+@given(status=st_.integers(400, 599), code=st_.sampled_from(["", "Whatever", "AccessDenied", "SlowDown"]))
+def test_classify_http_statuses(status, code):
+    """A status alone decides what an unknown code means; a known code decides for itself."""
+    detail = f"Unable to parse ExceptionName: {code} Message: m" if code else "No response body."
+    cause = storage_mod.classify(OSError(f"AWS Error UNKNOWN (HTTP status {status}) during PutObject operation: "
+                                         f"{detail}"))
+    assert "\n" not in cause.text and cause.text
+    if code == "AccessDenied":
+        assert cause.kind == "access denied" and not cause.transient
+    elif code == "SlowDown":
+        assert cause.transient
+    else:
+        assert cause.transient == (status >= 500 and status != 507 or status == 429)
+        assert cause.kind == ("storage full" if status == 507 else "access denied" if status == 403
+                              else "storage unavailable" if cause.transient else "storage error")
+        assert f"HTTP {status}" in cause.text

@@ -16,7 +16,7 @@ import pytest
 
 from harness import arrays
 from harness.spec import Environment
-from harness.storage import MANIFEST, Storage, build_manifest
+from harness.storage import MANIFEST, POINTER, Storage, build_manifest
 from harness.replay import replay
 from harness.train import train
 
@@ -111,13 +111,21 @@ def test_forged_artifact_is_refused_across_runs_with_a_signing_key(scenarios, tm
     assert cell.verdict == "bitwise", cell.error
 
 
-def test_retrain_replaces_what_is_stored(scenarios, tmp_path):
+def test_retrain_publishes_a_new_version_and_never_deletes_the_old(scenarios, tmp_path):
     store = str(tmp_path / "store")
     scenario = scenarios[SCENARIO]
     first = train(scenario, [FORMAT], store, TRAINING).artifacts[FORMAT]
     again = train(scenario, [FORMAT], store, TRAINING, retrain=True).artifacts[FORMAT]
-    assert not again.reused and again.path == first.path
-    assert Storage.open(store).listdir(first.path.rsplit("/", 1)[0]) == [first.path.rsplit("/", 1)[1]]
+    parent = first.path.rsplit("/", 1)[0]
+    assert not again.reused and again.path != first.path and again.path.rsplit("/", 1)[0] == parent
+    st = Storage.open(store)
+    assert st.listdir(parent) == sorted([POINTER, first.path.rsplit("/", 1)[1], again.path.rsplit("/", 1)[1]])
+    assert st.current(parent) == again.path  # later runs use the retrained one
+    reused = train(scenario, [FORMAT], store, TRAINING).artifacts[FORMAT]
+    assert reused.reused and (reused.path, reused.manifest_sha256) == (again.path, again.manifest_sha256)
+    # A run still replaying the first version (a concurrent one) reads it whole: nothing was deleted under it.
+    cell = replay(scenario, FORMAT, first.path, store, DEFAULT, batch_size=8, manifest_sha256=first.manifest_sha256)
+    assert cell.verdict == "bitwise", cell.error
 
 
 # -- nothing passes vacuously: probes that would compare nothing are refused at training --------------
