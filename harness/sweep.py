@@ -219,7 +219,7 @@ def sweep_order(sweep: Sweep, table: pa.Table) -> pa.Table:
     keys = zip(*(table.column(d).to_pylist() for d, _ in dims))
     last = {k: i for i, k in enumerate(keys)}
     order = sorted(last, key=lambda k: tuple(rank[d].get(v, len(rank[d])) for (d, _), v in zip(dims, k)))
-    return table.take([last[k] for k in order])
+    return table.take(pa.array([last[k] for k in order], type=pa.int64()))  # typed: an empty take has no null kernel
 
 
 RUN_FILE = "run.json"

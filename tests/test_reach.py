@@ -129,3 +129,10 @@ def test_nodes_that_all_read_the_probe_pass_and_it_is_removed(split_cluster, s3_
     assert Storage.open("s3://reach/store").walk_files(reach.PROBE_DIR) == []
     # On the driver's own machine nothing is asked (no task, no probe).
     assert reach.check_storage_reach("s3://reach/store", SWEEP, ray.nodes(), timeout_s=120) == []
+
+
+def test_a_run_refused_before_any_cell_ran_orders_its_empty_table():
+    from harness import results
+    from harness.sweep import sweep_order
+
+    assert sweep_order(SWEEP, results.SCHEMA.empty_table()).num_rows == 0  # Arrow has no take kernel for null indices

@@ -198,7 +198,8 @@ class Host:
     ip: str
     veth: str  # root-namespace end of its link (cut it to partition the host)
     spec: HostSpec | None = None  # None for the head and the S3 host
-    holder: subprocess.Popen | None = None  # keeps the host's mount namespace (its disk) alive
+    holder: subprocess.Popen | None = None  # `unshare`, parent of the host's init
+    init: int | None = None  # PID 1 of the host's PID namespace (root-namespace pid): keeps its disk alive
     main: subprocess.Popen | None = None  # its `ray start --block` (or the S3 server)
     extra: list[subprocess.Popen] = field(default_factory=list)
 
@@ -335,17 +336,19 @@ class Rig:
             self._start_holder(host)
 
     def _start_holder(self, host: Host) -> None:
-        """A process owning the host's mount namespace: fresh tmpfs on /tmp and /dev/shm, HOME=/tmp/home."""
+        """The host's ``init``: PID 1 of its own PID namespace, in a mount namespace with fresh tmpfs on
+        /tmp and /dev/shm (HOME=/tmp/home). Every process of the host runs in these namespaces."""
         script = ("mount -t tmpfs -o mode=1777,size=4g tmpfs /tmp && mount -t tmpfs -o mode=1777,size=2g tmpfs /dev/shm"
-                  " && mkdir -p /tmp/home && echo ready && exec sleep infinity")
-        holder = subprocess.Popen(["ip", "netns", "exec", host.netns, "unshare", "--mount", "--propagation", "private",
-                                   "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True)
+                  f" && mkdir -p /tmp/home && echo ready && exec {sys.executable} -c '{_INIT}'")
+        holder = subprocess.Popen(["ip", "netns", "exec", host.netns, "unshare", "--mount", "--pid", "--fork",
+                                   "--mount-proc", "--propagation", "private", "sh", "-c", script],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         line = _readline(holder, timeout=CMD_TIMEOUT_S)
-        if line.strip() != "ready":
+        init = _children(holder.pid)
+        if line.strip() != "ready" or len(init) != 1:
             holder.kill()
-            raise RigError(f"host {host.name}: private /tmp could not be mounted: {line.strip()!r}")
-        host.holder = holder
+            raise RigError(f"host {host.name}: its namespaces could not be set up: {line.strip()!r}")
+        host.holder, host.init = holder, init[0]
 
     def _start_watchdog(self) -> None:
         """A process that tears this rig down if this one dies without doing it (pytest killed, Ctrl-C twice)."""
@@ -370,9 +373,10 @@ class Rig:
         """``argv`` wrapped to run on ``host``: in its network and mount namespaces, with its environment."""
         h = self.hosts[host]
         if h.holder is None or h.holder.poll() is not None:
-            raise RigError(f"host {host} is down (its namespace holder is gone)")
+            raise RigError(f"host {host} is down (its init is gone)")
         envs = [f"{k}={v}" for k, v in self.host_env(h, env).items()]
-        return ["nsenter", f"--target={h.holder.pid}", "--net", "--mount", "--", "env", "-i", "-C", cwd, *envs,
+        # nsenter forks into the PID namespace: the command is its child, in its process group.
+        return ["nsenter", f"--target={h.init}", "--net", "--mount", "--pid", "--", "env", "-i", "-C", cwd, *envs,
                 *argv]
 
     def spawn(self, host: str, argv: Sequence[str], log: str, env: Mapping[str, str] | None = None,
@@ -387,12 +391,26 @@ class Rig:
 
     def run(self, host: str, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None,
             cwd: str = "/tmp/home", check: bool = False) -> subprocess.CompletedProcess:
-        """Run ``argv`` on ``host`` and wait (at most ``timeout`` s: then its processes... raise TimeoutExpired)."""
-        proc = subprocess.run(self.command(host, argv, env, cwd), capture_output=True, text=True, timeout=timeout,
-                              start_new_session=True)
-        if check and proc.returncode:
-            raise RigError(f"on {host}: `{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
-        return proc
+        """Run ``argv`` on ``host`` and wait; past ``timeout`` it is SIGKILLed and TimeoutExpired raised."""
+        cmd = self.command(host, argv, env, cwd)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(proc, signal.SIGKILL)
+            proc.communicate(timeout=10)
+            raise
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        if check and done.returncode:
+            raise RigError(f"on {host}: `{' '.join(argv)}` failed ({done.returncode}): {err.strip()[-800:]}")
+        return done
+
+    @staticmethod
+    def signal(proc: subprocess.Popen, sig: int) -> None:
+        """Signal a command started by :meth:`spawn` or :meth:`run` (and nsenter around it)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
 
     def logfile(self, name: str) -> Path:
         return self.dir / "logs" / name
@@ -568,7 +586,7 @@ class Rig:
     def kill_host(self, name: str) -> None:
         """SIGKILL every process of host ``name`` (its disk, the mount namespace, survives as on a real machine)."""
         host = self.hosts[name]
-        keep = [host.holder.pid] if host.holder else []
+        keep = [p for p in (host.holder.pid if host.holder else None, host.init) if p]
         pids = [p for p in _netns_pids(host.netns) if p not in keep]
         _signal_all(pids, signal.SIGKILL)
         stop_processes(host.netns, keep=keep, grace_s=0)
@@ -604,6 +622,24 @@ class Rig:
 
     def restore(self, name: str) -> None:
         _sh(["ip", "link", "set", self.hosts[name].veth, "up"])
+
+
+# PID 1 of a host: reaps orphans (Ray's daemons outlive their parents), exits on SIGTERM,
+# which makes the kernel SIGKILL everything else in the host's PID namespace.
+_INIT = ("import os, signal, time; signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\n"
+         "while True:\n"
+         "    try: os.wait()\n"
+         "    except ChildProcessError: time.sleep(0.5)")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid``."""
+    found = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
 
 
 def _readline(proc: subprocess.Popen, timeout: float) -> str:
