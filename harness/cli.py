@@ -3,7 +3,8 @@
 Exit codes (also in the README):
     0  every cell met its expectation (nightly: nothing regressed)
     1  some cell failed its expectation (nightly: a regression)
-    2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance ...
+    2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance, a storage
+       some host of the cluster cannot read ...
     3  the harness itself failed: Ray or storage unreachable or unusable, Ray refused a
        placement, results could not be published (what finished is still written)
     130 interrupted (Ctrl-C); results written so far are kept

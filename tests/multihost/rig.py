@@ -352,10 +352,10 @@ class Rig:
 
     def _start_watchdog(self) -> None:
         """A process that tears this rig down if this one dies without doing it (pytest killed, Ctrl-C twice)."""
-        self._watchdog = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "watchdog", self.suffix, str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "logs" / "watchdog.log", "w"),
-            start_new_session=True)
+        with open(self.dir / "logs" / "watchdog.log", "w") as log:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "watchdog", self.suffix, str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
 
     # -- running things on hosts ---------------------------------------------------------
     def host_env(self, host: Host, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -527,12 +527,13 @@ class Rig:
         pending = {h.name: h for h in hosts}
         attempts = dict.fromkeys(pending, 1)
         since = dict.fromkeys(pending, time.time())
+        known = {n["node_id"] for n in self.nodes()}  # a host restarted gets a new node: wait for that one
         for host in hosts:
             host.main = self.spawn(host.name, self._worker_argv(host), host.log)
         while pending:
-            alive = self.alive_ips()
+            joined = {n["node_ip"] for n in self.nodes() if n["state"] == "ALIVE" and n["node_id"] not in known}
             for name, host in list(pending.items()):
-                if host.ip in alive:
+                if host.ip in joined:
                     del pending[name]
                     continue
                 if host.main.poll() is not None:
@@ -592,13 +593,20 @@ class Rig:
         stop_processes(host.netns, keep=keep, grace_s=0)
         _reap(host.main)
 
-    def restart_worker(self, name: str) -> None:
-        """Bring host ``name`` back as a fresh Ray node (after a kill, or a partition that cost it its node)."""
+    def replace_worker(self, name: str, timeout: float = NODE_TIMEOUT_S) -> None:
+        """Host ``name`` as a fresh Ray node, its old node declared dead (after a partition, whose node
+        the GCS may declare dead a while after the link is back: Ray's reconnection backs off)."""
         host = self.hosts[name]
         if host.spec is None:
             raise RigError(f"{name} is not a Ray worker host")
+        old = {n["node_id"] for n in self.nodes() if n["node_ip"] == host.ip and n["state"] == "ALIVE"}
         self._restart_host_namespace(host)
         self._start_workers([host])
+        deadline = time.time() + timeout
+        while {n["node_id"] for n in self.nodes() if n["state"] == "ALIVE"} & old:
+            if time.time() > deadline:
+                raise RigError(f"host {name}'s old node was not declared dead within {timeout:g}s")
+            time.sleep(0.5)
 
     def ensure_healthy(self) -> None:
         """Every link up and every worker host's node alive (restarting those that are not)."""
@@ -706,9 +714,8 @@ def cleanup_stale(before: float, log=sys.stderr) -> list[str]:
     for sfx in sorted(suffixes):
         record = STATE_ROOT / sfx / "rig.json"
         created = record.stat().st_mtime if record.exists() else 0.0
-        netns = _rig_netns(sfx)
-        if created >= before or any(_netns_pids(n) for n in netns):
-            continue
+        if created >= before or _alive(_owner(record)) or any(_netns_pids(n) for n in _rig_netns(sfx)):
+            continue  # newer than us, its owner still runs (maybe still building it), or a process is left
         teardown(sfx, log=None)
         removed.append(sfx)
     if removed and log is not None:
@@ -716,13 +723,30 @@ def cleanup_stale(before: float, log=sys.stderr) -> list[str]:
     return removed
 
 
+def _owner(record: Path) -> int | None:
+    try:
+        return int(json.loads(record.read_text())["owner"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _watchdog(suffix: str, owner: int) -> int:
     """Tear rig ``suffix`` down when process ``owner`` is gone; exit when the rig is gone."""
     record = STATE_ROOT / suffix / "rig.json"
     while record.exists():
-        try:
-            os.kill(owner, 0)
-        except ProcessLookupError:
+        if not _alive(owner):
             print(f"owner {owner} is gone: tearing down rig {suffix}", file=sys.stderr, flush=True)
             teardown(suffix)
             return 0
