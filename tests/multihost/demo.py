@@ -10,6 +10,7 @@ each cell ran on; then tears everything down (only what it started).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from rig import DUMMY_AWS, VENV_BIN, Rig, RigError
 
 HERE = Path(__file__).resolve().parent
 MATRIX = HERE / "matrix.yaml"
+_RAY_CLI_LOG = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|SUCC)\s")  # `ray job submit`'s own chatter
 
 
 def _step(text: str) -> None:
@@ -65,7 +67,7 @@ def main() -> int:
                                   f"--working-dir={work}", "--", "harness", "run", "matrix.yaml", "--address", "auto",
                                   "--storage", rig.storage_uri()], env=env, text=True, capture_output=True,
                                  timeout=900)
-        print("\n".join(line for line in job.stdout.splitlines() if " SUCC " not in line and " INFO " not in line))
+        print("\n".join(line for line in job.stdout.splitlines() if not _RAY_CLI_LOG.match(line)))
         from drive import run_id_of
 
         run_id = run_id_of(job.stdout)
@@ -79,9 +81,9 @@ def main() -> int:
         print(report.matrix_text(table))
         _step("where each cell ran")
         print(hosts_table(table, rig))
-        print(f"\nThe rig proves: cells ran on the hosts their labels select; artifacts and results travelled only\n"
-              f"through S3; a run is readable from any machine. It does not prove hardware differences: every\n"
-              f"host is this machine's CPU ({'replay-b computes as an AVX2 machine through its node environment'}),\n"
+        print("\nThe rig proves: cells ran on the hosts their labels select; artifacts and results travelled only\n"
+              "through S3; a run is readable from any machine. It does not prove hardware differences: every\n"
+              "host is this machine's CPU (replay-b computes as an AVX2 machine through its node environment),\n"
               f"and GPU nodes are not simulated here. {time.time() - started:.0f} s in all.")
         return job.returncode
     finally:
