@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench cluster-demo venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/harness run scenarios/sweeps/quickstart.yaml --out runs/quickstart
+
+# The multi-host rig (root, Linux network namespaces): a Ray head and three worker hosts that
+# share no disk, S3 on the bridge; runs tests/multihost/matrix.yaml across them, prints the
+# matrix with each cell's host, tears everything down. See README "Running on a Ray cluster".
+cluster-demo: $(STAMP)
+	$(BIN)/python tests/multihost/rig.py demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ table and exits 0 when every target is met, 1 otherwise. See
 benchmarks/README.md for what each row measures and why its target is what it is.
 
 Options:
-    --only compare,arrays,storage,gc,driver,history,sweep,oracle   run some groups only
+    --only compare,arrays,storage,gc,driver,history,sweep,oracle,cluster   run some groups only
     --repeat N                      rounds per measurement (default 3; more = steadier, slower)
 """
 
@@ -34,6 +34,7 @@ import pyarrow as pa  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 import bench_arrays  # noqa: E402
+import bench_cluster  # noqa: E402
 import bench_compare  # noqa: E402
 import bench_driver  # noqa: E402
 import bench_oracle  # noqa: E402
@@ -43,7 +44,7 @@ import bench_storage  # noqa: E402
 import bench_sweep  # noqa: E402
 from _util import Row, fmt_ratio  # noqa: E402
 
-GROUPS = ("compare", "arrays", "storage", "gc", "driver", "history", "sweep", "oracle")
+GROUPS = ("compare", "arrays", "storage", "gc", "driver", "history", "sweep", "oracle", "cluster")
 
 
 def _subdir(root: str, name: str) -> str:
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows += bench_sweep.run(min(args.repeat, 2))  # each round is two whole sweeps
                 elif group == "oracle":
                     rows += bench_oracle.run(_subdir(workdir, "oracle"))  # one training per scenario
+                elif group == "cluster":
+                    rows += bench_cluster.run()  # one round: a rig start and two whole sweeps
             except Exception as exc:  # report the others' numbers anyway, then fail
                 traceback.print_exc()
                 errors.append(f"{group}: {type(exc).__name__}: {exc}")

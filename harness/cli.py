@@ -3,7 +3,8 @@
 Exit codes (also in the README):
     0  every cell met its expectation (nightly: nothing regressed)
     1  some cell failed its expectation (nightly: a regression)
-    2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance ...
+    2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance, a storage
+       some host of the cluster cannot read ...
     3  the harness itself failed: Ray or storage unreachable or unusable, Ray refused a
        placement, results could not be published (what finished is still written)
     130 interrupted (Ctrl-C); results written so far are kept
@@ -106,7 +107,23 @@ def cmd_run(args) -> int:
     (out / "report.md").write_text(report.render(result.table, "md", title=f"Sweep {sweep.name}",
                                                  explanations=explanations))
     print(f"\nresults: {out / 'results.parquet'}\nreport:  {out / 'report.md'}")
+    _publish_report(result, out / "report.md")
     return _exit_code(result)
+
+
+def _publish_report(result, report_md: Path) -> None:
+    """Put report.md next to the run's results in storage and say where (a cluster driver's disk may not last)."""
+    from .storage import Storage
+    from .sweep import publish
+
+    if not result.results_uri:
+        return  # publishing the results failed already: reported as the run's failure
+    try:
+        publish(result.storage_uri, result.run_id, {"report.md": report_md.read_bytes()})
+    except Exception as exc:  # noqa: BLE001 -- the run's results are published; only its report is not
+        print(f"harness: warning: report.md could not be published to storage: {text.one_line(str(exc), 200)}",
+              file=sys.stderr)
+    print(f"storage: {Storage.open(result.storage_uri).name_of(f'runs/{result.run_id}')}")
 
 
 def _explain_differences(sweep, scenarios, args, result) -> dict:
@@ -227,8 +244,10 @@ def cmd_report(args) -> int:
         raise UsageError(str(exc)) from None
     from .explain import load_explanations
 
-    text = report.render(table, args.format, title=f"Run {Path(args.run_dir).name}",
-                         explanations=load_explanations(args.run_dir))
+    published = "://" in args.run_dir  # a run directory in storage: its explanations stay with its driver
+    name = Path(args.run_dir.split("?", 1)[0].rstrip("/") if published else args.run_dir).name
+    text = report.render(table, args.format, title=f"Run {name}",
+                         explanations={} if published else load_explanations(args.run_dir))
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}", file=sys.stderr)
@@ -424,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_explain)
 
     rep = sub.add_parser("report", help="render a run's results")
-    rep.add_argument("run_dir", help="run directory (or results.parquet)")
+    rep.add_argument("run_dir", help="run directory (or results.parquet), or a run's directory in storage "
+                                     "(s3://.../runs/RUN_ID, as `run` prints it)")
     rep.add_argument("--format", default="md", choices=["md", "html", "junit", "json"])
     rep.add_argument("--out", help="file to write (default stdout)")
     rep.set_defaults(func=cmd_report)
@@ -464,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script; returns the exit code (see the module docstring)."""
     from .explain import UnknownCell
+    from .reach import StorageUnreachable
     from .results import ResultsError
     from .scenario import ScenarioError
     from .spec import SpecError
@@ -475,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else None
     try:
         return args.func(args)
-    except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError, UnknownCell) as exc:
+    except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError, UnknownCell, StorageUnreachable) as exc:
         _err(_one_line(exc))
         return EXIT_INVALID
     except (SweepError, StorageError) as exc:

@@ -192,37 +192,66 @@ class ResultsError(ValueError):
 
 
 def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read a results table from a ``results.parquet`` file or a run directory.
+    """Read a results table from a ``results.parquet`` file or a run directory, local or in storage.
 
     A run directory's journal (cells a crashed or running sweep finished) is
     read too, the last row of a cell winning. Columns the current schema has
     but an older file lacks come back as nulls, so reports keep working on old runs.
+    A storage URI (``s3://bucket/prefix/runs/RUN_ID?endpoint_override=...``)
+    names a run directory a sweep published there (see ``harness.sweep.publish``),
+    or its ``results.parquet``.
 
     Raises:
         FileNotFoundError: no results there.
         ResultsError: the file is not a results table (truncated, another file).
     """
+    if "://" in os.fspath(path):
+        return _read_published(os.fspath(path))
     path = Path(path)
     run_dir = path if path.is_dir() else None
     if run_dir is not None:
         path = path / "results.parquet"
     parts = []
     if path.exists():
-        try:
-            table = pq.read_table(path)
-            for field in SCHEMA:
-                if field.name not in table.column_names:
-                    table = table.append_column(field, pa.nulls(len(table), field.type))
-            parts.append(table.select(list(COLUMN_NAMES)).cast(SCHEMA))
-        except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
-            raise ResultsError(f"{path}: not a results table written by `harness run` "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                               "remove it or point at another run directory") from None
+        parts.append(_as_results(lambda: pq.read_table(path), str(path)))
     if run_dir is not None and (run_dir / JOURNAL).exists():
         parts.append(Journal.table(run_dir))
     if not parts:
         raise FileNotFoundError(f"{path}: no results here; pass a run directory written by `harness run`")
     return last_row_per_cell(pa.concat_tables(parts)) if len(parts) > 1 else parts[0]
+
+
+def _read_published(uri: str) -> pa.Table:
+    """The results table a run published in storage (``uri``: its run directory or results.parquet)."""
+    from .storage import Storage, StorageError
+
+    base, _, query = uri.partition("?")
+    if not base.rstrip("/").endswith(".parquet"):
+        base = base.rstrip("/") + "/results.parquet"
+    st, shown = Storage.open(base + (f"?{query}" if query else "")), base
+    try:
+        raw = st.read_bytes("")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{shown}: no results here; pass a run directory a sweep published "
+                                "(`harness run` prints it: storage: .../runs/RUN_ID)") from None
+    except Exception as exc:  # noqa: BLE001 -- unreachable storage: the caller's exit code 3
+        raise StorageError(f"cannot read {shown}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") \
+            from None
+    return _as_results(lambda: pq.read_table(pa.BufferReader(raw)), shown)
+
+
+def _as_results(read, shown: str) -> pa.Table:
+    """``read()``'s Parquet table in the current schema (missing columns as nulls), or ResultsError naming ``shown``."""
+    try:
+        table = read()
+        for field in SCHEMA:
+            if field.name not in table.column_names:
+                table = table.append_column(field, pa.nulls(len(table), field.type))
+        return table.select(list(COLUMN_NAMES)).cast(SCHEMA)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
+        raise ResultsError(f"{shown}: not a results table written by `harness run` "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                           "remove it or point at another run directory") from None
 
 
 def last_row_per_cell(table: pa.Table) -> pa.Table:

@@ -201,6 +201,7 @@ class RunResult:
     run_dir: Path
     table: Any  # pa.Table
     results_uri: str | None = None  # copy of results.parquet in shared storage
+    storage_uri: str | None = None  # the storage the run used; ``publish`` puts its files in runs/<run_id>/ there
     harness_failures: list[str] = field(default_factory=list)  # the harness itself failed (exit code 3)
 
     @property
@@ -220,7 +221,7 @@ def sweep_order(sweep: Sweep, table: pa.Table) -> pa.Table:
     keys = zip(*(table.column(d).to_pylist() for d, _ in dims))
     last = {k: i for i, k in enumerate(keys)}
     order = sorted(last, key=lambda k: tuple(rank[d].get(v, len(rank[d])) for (d, _), v in zip(dims, k)))
-    return table.take([last[k] for k in order])
+    return table.take(pa.array([last[k] for k in order], type=pa.int64()))  # typed: an empty take has no null kernel
 
 
 RUN_FILE = "run.json"
@@ -362,18 +363,31 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     results.Journal.remove(run_dir)  # every line is in results.parquet now
     # Also publish next to the observations in shared storage: on a cluster
     # the driver's disk may not outlive the run.
-    rel, uri = f"runs/{run_id}/results.parquet", None
+    results_uri = None
     try:
-        st = Storage.open(storage_uri)
-        st.write_bytes(rel, results.to_parquet_bytes(table))
-        uri = st.uri_of(rel)
+        publish(storage_uri, run_id, {"results.parquet": results.to_parquet_bytes(table),
+                                      RUN_FILE: (run_dir / RUN_FILE).read_bytes()})
+        results_uri = Storage.open(storage_uri).uri_of(f"runs/{run_id}/results.parquet")
     except StorageError as exc:  # one sentence that starts with the cause and the place
         collector.harness_failed(f"{exc}; the results are in {run_dir / 'results.parquet'}")
     except Exception as exc:
         collector.harness_failed(f"results could not be published to storage {storage_uri}: {exc}; "
                                  f"they are in {run_dir / 'results.parquet'}")
-    return RunResult(run_id=run_id, run_dir=run_dir, table=table, results_uri=uri,
+    return RunResult(run_id=run_id, run_dir=run_dir, table=table, results_uri=results_uri,
+                     storage_uri=storage_uri,
                      harness_failures=collector.harness_failures)
+
+
+def publish(storage_uri: str, run_id: str, files: Mapping[str, bytes]) -> None:
+    """Write ``files`` (name -> bytes) into the run's directory in storage, ``runs/<run_id>/``.
+
+    ``harness report URI`` reads a run from there, on any machine that reaches the storage.
+    """
+    from .storage import Storage
+
+    st = Storage.open(storage_uri)
+    for name, data in files.items():
+        st.write_bytes(f"runs/{run_id}/{name}", data)
 
 
 def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, collector: Collector,
@@ -511,6 +525,11 @@ def _run_ray(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, 
 
     owned = _init_ray(address, verbose)
     try:
+        if _local_cores is None:  # a cluster: can its hosts read this storage? (exit 2 if not)
+            from .reach import check_storage_reach
+
+            for host in check_storage_reach(storage_uri, sweep, cluster_nodes()):
+                print(f"harness: warning: {host} did not answer the storage probe in time", file=sys.stderr)
         needed = {c.scenario for c in todo}
         _register_scenarios_by_value(scenarios[n] for n in needed)
         unschedulable = precheck(sweep, cluster_nodes()) if sweep.precheck else {}

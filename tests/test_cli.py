@@ -446,6 +446,38 @@ def test_report_formats(fmt, good_run, tmp_path):
         assert {e["name"] for e in doc["environments"]} == set(GOOD_ENVS)
 
 
+def test_run_publishes_its_directory_to_storage_and_report_reads_it_there(good_run, store, tmp_path):
+    proc, out = good_run
+    found = re.search(r"^storage: (\S+)/runs/(\S+)$", proc.stdout, re.M)
+    assert found and found.group(1) == store, proc.stdout
+    run_id = found.group(2)
+    published = Path(store) / "runs" / run_id
+    assert {"results.parquet", "run.json", "report.md"} <= {p.name for p in published.iterdir()}
+    assert (published / "report.md").read_text() == (out / "report.md").read_text()
+    assert json.loads((published / "run.json").read_text())["run_id"] == run_id
+    # Through the storage layer (a URI), as from a machine without the run directory.
+    shown = run_cli("report", f"file://{published}", cwd=tmp_path)
+    assert shown.returncode == 0, explain(shown)
+    assert f"Run {run_id}" in shown.stdout and "4 passed, 0 failed expectations" in shown.stdout
+
+
+def test_report_of_a_run_published_to_s3(good_run, s3_server, tmp_path, capsys):
+    from harness.cli import main
+    from harness.sweep import publish
+
+    _, out = good_run
+    s3_server.make_bucket("published")
+    uri = s3_server.uri("published", "store")
+    publish(uri, "RUN-1", {"results.parquet": (out / "results.parquet").read_bytes()})
+    base, query = uri.split("?", 1)
+    assert main(["report", f"{base}/runs/RUN-1?{query}", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["cells"] == 4 and doc["summary"]["passed"] == 4
+    assert main(["report", f"{base}/runs/RUN-2?{query}"]) == 2  # nothing published there: invalid input
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s3://published/store/runs/RUN-2/results.parquet: no results here" in err[0], err
+
+
 def test_report_without_results_is_invalid_input(tmp_path):
     (tmp_path / "empty-run").mkdir()
     assert_one_line_error(run_cli("report", "empty-run", cwd=tmp_path), "empty-run", "no results here")

@@ -44,8 +44,9 @@ def _node_id() -> str:
 
 
 def _marker():
-    """When HARNESS_TEST_MARKER_DIR is set, record which Ray node is building (for node-loss tests)."""
+    """When HARNESS_TEST_MARKER_DIR is set, record which Ray node is building, for which environment
+    (for node-loss tests): a file ``<node id>.<pid>`` holding ``<time> <environment>``."""
     marker_dir = os.environ.get("HARNESS_TEST_MARKER_DIR")
     if marker_dir:
         with open(os.path.join(marker_dir, f"{_node_id()}.{os.getpid()}"), "w") as f:
-            f.write(str(time.time()))
+            f.write(f"{time.time()} {os.environ.get('HARNESS_ENVIRONMENT', '')}")
