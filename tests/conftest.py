@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,44 +54,7 @@ def zoo_trained(scenarios, zoo_store):
     names = [n for n in scenarios if n.startswith("zoo-")]
     return {n: train(scenarios[n], list(FORMATS), zoo_store, Environment(name="training")) for n in names}
 
-_DUMMY_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class S3Server:
-    """Handle on the running moto server."""
-
-    endpoint: str  # "127.0.0.1:PORT"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.endpoint}"
-
-    def make_bucket(self, name: str) -> None:
-        """Create bucket ``name`` (no error if it already exists)."""
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1")
-        try:
-            client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
-
-    def uri(self, bucket: str, prefix: str = "") -> str:
-        """An ``s3://`` storage URI pointing at this server."""
-        return (f"s3://{bucket}/{prefix.strip('/')}"
-                f"?endpoint_override={self.endpoint}&scheme=http&region=us-east-1")
+from s3_helpers import DUMMY_AWS_ENV as _DUMMY_AWS_ENV, S3Server, free_port as _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-from conftest import S3Server
+from s3_helpers import S3Server
 
 
 def free_port() -> int:
