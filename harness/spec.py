@@ -29,7 +29,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from . import isa
 from .compare import Tolerance
-from .results import EXPECTATIONS
+from .records import EXPECTATIONS
 from .spec_types import (NAME_PATTERN, AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount,
                          LabelSelector, NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName,
                          Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
@@ -375,9 +375,16 @@ class TimeoutSettings(_Spec):
 TIMEOUT_FIELDS = tuple(TimeoutSettings.model_fields)
 
 
+#: The training environment's name: results, precheck and worker processes key it apart from the sweep's.
+TRAINING = "training"
+
+
 def _environments(value: Any) -> Any:
     if not isinstance(value, dict) or not value:
         raise fail(f"expected a non-empty mapping of environment name -> settings, got {show(value)}")
+    if TRAINING in value:
+        raise fail(f"{TRAINING!r} is the name of the training environment (set under training:); "
+                   f"rename this environment, e.g. cpu-{TRAINING}", TRAINING)
     return value
 
 
@@ -511,7 +518,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         scenarios=doc.scenarios,
         formats=doc.formats,
         environments=tuple(_named(n, s) for n, s in doc.environments.items()),
-        training=_named("training", doc.training),
+        training=_named(TRAINING, doc.training),
         storage=doc.storage,
         scenario_paths=tuple(str((base / p).resolve()) for p in doc.scenario_paths),
         tolerance=doc.tolerance,
