@@ -59,7 +59,8 @@ class Format:
     description: str
 
 
-def _is_keras(obj: Any) -> bool:
+def is_keras(obj: Any) -> bool:
+    """Whether ``obj`` is a Keras model (not a plain ``tf.Module``)."""
     import keras
 
     return isinstance(obj, keras.Model)
@@ -186,7 +187,7 @@ def _explained(fmt: str, stage: str, fn: Callable) -> Callable:
 
 
 def _require_keras(model: Any, fmt: str) -> None:
-    if not _is_keras(model):
+    if not is_keras(model):
         raise NotAKerasModel(f"the scenario produced a {type(model).__name__}, not a keras.Model")
 
 
@@ -226,7 +227,7 @@ def build_model(scenario: Scenario) -> Any:
 
 def call_model(model: Any, x: Any) -> Any:
     """Inference call: Keras models with ``training=False``, anything else plainly."""
-    return model(x, training=False) if _is_keras(model) else model(x)
+    return model(x, training=False) if is_keras(model) else model(x)
 
 
 def _keras_loaded(model) -> Loaded:
@@ -336,8 +337,8 @@ def _save_tf_saved_model(model, directory, probe):
     module.model = model
     # A tracked list restores as an attribute of the loaded object, giving us
     # every variable back by the original order for the weight check.
-    module.harness_variables = list(model.weights if _is_keras(model) else model.variables)
-    if _is_keras(model):
+    module.harness_variables = list(model.weights if is_keras(model) else model.variables)
+    if is_keras(model):
         # Non-parameter state the traced call may capture (Keras SeedGenerator
         # states of Dropout / noise / augmentation layers) must be tracked too,
         # or saving fails with "captures tensor ... seed_generator_state".

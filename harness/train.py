@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from . import arrays, formats
+from . import arrays, formats, layout
 from .compare import compare_digests, compare_outputs
-from .records import ArtifactRecord, TrainRecord
+from .records import ArtifactRecord, TrainRecord, jsonable
 from .scenario import Scenario, ScenarioError, activate
 from .spec import Environment
 from .storage import CorruptArtifact, Storage
@@ -129,7 +129,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
     fp = fingerprint.collect("training")
     digests = {f: artifact_digest(scenario, f, tf.__version__, keras.__version__, training, batch_size)
                for f in formats_}
-    rels = {f: f"artifacts/{scenario.name}/{d}" for f, d in digests.items()}
+    rels = {f: layout.artifact_dir(scenario.name, d) for f, d in digests.items()}
     artifacts, damaged = {}, {}
     for f in formats_:
         if retrain or not storage.exists(rels[f]):
@@ -159,7 +159,7 @@ class _Trained:
         if unknown:
             raise ScenarioError(f"scenario {scenario.name!r}: outputs= names {', '.join(map(repr, unknown))}, but the "
                                 f"model's outputs are {', '.join(map(repr, self.in_memory))}")
-        self.variables = formats.variable_digests(model.weights if formats._is_keras(model) else model.variables)
+        self.variables = formats.variable_digests(model.weights if formats.is_keras(model) else model.variables)
 
     @classmethod
     def fit(cls, scenario: Scenario, batch_size: int) -> "_Trained":
@@ -196,7 +196,7 @@ class _Trained:
             (Path(tmp) / "reference.json").write_text(json.dumps(
                 {**meta, "variables": [{"name": k, **v} for k, v in self.variables.items()], "save": save,
                  "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference)},
-                indent=1, sort_keys=True, default=_json_default))
+                indent=1, sort_keys=True, default=jsonable))
             storage.put_dir(tmp, rel, replace=overwrite)
         return replace(record, manifest_sha256=storage.manifest_sha256(rel), save_verdict=save["verdict"],
                        save_error=save.get("error"), save_max_abs_diff=save.get("max_abs_diff"),
@@ -219,11 +219,3 @@ class _Trained:
                 "weights_equal": check.equal, "weight_problems": check.problems[:20],
                 "weight_notes": check.notes[:20], "ignored_state": check.ignored_state,
                 "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(check.problems[:5]))}, outputs
-
-
-def _json_default(o):
-    if isinstance(o, float) and o != o:
-        return None
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
