@@ -80,9 +80,11 @@ def cmd_run(args) -> int:
     cells = _plan(args, sweep)
     out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
     if args.resume:
-        from .sweep import adopt
+        from .run import Run
+        from .storage import normalize_uri
 
-        adopt(out, sweep)  # a foreign or unreadable run directory is refused before anything starts
+        # a foreign or unreadable run directory is refused before anything starts
+        Run.resume(out, sweep, scenarios, normalize_uri(args.storage or sweep.storage))
     print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
           f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
           f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
@@ -113,8 +115,8 @@ def _explain_differences(sweep, scenarios, args, result) -> dict:
     if cells:
         print(f"harness: explain: true -- explaining {len(cells)} cell(s) that are not bitwise", file=sys.stderr)
         try:
-            for exp in explain_cells(sweep, scenarios, result.run_dir, cells, address=args.address,
-                                     storage=args.storage, verbose=args.verbose):
+            for exp in explain_cells(result.run, sweep, scenarios, cells, address=args.address,
+                                     verbose=args.verbose):
                 where = exp.localisation.first if exp.localisation and exp.localisation.first else "-"
                 print(f"  {text.one_line(exp.cell)}: starts at {text.one_line(where)}; "
                       f"{text.one_line(exp.summary or exp.message or '')}", file=sys.stderr)
@@ -182,24 +184,29 @@ def cmd_envs(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    import dataclasses
     import json
 
     from .explain import run_explain
+    from .run import Run
     from .scenario import discover, select
     from .spec import load_sweep
+    from .storage import normalize_uri
 
-    run_dir = Path(args.run_dir)
-    source = args.sweep
-    if source is None:
-        try:
-            source = json.loads((run_dir / "run.json").read_text())["source"]
-        except (OSError, ValueError, KeyError):
-            raise UsageError(f"{run_dir}: no run.json naming the run's sweep file; pass --sweep SWEEP.yaml") from None
-    sweep = load_sweep(source)
-    available = discover([*sweep.scenario_paths, *args.scenarios_path])
-    scenarios = {s.name: s for s in select(available, sweep.scenarios, source=str(source))}
     try:
-        explanation = run_explain(sweep, scenarios, run_dir, args.cell, address=args.address, storage=args.storage,
+        run = Run.load(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    if args.storage:
+        run = dataclasses.replace(run, storage=normalize_uri(args.storage))
+    source = args.sweep or run.source
+    sweep = load_sweep(source)
+    # The directories the run found its scenarios in, so --scenarios-path need not be given again.
+    available = discover([*sweep.scenario_paths, *run.scenario_paths, *args.scenarios_path])
+    scenarios = {s.name: s for s in select(available, sweep.scenarios, source=str(source))}
+    run.check(sweep, scenarios)  # a sweep file (or scenario) changed since the run is refused
+    try:
+        explanation = run_explain(run, sweep, scenarios, args.cell, address=args.address,
                                   attribution=not args.no_attribution, verbose=args.verbose)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
@@ -326,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", help="run directory written by `harness run`")
     x.add_argument("cell", help="SCENARIO/FORMAT/ENVIRONMENT")
     x.add_argument("--sweep", help="the run's sweep file (default: the one recorded in RUN_DIR/run.json)")
-    x.add_argument("--scenarios-path", action="append", default=[], metavar="DIR")
+    x.add_argument("--scenarios-path", action="append", default=[], metavar="DIR",
+                   help="more scenario directories (the run's own are remembered in RUN_DIR/run.json)")
     x.add_argument("--address", default="local", help="Ray: 'local' (embedded, default), 'auto', or ray://host:10001")
     x.add_argument("--storage", help="storage URI (default: the run's)")
     x.add_argument("--no-attribution", action="store_true", help="only localise: do not re-run the cell per knob")
@@ -358,12 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script; returns the exit code (see the module docstring)."""
+    from .engine import RayUnavailable
     from .explain import UnknownCell
     from .results import ResultsError
+    from .run import RunDirError
     from .scenario import ScenarioError
     from .spec import SpecError
     from .storage import StorageError
-    from .sweep import RunDirError, SweepError
 
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
@@ -373,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError, UnknownCell) as exc:
         _err(_one_line(exc))
         return EXIT_INVALID
-    except (SweepError, StorageError) as exc:
+    except (RayUnavailable, StorageError) as exc:
         _err(_one_line(exc))
         return EXIT_INFRA
     except KeyboardInterrupt:

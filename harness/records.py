@@ -54,13 +54,12 @@ def meets(verdict: str | None, expected: str) -> bool:
 
 
 # -- the plan --------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cell:
-    """One (scenario, format, environment) of a run: what the scheduler plans and a results row describes."""
+class CellNames:
+    """What names a cell, for records with ``scenario``, ``format`` and ``environment`` fields."""
 
-    scenario: str
-    format: str
-    environment: str
+    scenario: str | None
+    format: str | None
+    environment: str | None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -70,6 +69,15 @@ class Cell:
     def name(self) -> str:
         """``scenario/format/environment``: how a cell is named on the command line and in explanations."""
         return f"{self.scenario}/{self.format}/{self.environment}"
+
+
+@dataclass(frozen=True)
+class Cell(CellNames):
+    """One (scenario, format, environment) of a run: what the scheduler plans and a results row describes."""
+
+    scenario: str
+    format: str
+    environment: str
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ def _col(arrow: pa.DataType, doc: str, *, json_value: bool = False) -> Any:
 
 
 @dataclass(frozen=True)
-class CellResult:
+class CellResult(CellNames):
     """One (scenario, format, environment) cell: one row of ``results.parquet``.
 
     ``replay`` fills the cell's own columns; the driver completes the run's
@@ -176,15 +184,6 @@ class CellResult:
     def __post_init__(self):
         if self.verdict is not None and self.verdict not in VERDICTS:
             raise ValueError(f"unknown verdict {self.verdict!r}; one of {', '.join(VERDICTS)}")
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.scenario, self.format, self.environment)
-
-    @property
-    def name(self) -> str:
-        """``scenario/format/environment``: how a cell is named on the command line and in explanations."""
-        return f"{self.scenario}/{self.format}/{self.environment}"
 
     def replace(self, **changes: Any) -> "CellResult":
         """A copy with ``changes`` (field names only: an unknown name is a ``TypeError``)."""

@@ -388,7 +388,7 @@ def _growth(layer: LayerDiff) -> str:
 
 
 def _layer_row(layer: LayerDiff) -> list[str]:
-    return [str(layer.index), layer.name, layer.verdict, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
+    return [str(layer.index), layer.name, layer.bits, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
             _num(layer.mismatch_fraction), _growth(layer)]
 
 
@@ -399,7 +399,7 @@ def _explanation_facts(exp: Explanation) -> list[tuple[str, str]]:
     if loc is not None and loc.error:
         facts.append(("layers", f"cannot localise: {loc.error}"))
     elif loc is not None:
-        facts.append(("starts at layer", loc.first or "(every layer bitwise)"))
+        facts.append(("starts at layer", loc.first or "(every layer the same)"))
         facts.append(("grows most at", loc.growth or "-"))
         if loc.note:
             facts.append(("traced", loc.note))
@@ -649,8 +649,8 @@ def _fingerprints_html(lay: _Layout) -> str:
 
 
 def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int = 120) -> str:
-    """Inline SVG: one bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
-    the first layer that is not bitwise is outlined."""
+    """Inline SVG: one bar per layer call in depth order, height log10(1 + max ULP), coloured by whether its
+    outputs' bits differ; the first layer whose bits differ is outlined."""
     layers = list(layers)
     if not layers:
         return ""
@@ -658,14 +658,14 @@ def _divergence_svg(layers: Iterable[LayerDiff], width: int = 480, height: int =
               else 0.0 for d in layers]
     top = max(max(values), 1.0)
     step = width / len(layers)
-    first = next((d.index for d in layers if d.verdict != "bitwise"), None)
+    first = next((d.index for d in layers if d.differs), None)
     bars = []
     for d, v in zip(layers, values):
         h = max(2.0, (height - 14) * v / top)
         outline = ' stroke="#111" stroke-width="2"' if d.index == first else ""
         bars.append(f'<rect x="{d.index * step + 1:.1f}" y="{height - 12 - h:.1f}" width="{max(step - 2, 1):.1f}" '
-                    f'height="{h:.1f}" fill="{_COLOURS.get(d.verdict, "#999999")}"{outline}>'
-                    f"<title>{_e(f'{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp')}</title></rect>")
+                    f'height="{h:.1f}" fill="{_COLOURS["mismatch" if d.differs else "bitwise"]}"{outline}>'
+                    f"<title>{_e(f'{d.index} {d.name}: {d.bits}, max {_ulp(d.max_ulp_diff)} ulp')}</title></rect>")
     return (f'<svg class="depth" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="max ULP difference by layer depth">'
             f'<line x1="0" y1="{height - 12}" x2="{width}" y2="{height - 12}" stroke="#888"/>{"".join(bars)}'
