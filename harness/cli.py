@@ -5,7 +5,7 @@ Exit codes (also in the README):
     1  some cell failed its expectation (nightly: a regression)
     2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance ...
     3  the harness itself failed: Ray or storage unreachable or unusable, Ray refused a
-       placement, results could not be published (what finished is still written)
+       placement, Ray lost mid-run, results could not be published (what finished is still written)
     130 interrupted (Ctrl-C); results written so far are kept
 """
 
@@ -219,12 +219,15 @@ def cmd_explain(args) -> int:
 
 def cmd_report(args) -> int:
     from . import report, results
+    from .explain import load_explanations
+    from .run import Run
 
     try:
-        table = results.read_table(args.run_dir)
+        # A run directory is read through its Run (one row per cell); a bare results file as it is.
+        table = Run.load(args.run_dir).table() if (Path(args.run_dir) / "run.json").exists() \
+            else results.read_table(args.run_dir)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
-    from .explain import load_explanations
 
     text = report.render(table, args.format, title=f"Run {Path(args.run_dir).name}",
                          explanations=load_explanations(args.run_dir))

@@ -409,9 +409,6 @@ class Scheduler:
         """The state of cell ``scenario/format/environment``."""
         return self.tracks[cell].state
 
-    def lane_environments(self, key: str) -> tuple[str, ...]:
-        return self.lanes[key].spec.environments
-
     # -- planning -------------------------------------------------------------------------------
     def _plan(self, track: _Track) -> None:
         cell = track.cell
