@@ -526,8 +526,12 @@ class Engine:
         return [WorkerDied(wid, now, ray_error_text(exc), node_lost=bool(changes)), *changes]
 
     def _node_events(self, actor: _Actor, exc: BaseException, now: float) -> list:
-        """``NodesChanged`` when the dead actor's node is gone (the lanes' possible nodes are counted again)."""
-        if not _actor_died(exc) or actor.node is None:
+        """``NodesChanged`` when the dead actor's node, or any node alive before, is gone.
+
+        An actor that never got placed dies too when the only node it may use
+        is gone ("the node specified ... doesn't exist any more").
+        """
+        if not _actor_died(exc):
             return []
         return self._nodes_gone(now, actor.node)
 

@@ -297,5 +297,5 @@ def test_a_node_lost_with_no_other_node_to_host_its_environment_is_named(cluster
     runner.join(timeout=240)
     assert not runner.is_alive()
     (row,) = box["res"].table.to_pylist()
-    assert row["verdict"] == "unschedulable", row
+    assert row["verdict"] == "unschedulable", (row["verdict"], row["error"])
     assert f"node {node_ids[victim][:12]} was lost" in row["error"] and "no other alive node can host" in row["error"]
