@@ -1,6 +1,6 @@
 """The sweep driver at scale: a 10,000-cell sweep whose workers do no TensorFlow work.
 
-The real driver (``harness.sweep.run_sweep`` -> engine -> collector -> journal
+The real driver (``harness.sweep.run_sweep`` -> engine + scheduler -> collector -> journal
 -> results.parquet) runs on an embedded local Ray; only the actor body is
 replaced by ``FakeWorker``, which answers every job at once with a result of
 realistic size (a full fingerprint, per-output detail). So what is measured is

@@ -59,6 +59,14 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _decade(exponent: float) -> str:
+    """``10 ** exponent`` as an axis label; past float range (a ceiling above 1e308) as ``1e+309``."""
+    try:
+        return _number(10.0 ** exponent)
+    except OverflowError:
+        return f"1e+{exponent:g}"
+
+
 def _plottable(value: float | None, log: bool) -> bool:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
@@ -77,7 +85,7 @@ def _scale(values: list[float], log: bool) -> tuple[float, float, str]:
         high = max(math.ceil(max(positive)) if positive else 1.0, low + 1)  # at least one decade
         if any(v == 0 for v in values):
             return low - 1, high, "0"
-        return low, high, _number(10 ** low)
+        return low, high, _decade(low)
     low, high = min(values + [0.0]), max(values + [0.0])
     if high == low:
         high = low + 1.0
@@ -112,7 +120,7 @@ def _panel(panel: Panel, width: int, height: int, y0: float) -> str:
     bottom, right = _TOP + plot_h, _LEFT + plot_w
     parts += [f'<path d="M{_LEFT} {_TOP}V{bottom}H{right}" fill="none" stroke="#999" stroke-width="1"/>',
               f'<text x="{_LEFT - 4}" y="{_TOP + 4}" font-size="9" text-anchor="end">'
-              f"{_e(_number(10 ** high if panel.log else high))}</text>",
+              f"{_e(_decade(high) if panel.log else _number(high))}</text>",
               f'<text x="{_LEFT - 4}" y="{bottom}" font-size="9" text-anchor="end">'
               f"{_e(low_label)}</text>",
               f'<text x="{_LEFT}" y="{height - 4}" font-size="9">{_e(panel.labels[0], 24)}</text>']

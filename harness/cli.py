@@ -6,7 +6,7 @@ Exit codes (also in the README):
     2  invalid input: bad YAML, unknown field/scenario/format, bad tolerance, a storage
        some host of the cluster cannot read ...
     3  the harness itself failed: Ray or storage unreachable or unusable, Ray refused a
-       placement, results could not be published (what finished is still written)
+       placement, Ray lost mid-run, results could not be published (what finished is still written)
     130 interrupted (Ctrl-C); results written so far are kept
 """
 
@@ -89,9 +89,11 @@ def cmd_run(args) -> int:
     cells = _plan(args, sweep)
     out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
     if args.resume:
-        from .sweep import adopt
+        from .run import Run
+        from .storage import normalize_uri
 
-        adopt(out, sweep)  # a foreign or unreadable run directory is refused before anything starts
+        # a foreign or unreadable run directory is refused before anything starts
+        Run.resume(out, sweep, scenarios, normalize_uri(args.storage or sweep.storage))
     print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
           f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
           f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
@@ -113,17 +115,17 @@ def cmd_run(args) -> int:
 
 def _publish_report(result, report_md: Path) -> None:
     """Put report.md next to the run's results in storage and say where (a cluster driver's disk may not last)."""
+    from . import layout
     from .storage import Storage
-    from .sweep import publish
 
     if not result.results_uri:
         return  # publishing the results failed already: reported as the run's failure
     try:
-        publish(result.storage_uri, result.run_id, {"report.md": report_md.read_bytes()})
+        result.run.publish({"report.md": report_md.read_bytes()})
     except Exception as exc:  # noqa: BLE001 -- the run's results are published; only its report is not
         print(f"harness: warning: report.md could not be published to storage: {text.one_line(str(exc), 200)}",
               file=sys.stderr)
-    print(f"storage: {Storage.open(result.storage_uri).name_of(f'runs/{result.run_id}')}")
+    print(f"storage: {Storage.open(result.storage_uri).name_of(layout.run_root(result.run_id))}")
 
 
 def _explain_differences(sweep, scenarios, args, result) -> dict:
@@ -138,8 +140,8 @@ def _explain_differences(sweep, scenarios, args, result) -> dict:
     if cells:
         print(f"harness: explain: true -- explaining {len(cells)} cell(s) that are not bitwise", file=sys.stderr)
         try:
-            for exp in explain_cells(sweep, scenarios, result.run_dir, cells, address=args.address,
-                                     storage=args.storage, verbose=args.verbose):
+            for exp in explain_cells(result.run, sweep, scenarios, cells, address=args.address,
+                                     verbose=args.verbose):
                 where = exp.localisation.first if exp.localisation and exp.localisation.first else "-"
                 print(f"  {text.one_line(exp.cell)}: starts at {text.one_line(where)}; "
                       f"{text.one_line(exp.summary or exp.message or '')}", file=sys.stderr)
@@ -207,24 +209,29 @@ def cmd_envs(args) -> int:
 
 
 def cmd_explain(args) -> int:
+    import dataclasses
     import json
 
     from .explain import run_explain
+    from .run import Run
     from .scenario import discover, select
     from .spec import load_sweep
+    from .storage import normalize_uri
 
-    run_dir = Path(args.run_dir)
-    source = args.sweep
-    if source is None:
-        try:
-            source = json.loads((run_dir / "run.json").read_text())["source"]
-        except (OSError, ValueError, KeyError):
-            raise UsageError(f"{run_dir}: no run.json naming the run's sweep file; pass --sweep SWEEP.yaml") from None
-    sweep = load_sweep(source)
-    available = discover([*sweep.scenario_paths, *args.scenarios_path])
-    scenarios = {s.name: s for s in select(available, sweep.scenarios, source=str(source))}
     try:
-        explanation = run_explain(sweep, scenarios, run_dir, args.cell, address=args.address, storage=args.storage,
+        run = Run.load(args.run_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    if args.storage:
+        run = dataclasses.replace(run, storage=normalize_uri(args.storage))
+    source = args.sweep or run.source
+    sweep = load_sweep(source)
+    # The directories the run found its scenarios in, so --scenarios-path need not be given again.
+    available = discover([*sweep.scenario_paths, *run.scenario_paths, *args.scenarios_path])
+    scenarios = {s.name: s for s in select(available, sweep.scenarios, source=str(source))}
+    run.check(sweep, scenarios)  # a sweep file (or scenario) changed since the run is refused
+    try:
+        explanation = run_explain(run, sweep, scenarios, args.cell, address=args.address,
                                   attribution=not args.no_attribution, verbose=args.verbose)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
@@ -237,12 +244,15 @@ def cmd_explain(args) -> int:
 
 def cmd_report(args) -> int:
     from . import report, results
+    from .explain import load_explanations
+    from .run import Run
 
     try:
-        table = results.read_table(args.run_dir)
+        # A run directory is read through its Run (one row per cell); a bare results file as it is.
+        table = Run.load(args.run_dir).table() if (Path(args.run_dir) / "run.json").exists() \
+            else results.read_table(args.run_dir)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
-    from .explain import load_explanations
 
     published = "://" in args.run_dir  # a run directory in storage: its explanations stay with its driver
     name = Path(args.run_dir.split("?", 1)[0].rstrip("/") if published else args.run_dir).name
@@ -434,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", help="run directory written by `harness run`")
     x.add_argument("cell", help="SCENARIO/FORMAT/ENVIRONMENT")
     x.add_argument("--sweep", help="the run's sweep file (default: the one recorded in RUN_DIR/run.json)")
-    x.add_argument("--scenarios-path", action="append", default=[], metavar="DIR")
+    x.add_argument("--scenarios-path", action="append", default=[], metavar="DIR",
+                   help="more scenario directories (the run's own are remembered in RUN_DIR/run.json)")
     x.add_argument("--address", default="local", help="Ray: 'local' (embedded, default), 'auto', or ray://host:10001")
     x.add_argument("--storage", help="storage URI (default: the run's)")
     x.add_argument("--no-attribution", action="store_true", help="only localise: do not re-run the cell per knob")
@@ -483,13 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``harness`` console script; returns the exit code (see the module docstring)."""
+    from .engine import RayUnavailable
     from .explain import UnknownCell
     from .reach import StorageUnreachable
     from .results import ResultsError
+    from .run import RunDirError
     from .scenario import ScenarioError
     from .spec import SpecError
     from .storage import StorageError
-    from .sweep import RunDirError, SweepError
 
     args = build_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
@@ -499,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ScenarioError, UsageError, RunDirError, ResultsError, UnknownCell, StorageUnreachable) as exc:
         _err(_one_line(exc))
         return EXIT_INVALID
-    except (SweepError, StorageError) as exc:
+    except (RayUnavailable, StorageError) as exc:
         _err(_one_line(exc))
         return EXIT_INFRA
     except KeyboardInterrupt:

@@ -411,7 +411,9 @@ def compare_arrays(name: str, ref: np.ndarray, obs: np.ndarray, tolerance: Toler
         nonfinite_mismatch=st.nonfinite,
         required_atol=st.required_atol,
         required_rtol=st.required_rtol,
-        required_ulp=st.max_ulp,
+        # A NaN/Inf disagreement is outside every tolerance (Inf is 1 ULP from the largest
+        # finite value, yet no max_ulp accepts it): the tolerance that would pass is inf.
+        required_ulp=math.inf if st.nonfinite else st.max_ulp,
         first_mismatch_index=first_bad,
         reason=reason,
         **common,

@@ -1,73 +1,61 @@
-"""The Ray engine: long-lived workers per environment, environments side by side.
+"""The Ray adapter: drives :mod:`harness.scheduler` with what Ray reports, and the Ray connection itself.
 
-Every environment (the training environment included) is a *lane*: a queue of
-jobs and the Ray actors serving it. An actor is a :class:`harness.worker.Worker`
-started with the environment's placement and ``runtime_env``; it imports and
-configures TensorFlow once (``warm``) and then serves jobs one at a time, so
-TensorFlow is imported once per environment (per node where it runs on
-several), not once per cell.
+The scheduler decides everything (see its docstring); this module only
+translates. Each scheduler worker is a Ray actor (:class:`harness.worker.Worker`
+started with its environment's placement and ``runtime_env``); the loop waits
+on every actor's next outstanding call at once and turns each outcome into an
+event:
 
-Scheduling, in one loop on the driver:
+==================================  =======================================
+Ray                                 event
+==================================  =======================================
+``where()`` returns (placed)        ``Placed(node)``
+``warm()`` returns                  ``Warmed`` (``unschedulable``: cpu_isa)
+``warm()``/``where()`` raise        ``WarmFailed`` (``setup``: runtime_env)
+a chunk of a batch                  ``Reported(values)``
+an actor died                       ``WorkerDied`` (+ ``NodesChanged`` when its node is gone)
+another error of a call             ``BatchFailed``
+every ``POLL_S``                    ``Tick`` (Ray's CPUs every ``RESOURCE_REFRESH_S``)
+==================================  =======================================
 
-* Lanes get their first actor in priority order as the cluster has room: the
-  training lane first (it is on every cell's critical path), then lanes with
-  cells ready to run, then lanes still waiting for training (their actor
-  imports TensorFlow while training runs).
-* On the embedded local Ray (``busy_cpus``), Ray has room beyond the
-  machine's cores and the engine counts what is *busy*: actors importing TensorFlow or
-  running jobs stay within the cores, while warm actors waiting for training
-  hold only Ray's accounting. So the next lanes import TensorFlow on the core
-  training leaves free instead of waiting for it to end. Ready cells go before
-  new actors; the last lane to start may use one core more so it does not import
-  alone at the end.
-* A lane gets more actors only when its cells are long (``SCALE_MIN_S``), its
-  queue is deep and no other lane is waiting for room. Actors are released as
-  soon as their lane has nothing left to do.
-* Jobs go to an actor in batches through a Ray streaming generator: one call
-  per batch, sized so a batch lasts about ``BATCH_TARGET_S`` (one job while
-  the lane's cell time is unknown or long); the worker reports finished jobs
-  in chunks at least every 50 ms, so the driver knows which job is running and
-  since when. At most ``PIPELINE`` batches are queued per actor.
-* An actor not ready within ``schedule_timeout_s`` (the clock restarts when one
-  of our actors frees resources) makes its environment ``unschedulable``; a job
-  past ``cell_timeout_s`` / ``train_timeout_s`` kills its actor (TensorFlow
-  cannot be interrupted) and the lane goes on with a fresh one; an actor that
-  dies (node lost, OOM) is replaced and its running job retried up to
-  ``retries`` times, still giving exactly one row.
+Jobs travel two ways. With streaming generators (a driver on the cluster: the
+default), a batch of jobs is one call and finished jobs come back in chunks as
+they end. Under Ray Client (``ray://``), which refuses streaming actor calls,
+every job is one plain call (``Settings.max_batch = 1``): a call's result
+arrives when its job ends, so the scheduler still knows which job runs and
+since when, and timeouts stay exact.
 
-Driver work per finished cell is O(1): results go to the collector, which
-appends one line to the run journal.
+Driver work per finished cell is O(1): a scheduler step and one journal line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-from .records import ArtifactRecord, CellResult, TrainRecord
+from . import placement
+from .records import ArtifactRecord, Cell, CellResult, TrainRecord
 from .scenario import Scenario
+from .scheduler import (MAX_BATCH, BatchFailed, Emit, HarnessFailed, Job, Kill, LaneSpec, NodesChanged, Placed, Reported,
+                        Scheduler, Settings, StartFailed, StartWorker, Submit, Tick, Trained, WarmFailed, Warmed,
+                        WorkerDied)
 from .spec import Environment, Sweep
-from .worker import JobFailed, ReplayJob, TrainJob, Worker
+from .worker import ReplayJob, TrainJob, Worker
 
 POLL_S = 0.5
-PIPELINE = 2
-BATCH_TARGET_S = 2.0
-MAX_BATCH = 256
-SCALE_MIN_S = 5.0
-MAX_ACTORS_PER_LANE = 8
 RESOURCE_REFRESH_S = 5.0
-TRAINING = "training"
-
-
-class Cell(Protocol):
-    scenario: str
-    format: str
-    environment: str
-    key: str
+#: The scheduler's key of the training lane (process keys are JSON lists: no environment can collide).
+TRAINING_LANE = "<training>"
+#: Ray's own label of every node: its id (used to keep a worker off nodes ruled out).
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 class Sink(Protocol):
@@ -81,8 +69,9 @@ class Sink(Protocol):
     def harness_failed(self, message: str) -> None: ...
 
 
-def ray_options(env: Environment) -> dict[str, Any]:
-    """``.options(...)`` of an actor serving ``env``: placement and runtime_env."""
+# -- what a worker of an environment is ---------------------------------------------------------
+def ray_options(env: Environment, avoid: Iterable[str] = ()) -> dict[str, Any]:
+    """``.options(...)`` of an actor serving ``env``: placement and runtime_env, kept off the nodes in ``avoid``."""
     opts: dict[str, Any] = {"num_cpus": env.num_cpus, "num_gpus": env.num_gpus,
                             "runtime_env": env.ray_runtime_env(), "max_restarts": 0, "max_task_retries": 0,
                             "max_concurrency": 1}
@@ -90,8 +79,12 @@ def ray_options(env: Environment) -> dict[str, Any]:
         opts["resources"] = dict(env.resources)
     if env.accelerator_type:
         opts["accelerator_type"] = env.accelerator_type
-    if env.label_selector:
-        opts["label_selector"] = dict(env.label_selector)
+    selector = dict(env.label_selector)
+    avoid = sorted(avoid)
+    if avoid and NODE_ID_LABEL not in selector:  # (a selector of its own on node ids already decides)
+        selector[NODE_ID_LABEL] = f"!in({','.join(avoid)})"
+    if selector:
+        opts["label_selector"] = selector
     return opts
 
 
@@ -121,6 +114,16 @@ def placement_text(env: Environment) -> str:
     return f"environment {env.name!r} ({', '.join(parts)})"
 
 
+def demands(env: Environment) -> frozenset[str]:
+    """The non-CPU resources a worker of ``env`` holds while it lives."""
+    out = set(env.resources)
+    if env.num_gpus:
+        out.add("GPU")
+    if env.accelerator_type:
+        out.add(f"accelerator_type:{env.accelerator_type}")
+    return frozenset(out)
+
+
 def ray_error_text(exc: BaseException, attempts: int | None = None) -> str:
     """One line for an exception Ray raised: its type and last meaningful line."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
@@ -128,84 +131,176 @@ def ray_error_text(exc: BaseException, attempts: int | None = None) -> str:
     return f"{type(exc).__name__}{after}: {lines[-1].strip()[:500] if lines else ''}"
 
 
-# -- bookkeeping ---------------------------------------------------------------------
+# -- the Ray connection ----------------------------------------------------------------------------
+class RayUnavailable(Exception):
+    """Ray could not be started or reached (exit code 3)."""
+
+
+#: Room the embedded local Ray gets beyond the machine's cores, in CPUs: at most one more
+#: per core, and at most this many. A worker that has imported TensorFlow and waits for
+#: its scenario to finish training holds its environment's CPU in Ray's accounting but
+#: uses none, so the next environments can import on the core training leaves free; the
+#: scheduler keeps at most one core's worth of workers *busy* (importing TensorFlow or
+#: running jobs) per core (``Settings.busy_cpus``). Capped because every waiting worker
+#: keeps TensorFlow in memory. Placement checks still use the real core count.
+LOCAL_WAITING_CPUS = 4
+
+_local_cores: float | None = None  # cores of the machine, while this process runs an embedded Ray
+
+
+def host_cores() -> float:
+    """The cores Ray would give an embedded local cluster (cgroup quota and affinity aware)."""
+    try:
+        from ray._private.utils import get_num_cpus  # what ray.init uses when num_cpus is not given
+
+        return float(get_num_cpus())
+    except Exception:  # a private helper: fall back to the process's CPU affinity
+        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def local_cores() -> float | None:
+    """The machine's cores while this process runs the embedded local Ray it started, else ``None``."""
+    return _local_cores
+
+
+def connect(address: str, verbose: bool = False) -> bool:
+    """Start or connect to Ray; returns whether this call made the connection (then :func:`disconnect` it).
+
+    ``local`` starts an embedded Ray with room for warm workers beyond the
+    cores (``LOCAL_WAITING_CPUS``); any other address (``auto``,
+    ``ray://host:10001``) connects and ships this harness's code to the
+    workers (``py_modules``), so a node needs only Python, Ray and TensorFlow.
+
+    Raises:
+        RayUnavailable: Ray could not be started or reached.
+    """
+    global _local_cores
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    cores = None
+    if address == "local":
+        # No idle default-env workers (neither prestarted nor started for the first driver): every
+        # worker of ours has its environment's runtime_env, and each idle one costs ~1 s of CPU.
+        cores = host_cores()
+        kwargs.update(address="local", include_dashboard=False,
+                      num_cpus=math.ceil(cores + min(cores, LOCAL_WAITING_CPUS)),
+                      _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+    else:
+        kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        raise RayUnavailable(f"cannot start/connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from exc
+    _local_cores = cores
+    return True
+
+
+def disconnect() -> None:
+    """Stop the Ray this process started, or leave the cluster it connected to (see :func:`connect`)."""
+    global _local_cores
+    import ray
+
+    if _local_cores is not None:
+        stop_autoscaler_monitor()
+    ray.shutdown()
+    _local_cores = None
+
+
+@contextlib.contextmanager
+def session(address: str, verbose: bool = False) -> Iterator[None]:
+    """Ray for the duration of a ``with`` block: connected if needed, and left again only if connected here."""
+    owned = connect(address, verbose)
+    try:
+        yield
+    finally:
+        if owned:
+            disconnect()
+
+
+def client_mode() -> bool:
+    """Whether this process talks to Ray through Ray Client (``ray://``)."""
+    try:
+        from ray.util.client import ray as client
+
+        return bool(client.is_connected())
+    except Exception:
+        return False
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """``ray.nodes()``, with the embedded local Ray's node showing the machine's real cores as ``CPU``."""
+    import ray
+
+    nodes = ray.nodes()
+    if _local_cores is None:
+        return nodes
+    return [{**n, "Resources": {**n.get("Resources", {}), "CPU": _local_cores}} for n in nodes]
+
+
+def stop_autoscaler_monitor() -> None:
+    """SIGKILL the embedded Ray's autoscaler monitor (a single machine has nothing to scale).
+
+    ``ray.shutdown()`` stops the GCS first; the monitor then answers SIGTERM by
+    trying to report its own end to that GCS and is killed after Ray's 1 s
+    grace period: a second lost at the end of every local run. Best effort
+    (Ray's process table is private): anything unexpected leaves it to Ray.
+    """
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        for info in ray_worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []):
+            info.process.kill()
+            info.process.wait(timeout=5)
+    except Exception:
+        pass
+
+
+def register_scenarios(scenarios: Iterable[Scenario]) -> None:
+    """Ship user scenario modules to workers by value (nothing to install there)."""
+    from ray import cloudpickle
+
+    for s in scenarios:
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__file__", None) == s.source_file and mod.__name__.startswith("_harness_scenarios."):
+                try:
+                    cloudpickle.register_pickle_by_value(mod)
+                except ValueError:
+                    pass  # already registered
+
+
+# -- the adapter -----------------------------------------------------------------------------------
 @dataclass(eq=False)
-class _Job:
-    """A job with its retry count and, for replays, the cell it produces."""
+class _Call:
+    """One outstanding call of a batch: a streaming generator, or a plain call's ref (one job)."""
 
-    job: TrainJob | ReplayJob
-    cell: Cell | None = None
-    attempts: int = 0
-
-
-@dataclass(eq=False)
-class _Batch:
-    """Jobs sent to an actor in one streaming call; ``done`` of them have reported."""
-
-    generator: Any
-    jobs: list[_Job]
-    done: int = 0
-
-    @property
-    def left(self) -> list[_Job]:
-        return self.jobs[self.done:]
+    batch: int
+    ref: Any
+    jobs: int
+    reported: int = 0
 
 
 @dataclass(eq=False)
 class _Actor:
-    lane: "_Lane"
     handle: Any
-    created: float
-    warm_ref: Any = None
-    ready: bool = False
-    inflight: deque = field(default_factory=deque)  # _Batch, in submission order
-    head_started: float = 0.0  # when the running job (first unreported of the head batch) started
+    node: str | None = None
+    startup: deque = field(default_factory=deque)  # ("where" | "warm", ref), answered in order
+    calls: deque = field(default_factory=deque)
 
-    def unreported(self) -> list[_Job]:
-        return [job for batch in self.inflight for job in batch.left]
-
-
-@dataclass(eq=False)
-class _Lane:
-    """The jobs of one or more environments that can share worker processes, and those workers.
-
-    ``env`` is the first of ``environments``; they all have its placement,
-    runtime_env and process-wide TensorFlow settings (see ``process_key``).
-    """
-
-    env: Environment
-    environments: dict[str, Environment] = field(default_factory=dict)
-    training: bool = False
-    queue: deque = field(default_factory=deque)  # _Job ready to dispatch
-    expected: int = 0  # cells that will arrive once their scenario is trained
-    actors: list[_Actor] = field(default_factory=list)
-    failed: tuple[str, str] | None = None  # (verdict, reason) for every remaining cell
-    warm_failures: int = 0
-    busy_seconds: float = 0.0
-    jobs_done: int = 0
-
-    @property
-    def inflight(self) -> int:
-        return sum(len(a.unreported()) for a in self.actors)
-
-    @property
-    def title(self) -> str:
-        return ", ".join(map(repr, self.environments)) if len(self.environments) > 1 else repr(self.env.name)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.queue) or self.expected > 0 or self.inflight > 0
-
-    @property
-    def mean_seconds(self) -> float:
-        return self.busy_seconds / self.jobs_done if self.jobs_done else 0.0
+    def next_ref(self) -> Any:
+        if self.startup:
+            return self.startup[0][1]
+        return self.calls[0].ref if self.calls else None
 
 
 class Engine:
-    """Runs a sweep's cells on Ray actors and hands every result to ``sink``.
+    """Runs cells on Ray actors, as the scheduler decides, and hands every result to ``sink``.
 
     Args:
-        sweep: the validated sweep.
+        sweep: the validated sweep (limits, tolerances, batch sizes, the training environment).
         scenarios: name -> Scenario (shipped once to each actor).
         storage_uri: resolved storage root (workers never resolve it themselves).
         sink: receives each finished cell (exactly once) and each training record.
@@ -213,366 +308,255 @@ class Engine:
         worker_cls: the actor body (default :class:`harness.worker.Worker`;
             benchmarks pass one that does no TensorFlow work).
         observation_path: ``cell -> path`` of a cell's observation file in storage.
-        busy_cpus: CPUs that may be busy at once (actors importing TensorFlow or
-            running jobs), when that is fewer than Ray's logical CPUs: the
-            embedded local Ray has room for warm actors that wait for training
-            (``harness.sweep.LOCAL_WAITING_CPUS``). ``None``: Ray's CPUs.
+        busy_cpus: CPUs that may be busy at once when that is fewer than Ray's
+            (the embedded local Ray; see ``LOCAL_WAITING_CPUS``). ``None``: Ray's CPUs.
+        streaming: send batches through streaming generators; ``None``: unless under Ray Client.
+        nodes: the cluster's nodes (``cluster_nodes()``) when placements are
+            checked (``precheck``): a lane whose every possible node is lost
+            or ruled out is then unschedulable instead of pending.
     """
 
     def __init__(self, sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, sink: Sink, *,
                  retrain: bool = False, worker_cls: type = Worker,
                  observation_path: Callable[[Cell], str | None] = lambda cell: None,
-                 busy_cpus: float | None = None):
+                 busy_cpus: float | None = None, streaming: bool | None = None,
+                 nodes: Sequence[Mapping[str, Any]] | None = None):
         import ray
 
         self.ray, self.sweep, self.scenarios, self.sink = ray, sweep, dict(scenarios), sink
         self.storage_uri, self.retrain, self.observation_path = storage_uri, retrain, observation_path
         self.actor_cls = ray.remote(worker_cls)
-        self.lanes: dict[str, _Lane] = {}  # by process key; the training lane is "training"
-        self.lane_of: dict[str, _Lane] = {}  # environment name -> its lane
-        self.cells_of: dict[str, list[Cell]] = {}
-        self.capacity = 0.0
-        self._capacity_at = 0.0
-        self.freed_at = 0.0  # last time one of our actors gave its resources back
         self.busy_cpus = busy_cpus
+        self.streaming = (not client_mode()) if streaming is None else streaming
+        self.nodes = None if nodes is None else list(nodes)
+        self._alive = {n.get("NodeID") for n in self.nodes or () if n.get("Alive", True)}
+        self.actors: dict[int, _Actor] = {}
+        self.lane_envs: dict[str, dict[str, Environment]] = {}  # lane key -> its environments, the first configures
+        self._replay_settings: dict[str, tuple[int, Any]] = {}
+        self._capacity_at = 0.0
 
-    # -- public ------------------------------------------------------------------------
-    def run(self, todo: Iterable[Cell], unschedulable: Mapping[str, str] | None = None) -> None:
-        """Run ``todo``; ``unschedulable`` maps environment (or ``training``) -> why no node can host it."""
-        unschedulable = dict(unschedulable or {})
-        todo = list(todo)
-        self._plan(todo, unschedulable)
+    # -- public ------------------------------------------------------------------------------
+    def run(self, cells: Iterable[Cell], unschedulable: Mapping[str, str] | None = None,
+            artifacts: Mapping[str, ArtifactRecord] | None = None) -> None:
+        """Run ``cells``.
+
+        Args:
+            cells: the cells (their environments are the sweep's).
+            unschedulable: environment name (``"training"`` for the training
+                environment) -> why no node can host it (``placement.precheck``).
+            artifacts: cell name -> an artifact already trained: the cell is
+                replayed without training (explain's attribution variants).
+        """
+        scheduler = self._scheduler(list(cells), dict(unschedulable or {}), artifacts)
         try:
-            self._loop()
+            self._execute(scheduler, scheduler.start(time.time(), self._capacity()))
+            while not scheduler.finished:
+                self._wait(scheduler)
+                now = time.time()
+                capacity = None
+                if now - self._capacity_at > RESOURCE_REFRESH_S:
+                    capacity = self._capacity()
+                    self._execute(scheduler, [c for e in self._nodes_gone(now) for c in scheduler.step(e)])
+                self._execute(scheduler, scheduler.step(Tick(now, capacity)))
         finally:
-            for lane in self.lanes.values():
-                for actor in list(lane.actors):
-                    self._kill(actor)
+            for wid in list(self.actors):
+                self._kill(wid)
 
-    # -- planning ------------------------------------------------------------------------
-    def _plan(self, todo: list[Cell], unschedulable: Mapping[str, str]) -> None:
-        training = _Lane(self.sweep.training, {TRAINING: self.sweep.training}, training=True)
-        self.lanes[TRAINING] = training
-        for env in self.sweep.environments:
+    # -- planning ------------------------------------------------------------------------------
+    def _scheduler(self, cells: list[Cell], unschedulable: dict[str, str],
+                   artifacts: Mapping[str, ArtifactRecord] | None) -> Scheduler:
+        sweep = self.sweep
+        specs: dict[str, LaneSpec] = {}
+        lane_of: dict[str, str] = {}
+        groups: dict[str, list[Environment]] = {}
+        for env in sweep.environments:
             key = process_key(env)
             if env.name in unschedulable:
                 key = f"{key}/{env.name}"  # its own lane, failed from the start
-            lane = self.lanes.setdefault(key, _Lane(env, failed=("unschedulable", unschedulable[env.name])
-                                                    if env.name in unschedulable else None))
-            lane.environments[env.name] = env
-            self.lane_of[env.name] = lane
-        for cell in todo:
-            if TRAINING in unschedulable:
-                self.sink.add(cell, _failure(cell, "unschedulable", f"training: {unschedulable[TRAINING]}"))
-                continue
-            lane = self.lane_of[cell.environment]
-            lane.expected += 1
-            if lane.failed:  # decided now, not after training
-                self._settle(cell, lane)
-            else:
-                self.cells_of.setdefault(cell.scenario, []).append(cell)
-        for scenario in self.cells_of:
-            job = TrainJob(scenario, tuple(self.sweep.formats), self.sweep.batch_size, self.retrain)
-            training.queue.append(_Job(job))
+            groups.setdefault(key, []).append(env)
+            lane_of[env.name] = key
+        groups = {TRAINING_LANE: [sweep.training], **groups}
+        for key, envs in groups.items():
+            env = envs[0]
+            self.lane_envs[key] = {e.name: e for e in envs}
+            training = key == TRAINING_LANE
+            reason = unschedulable.get(placement.TRAINING if training else env.name)
+            specs[key] = LaneSpec(
+                key=key, environments=tuple(e.name for e in envs), cpus=env.num_cpus, training=training,
+                title=", ".join(repr(e.name) for e in envs), placement=placement_text(env),
+                runtime_env=str(sorted(env.runtime_env) or "(none)"), demands=demands(env), unschedulable=reason,
+                hosts=None if self.nodes is None else placement.hosts(env, self.nodes))
+        settings = Settings(retries=sweep.retries, schedule_timeout_s=sweep.schedule_timeout_s,
+                            cell_timeout_s=sweep.cell_timeout_s, train_timeout_s=sweep.train_timeout_s,
+                            busy_cpus=self.busy_cpus, max_batch=MAX_BATCH if self.streaming else 1)
+        return Scheduler(list(specs.values()), cells, lane_of, settings, artifacts)
 
-    # -- the loop ------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while any(lane.has_work for lane in self.lanes.values()):
-            self._schedule()
-            waiting = {}
-            for lane in self.lanes.values():
-                for actor in lane.actors:
-                    if actor.warm_ref is not None:
-                        waiting[actor.warm_ref] = (actor, None)
-                    elif actor.inflight:
-                        waiting[actor.inflight[0].generator] = (actor, actor.inflight[0])
-            if waiting:
-                refs = list(waiting)
-                ready, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)
-                if ready:
-                    ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
-                for ref in ready:
-                    actor, batch = waiting[ref]
-                    if batch is None:
-                        self._warmed(actor)
-                    elif actor.inflight and actor.inflight[0] is batch:  # not lost meanwhile
-                        self._reported(actor)
-            elif not any(lane.queue or lane.actors for lane in self.lanes.values()):
-                self._strand()  # nothing runs and nothing can: what is left would never arrive
-            else:
-                time.sleep(0.05)  # nothing in flight yet: room is being made
-            self._check_timeouts()
+    def _capacity(self) -> float:
+        self._capacity_at = time.time()
+        return float(self.ray.cluster_resources().get("CPU", 0.0))
 
-    def _schedule(self) -> None:
-        now = time.time()
-        if now - self._capacity_at > RESOURCE_REFRESH_S:
-            self.capacity = float(self.ray.cluster_resources().get("CPU", 0.0))
-            self._capacity_at = now
-        for lane in self.lanes.values():
-            if lane.failed or not lane.has_work:
-                for actor in list(lane.actors):
-                    if not actor.inflight:
-                        self._kill(actor)
-        # Ready work first (training lane first): it is cheap next to a worker start-up.
-        for lane in self.lanes.values():
-            for actor in lane.actors:
-                while (actor.ready and lane.queue and len(actor.inflight) < PIPELINE and not lane.failed
-                       and (actor.inflight or self._cores_free(lane.env))):
-                    self._submit(actor, [lane.queue.popleft() for _ in range(min(self._batch_size(lane), len(lane.queue)))])
-        # First actors: training, then lanes with cells ready, then lanes still waiting (prewarm).
-        lanes = [lane for lane in self.lanes.values() if not lane.failed and lane.has_work and not lane.actors]
-        lanes.sort(key=lambda lane: (not lane.training, not lane.queue))
-        starving = False
-        # The last lane to start may exceed ``busy_cpus`` by one core: instead of importing
-        # TensorFlow alone at the very end while a core idles, it shares the cores.
-        last = len(lanes) == 1 and not self.lanes[TRAINING].has_work
-        for lane in lanes:
-            if not self._fits(lane.env):
-                starving |= lane.training or bool(lane.queue)
-                if lane.training:
-                    self._free_idle_prewarmed()
-            elif self._cores_free(lane.env, slack=1.0 if last else 0.0):
-                self._start_actor(lane)
-        # More actors for long cells when nothing else waits for room.
-        if not starving:
-            for lane in self.lanes.values():
-                if (not lane.failed and lane.actors and len(lane.actors) < MAX_ACTORS_PER_LANE
-                        and len(lane.queue) > 2 * len(lane.actors) and lane.mean_seconds >= SCALE_MIN_S
-                        and all(a.ready for a in lane.actors) and self._fits(lane.env)
-                        and self._cores_free(lane.env)):
-                    self._start_actor(lane)
+    # -- commands -> Ray -----------------------------------------------------------------------
+    def _execute(self, scheduler: Scheduler, commands: list) -> None:
+        todo = deque(commands)
+        while todo:
+            cmd = todo.popleft()
+            if isinstance(cmd, Emit):
+                self.sink.add(cmd.cell, cmd.result, cmd.artifact, attempts=cmd.attempts)
+            elif isinstance(cmd, Submit):
+                self._submit(cmd)
+            elif isinstance(cmd, StartWorker):
+                error = self._start(cmd)
+                if error is not None:
+                    todo.extend(scheduler.step(StartFailed(cmd.worker, time.time(), error)))
+            elif isinstance(cmd, Kill):
+                self._kill(cmd.worker)
+            elif isinstance(cmd, Trained):
+                self.sink.training_done(cmd.record)
+            elif isinstance(cmd, HarnessFailed):
+                self.sink.harness_failed(cmd.message)
 
-    @staticmethod
-    def _batch_size(lane: _Lane) -> int:
-        """About ``BATCH_TARGET_S`` worth of jobs; one while the lane's cell time is unknown or long."""
-        if lane.training or not lane.jobs_done or len(lane.actors) > 1:
-            return 1
-        return max(1, min(MAX_BATCH, int(BATCH_TARGET_S / max(lane.mean_seconds, 1e-4))))
-
-    def _cpus(self, busy_only: bool = False) -> float:
-        """CPUs our actors hold (``busy_only``: only those importing TensorFlow or running jobs)."""
-        return sum(a.lane.env.num_cpus for lane in self.lanes.values() for a in lane.actors
-                   if not busy_only or a.warm_ref is not None or a.inflight)
-
-    def _fits(self, env: Environment) -> bool:
-        """Ray has room for one more actor of ``env`` next to ours (or none of ours is alive)."""
-        alive = any(lane.actors for lane in self.lanes.values())
-        return not alive or self._cpus() + env.num_cpus <= self.capacity + 1e-9
-
-    def _cores_free(self, env: Environment, slack: float = 0.0) -> bool:
-        """One more busy actor of ``env`` stays within ``busy_cpus`` (a warm actor waiting for work is not busy)."""
-        if self.busy_cpus is None:
-            return True
-        busy = self._cpus(busy_only=True)
-        return busy == 0 or busy + env.num_cpus <= self.busy_cpus + slack + 1e-9
-
-    def _free_idle_prewarmed(self) -> None:
-        """Training needs room: give back actors that only wait for artifacts."""
-        for lane in self.lanes.values():
-            if not lane.training and not lane.queue:
-                for actor in list(lane.actors):
-                    if not actor.inflight:
-                        self._kill(actor)
-
-    def _start_actor(self, lane: _Lane) -> None:
-        env = lane.env
+    def _start(self, cmd: StartWorker) -> str | None:
+        envs = self.lane_envs[cmd.lane]
+        env = next(iter(envs.values()))
         try:
-            handle = self.actor_cls.options(**ray_options(env)).remote(lane.environments, self.scenarios,
-                                                                       self.storage_uri)
-            warm_ref = handle.warm.remote()
+            handle = self.actor_cls.options(**ray_options(env, cmd.avoid)).remote(envs, self.scenarios,
+                                                                                 self.storage_uri)
+            actor = _Actor(handle, startup=deque([("where", handle.where.remote()), ("warm", handle.warm.remote())]))
         except Exception as exc:  # Ray refused the options (bad label selector, resources...)
-            reason = f"Ray refused to place {placement_text(env)}: {ray_error_text(exc)}"
-            self.sink.harness_failed(reason)
-            self._fail_lane(lane, "error", reason)
+            return ray_error_text(exc)
+        self.actors[cmd.worker] = actor
+        return None
+
+    def _submit(self, cmd: Submit) -> None:
+        actor = self.actors.get(cmd.worker)
+        if actor is None:
             return
-        lane.actors.append(_Actor(lane, handle, time.time(), warm_ref))
+        jobs = [self._job(job) for job in cmd.jobs]
+        if self.streaming:
+            ref = actor.handle.serve.options(num_returns="streaming").remote(jobs)
+            actor.calls.append(_Call(cmd.batch, ref, len(jobs)))
+        else:  # Ray Client: one plain call per job (the scheduler sends batches of one)
+            for job in jobs:
+                actor.calls.append(_Call(cmd.batch, actor.handle.run.remote(job), 1))
 
-    def _submit(self, actor: _Actor, jobs: list[_Job]) -> None:
-        for job in jobs:
-            job.attempts += 1
-        if not actor.inflight:
-            actor.head_started = time.time()
-        generator = actor.handle.serve.options(num_returns="streaming").remote([job.job for job in jobs])
-        actor.inflight.append(_Batch(generator, jobs))
+    def _job(self, job: Job) -> TrainJob | ReplayJob:
+        sweep = self.sweep
+        if job.training:
+            return TrainJob(job.scenario, tuple(sweep.formats), sweep.batch_size, self.retrain)
+        cell = job.cell
+        settings = self._replay_settings.get(cell.environment)
+        if settings is None:  # once per environment, not per cell
+            env = sweep.environment(cell.environment)
+            settings = self._replay_settings[cell.environment] = (sweep.batch_size_for(env), sweep.tolerance_for(env))
+        batch_size, tolerance = settings
+        return ReplayJob(cell.scenario, cell.format, cell.environment, job.artifact, batch_size, tolerance,
+                         dict(sweep.output_tolerances), self.observation_path(cell))
 
-    def _kill(self, actor: _Actor) -> None:
+    def _kill(self, wid: int) -> None:
+        actor = self.actors.pop(wid, None)
+        if actor is None:
+            return
         try:
             self.ray.kill(actor.handle, no_restart=True)
         except Exception:
             pass
-        if actor in actor.lane.actors:
-            actor.lane.actors.remove(actor)
-        self.freed_at = time.time()
 
-    # -- outcomes ------------------------------------------------------------------------
-    def _warmed(self, actor: _Actor) -> None:
-        lane, ref = actor.lane, actor.warm_ref
-        actor.warm_ref = None
-        try:
-            info = self.ray.get(ref)
-        except Exception as exc:
-            self._kill(actor)
-            lane.warm_failures += 1
-            name = type(exc).__name__
-            if name == "RuntimeEnvSetupError":
-                self._fail_lane(lane, "error", f"runtime_env of environment {lane.title} could not be set up: "
-                                               f"{ray_error_text(exc)}")
-            elif lane.warm_failures > self.sweep.retries:
-                self._fail_lane(lane, "error", (
-                    f"the worker for environment {lane.title} died before the harness code started "
-                    f"({lane.warm_failures} time(s)): its runtime_env {sorted(lane.env.runtime_env) or '(none)'} "
-                    f"probably cannot import the harness's dependencies (numpy/pyarrow/TensorFlow versions); "
-                    f"see the python-core-worker logs. {ray_error_text(exc)}"))
+    # -- Ray -> events -------------------------------------------------------------------------
+    def _wait(self, scheduler: Scheduler) -> None:
+        waiting = {}
+        for wid, actor in self.actors.items():
+            ref = actor.next_ref()
+            if ref is not None:
+                waiting[ref] = (wid, ref)
+        if not waiting:
+            time.sleep(0.05)  # nothing in flight yet: room is being made
             return
-        if info.get("unschedulable"):
-            self._kill(actor)
-            self._fail_lane(lane, "unschedulable", f"node {str(info.get('node_id'))[:12]}: {info['unschedulable']}")
-            return
-        actor.ready = True
-        actor.head_started = time.time()
+        refs = list(waiting)
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=POLL_S)
+        if ready:
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        for found in ready:
+            # Ray Client answers with new ref objects for the same ids: look ours up by id.
+            wid, ref = waiting[found]
+            actor = self.actors.get(wid)
+            if actor is None or actor.next_ref() is not ref:
+                continue  # killed meanwhile, by an earlier event of this round
+            for event in self._outcome(wid, actor):
+                self._execute(scheduler, scheduler.step(event))
 
-    def _reported(self, actor: _Actor) -> None:
-        """The head batch has a chunk of finished jobs (or has ended)."""
-        lane, batch = actor.lane, actor.inflight[0]
+    def _outcome(self, wid: int, actor: _Actor) -> list:
+        now = time.time()
+        if actor.startup:
+            what, ref = actor.startup.popleft()
+            try:
+                info = self.ray.get(ref)
+            except Exception as exc:
+                return self._warm_failed(wid, actor, exc)
+            if what == "where":
+                actor.node = info.get("node_id")
+                return [Placed(wid, now, actor.node)]
+            return [Warmed(wid, now, info.get("unschedulable"))]
+        call = actor.calls[0]
         try:
-            chunk = self.ray.get(next(batch.generator))
-        except StopIteration:  # every job reported
-            actor.inflight.popleft()
-            actor.head_started = time.time()
-            return
+            if self.streaming:
+                values = self.ray.get(next(call.ref))
+            else:
+                values = [self.ray.get(call.ref)]
+        except StopIteration:  # the worker ended the batch before reporting every job
+            actor.calls.popleft()
+            return [BatchFailed(wid, call.batch, now, "the worker ended a batch without reporting all its jobs")]
         except Exception as exc:
             if _actor_died(exc):
-                self._lost_actor(actor, exc)
-            else:  # should not happen (jobs catch their own errors): fail what is left of the batch
-                actor.inflight.popleft()
-                for job in batch.left:
-                    self._job_failed(job, "error", ray_error_text(exc, job.attempts))
-            return
+                return self._died(wid, actor, exc)
+            actor.calls.popleft()
+            return [BatchFailed(wid, call.batch, now, ray_error_text(exc))]
+        call.reported += len(values)
+        if call.reported >= call.jobs:
+            actor.calls.popleft()
+        return [Reported(wid, call.batch, now, tuple(values))]
+
+    def _warm_failed(self, wid: int, actor: _Actor, exc: BaseException) -> list:
         now = time.time()
-        lane.busy_seconds += now - actor.head_started
-        lane.jobs_done += len(chunk)
-        actor.head_started = now
-        for value in chunk:
-            job = batch.jobs[batch.done]
-            batch.done += 1
-            if isinstance(value, JobFailed):
-                self._job_failed(job, "error", value.error)
-            elif isinstance(job.job, TrainJob):
-                self._trained(value)
-            else:
-                self.sink.add(job.cell, value, job.job.artifact, attempts=job.attempts)
+        setup = type(exc).__name__ == "RuntimeEnvSetupError"
+        return [WarmFailed(wid, now, ray_error_text(exc), setup=setup), *self._node_events(actor, exc, now)]
 
-    def _lost_actor(self, actor: _Actor, exc: BaseException) -> None:
-        """The actor died: its running job is retried (within ``retries``); jobs it never started are requeued."""
-        lane = actor.lane
-        unreported = actor.unreported()
-        actor.inflight.clear()
-        self._kill(actor)
-        if not unreported:
-            return
-        head, rest = unreported[0], unreported[1:]
-        for job in reversed(rest):
-            job.attempts -= 1  # submitted but never started
-            lane.queue.appendleft(job)
-        if head.attempts <= self.sweep.retries:
-            lane.queue.appendleft(head)
-        else:
-            self._job_failed(head, "error", ray_error_text(exc, head.attempts))
-
-    def _trained(self, record: TrainRecord) -> None:
-        self.sink.training_done(record)
-        for cell in self.cells_of.pop(record.scenario, []):
-            lane = self.lane_of[cell.environment]
-            art = record.artifacts[cell.format]
-            if art.error:
-                lane.expected -= 1
-                self.sink.add(cell, _failure(cell, "error", art.error), art)
-            elif lane.failed:  # failed while this scenario trained
-                self._settle(cell, lane, art)
-            else:
-                lane.expected -= 1
-                env = lane.environments[cell.environment]
-                job = ReplayJob(cell.scenario, cell.format, cell.environment, art, self.sweep.batch_size_for(env),
-                                self.sweep.tolerance_for(env), dict(self.sweep.output_tolerances),
-                                self.observation_path(cell))
-                lane.queue.append(_Job(job, cell))
-
-    def _job_failed(self, job: _Job, verdict: str, reason: str) -> None:
-        if isinstance(job.job, TrainJob):
-            self._training_failed(job.job.scenario, verdict, reason)
-        else:
-            self.sink.add(job.cell, _failure(job.cell, verdict, reason, job.attempts), job.job.artifact)
-
-    def _training_failed(self, scenario: str, verdict: str, reason: str) -> None:
-        for cell in self.cells_of.pop(scenario, []):
-            self.lane_of[cell.environment].expected -= 1
-            self.sink.add(cell, _failure(cell, verdict, f"training: {reason}"))
-
-    def _strand(self) -> None:
-        for scenario in list(self.cells_of):
-            self._training_failed(scenario, "error", "internal: no training job is left for this scenario")
-        for lane in self.lanes.values():
-            lane.expected = 0
-
-    def _settle(self, cell: Cell, lane: _Lane, artifact: ArtifactRecord | None = None) -> None:
-        """A cell of a failed lane: its row, now."""
-        lane.expected -= 1
-        verdict, reason = lane.failed
-        self.sink.add(cell, _failure(cell, verdict, reason), artifact)
-
-    def _fail_lane(self, lane: _Lane, verdict: str, reason: str) -> None:
-        """Every remaining cell of ``lane`` gets ``verdict``; the lane's actors go."""
-        lane.failed = (verdict, reason)
-        for actor in list(lane.actors):
-            lane.queue.extend(actor.unreported())
-            actor.inflight.clear()
-            self._kill(actor)
-        while lane.queue:
-            job = lane.queue.popleft()
-            if lane.training:
-                self._training_failed(job.job.scenario, verdict, reason)
-            else:
-                self.sink.add(job.cell, _failure(job.cell, verdict, reason, job.attempts or None), job.job.artifact)
-        if lane.training:
-            for scenario in list(self.cells_of):
-                self._training_failed(scenario, verdict, reason)
-        else:
-            for cells in self.cells_of.values():
-                for cell in [c for c in cells if c.environment in lane.environments]:
-                    cells.remove(cell)
-                    self._settle(cell, lane)
-
-    def _check_timeouts(self) -> None:
+    def _died(self, wid: int, actor: _Actor, exc: BaseException) -> list:
         now = time.time()
-        for lane in list(self.lanes.values()):
-            for actor in list(lane.actors):
-                if lane.failed:
-                    break
-                if actor.warm_ref is not None:
-                    if now - max(actor.created, self.freed_at) > self.sweep.schedule_timeout_s:
-                        if any(a.ready for a in lane.actors):
-                            self._kill(actor)  # an extra worker found no room: the lane goes on without it
-                        else:
-                            self._fail_lane(lane, "unschedulable", (
-                                f"still pending after schedule_timeout_s={self.sweep.schedule_timeout_s:g}s: "
-                                f"no node took {placement_text(lane.env)}"))
-                    continue
-                limit = self.sweep.train_timeout_s if lane.training else self.sweep.cell_timeout_s
-                if actor.unreported() and now - actor.head_started > limit:
-                    self._timed_out(actor, limit)
+        changes = self._node_events(actor, exc, now)
+        return [WorkerDied(wid, now, ray_error_text(exc), node_lost=bool(changes)), *changes]
 
-    def _timed_out(self, actor: _Actor, limit: float) -> None:
-        """Stop the actor (TensorFlow cannot be interrupted); the lane goes on with a fresh worker."""
-        lane = actor.lane
-        job, *rest = actor.unreported()
-        actor.inflight.clear()
-        self._kill(actor)
-        for other in reversed(rest):
-            other.attempts -= 1  # submitted but never started
-            lane.queue.appendleft(other)
-        what = "train_timeout_s" if lane.training else "cell_timeout_s"
-        self._job_failed(job, "error", f"timed out after {limit:g}s ({what}); its worker was stopped and "
-                                       "the environment goes on with a fresh one")
+    def _node_events(self, actor: _Actor, exc: BaseException, now: float) -> list:
+        """``NodesChanged`` when the dead actor's node, or any node alive before, is gone.
+
+        An actor that never got placed dies too when the only node it may use
+        is gone ("the node specified ... doesn't exist any more").
+        """
+        if not _actor_died(exc):
+            return []
+        return self._nodes_gone(now, actor.node)
+
+    def _nodes_gone(self, now: float, node: str | None = None) -> list:
+        """``NodesChanged`` if nodes alive before (or ``node``) are gone now.
+
+        Checked when an actor dies and every ``RESOURCE_REFRESH_S``: an actor's
+        death may be seen before Ray marks its node dead.
+        """
+        if node is None and self.nodes is None:
+            return []
+        try:
+            nodes = cluster_nodes()
+        except Exception:
+            return []
+        alive = {n.get("NodeID") for n in nodes if n.get("Alive")}
+        lost = ({node} if node is not None else set()) | (self._alive - alive)
+        lost -= alive
+        self._alive = alive
+        if not lost:
+            return []
+        hosts = {}
+        if self.nodes is not None:  # placements are checked: judge every lane against the nodes left
+            hosts = {key: placement.hosts(next(iter(envs.values())), nodes) for key, envs in self.lane_envs.items()}
+        return [NodesChanged(now, hosts, lost=tuple(sorted(lost)))]
 
 
 def call_in_environments(calls: Sequence[tuple[Environment, str, Any]], scenarios: Mapping[str, Scenario],
@@ -581,41 +565,45 @@ def call_in_environments(calls: Sequence[tuple[Environment, str, Any]], scenario
 
     For one-off jobs (explain's layer traces): the same worker class, placement
     and runtime_env as a sweep's. Returns each result, or the exception it
-    raised (a ``TimeoutError`` past ``timeout_s``); the workers are stopped after.
+    raised (Ray refusing to create the worker, a ``TimeoutError`` past
+    ``timeout_s``); every worker created is stopped before returning.
     """
     import ray
 
     actor_cls = ray.remote(worker_cls)
-    actors = [actor_cls.options(**ray_options(env)).remote({env.name: env}, scenarios, storage_uri)
-              for env, _, _ in calls]
+    actors: list[Any] = []
+    refs: list[Any] = []
     try:
-        refs = [getattr(actor, method).remote(job) for actor, (_, method, job) in zip(actors, calls)]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for env, method, job in calls:
+            try:
+                actor = actor_cls.options(**ray_options(env)).remote({env.name: env}, scenarios, storage_uri)
+            except Exception as exc:  # this one cannot be created; the others still run
+                actors.append(None)
+                refs.append(exc)
+                continue
+            actors.append(actor)
+            refs.append(getattr(actor, method).remote(job))
+        pending = [r for r in refs if not isinstance(r, BaseException)]
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s) if pending else ([], [])
         out = []
         for ref in refs:
-            if ref not in ready:
+            if isinstance(ref, BaseException):
+                out.append(ref)
+            elif ref not in ready:
                 out.append(TimeoutError(f"no answer within {timeout_s:g}s"))
-                continue
-            try:
-                out.append(ray.get(ref))
-            except Exception as exc:
-                out.append(exc)
+            else:
+                try:
+                    out.append(ray.get(ref))
+                except Exception as exc:
+                    out.append(exc)
         return out
     finally:
         for actor in actors:
-            ray.kill(actor, no_restart=True)
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
 
 
 def _actor_died(exc: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(exc, RayActorError)
-
-
-def _failure(cell: Cell, verdict: str, error: str, attempts: int | None = None) -> CellResult:
-    return CellResult(scenario=cell.scenario, format=cell.format, environment=cell.environment,
-                      verdict=verdict, error=error, attempts=attempts)
-
-
-def warn(message: str) -> None:
-    print(f"harness: warning: {message}", file=sys.stderr)

@@ -8,7 +8,8 @@ from typing import Any
 
 from . import isa
 from .spec import Sweep
-from .sweep import _init_ray, _shutdown_ray, cluster_nodes, missing_on_node, unschedulable_reason
+from .engine import cluster_nodes, session
+from .placement import TRAINING, missing_on_node, unschedulable_reason
 
 FINGERPRINT_TIMEOUT_S = 120.0
 
@@ -46,7 +47,7 @@ def survey(sweep: Sweep | None = None) -> list[dict[str, Any]]:
             fp = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
         envs = [e.name for e in (sweep.environments if sweep else ()) if missing_on_node(e, n) is None]
         if sweep and missing_on_node(sweep.training, n) is None:
-            envs.insert(0, "training")
+            envs.insert(0, TRAINING)
         out.append({"node_id": n["NodeID"], "address": n.get("NodeManagerAddress"),
                     "resources": {k: v for k, v in n.get("Resources", {}).items() if not k.startswith("node:")},
                     "labels": {k: v for k, v in n.get("Labels", {}).items() if k != "ray.io/node-id"},
@@ -65,13 +66,9 @@ def describe_cluster(address: str, sweep: Sweep | None = None, as_json: bool = F
     import ray
     from tabulate import tabulate
 
-    owned = _init_ray(address, verbose=False)
-    try:
+    with session(address):
         nodes = survey(sweep)
         raw_nodes = cluster_nodes()
-    finally:
-        if owned:
-            _shutdown_ray()
     placement = {}
     if sweep:
         for env in (sweep.training, *sweep.environments):

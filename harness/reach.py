@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .spec import Sweep
-from .sweep import missing_on_node
+from .placement import missing_on_node
 
 PROBE_TIMEOUT_S = 60.0
 PROBE_DIR = ".harness-reach"

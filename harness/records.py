@@ -97,6 +97,40 @@ def meets(verdict: str | None, expected: str, *, accuracy: str | None = None, me
     return accuracy != LESS_ACCURATE and verdict == "within_tolerance"
 
 
+# -- the plan --------------------------------------------------------------------
+class CellNames:
+    """What names a cell, for records with ``scenario``, ``format`` and ``environment`` fields."""
+
+    scenario: str | None
+    format: str | None
+    environment: str | None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.scenario, self.format, self.environment)
+
+    @property
+    def name(self) -> str:
+        """``scenario/format/environment``: how a cell is named on the command line and in explanations."""
+        return f"{self.scenario}/{self.format}/{self.environment}"
+
+
+@dataclass(frozen=True)
+class Cell(CellNames):
+    """One (scenario, format, environment) of a run: what the scheduler plans and a results row describes."""
+
+    scenario: str
+    format: str
+    environment: str
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """A worker's job raised instead of returning its record (a bug in a scenario's code, or in ours)."""
+
+    error: str
+
+
 # -- training ------------------------------------------------------------------
 @dataclass(frozen=True)
 class ArtifactRecord:
@@ -134,7 +168,7 @@ def _col(arrow: pa.DataType, doc: str, *, json_value: bool = False) -> Any:
 
 
 @dataclass(frozen=True)
-class CellResult:
+class CellResult(CellNames):
     """One (scenario, format, environment) cell: one row of ``results.parquet``.
 
     ``replay`` fills the cell's own columns; the driver completes the run's
@@ -197,6 +231,8 @@ class CellResult:
     tf_version: str | None = _col(pa.string(), "TensorFlow version of the reload worker")
     artifact_digest: str | None = _col(pa.string(), "content address of the artifact")
     artifact_uri: str | None = _col(pa.string(), "where the artifact lives in storage")
+    manifest_sha256: str | None = _col(pa.string(), "sha256 of the artifact manifest this cell really replayed "
+                                       "(verified before loading; null if the cell never reached the artifact)")
     observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs")
     attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched")
     started_at: float | None = _col(pa.timestamp("us", tz="UTC"), "when the cell started (epoch seconds; UTC timestamp in Arrow)")
@@ -215,15 +251,6 @@ class CellResult:
         return meets(self.verdict, expected or self.expected or "", accuracy=self.accuracy,
                      metric_delta=self.metric_delta, weights_equal=self.weights_equal)
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.scenario, self.format, self.environment)
-
-    @property
-    def name(self) -> str:
-        """``scenario/format/environment``: how a cell is named on the command line and in explanations."""
-        return f"{self.scenario}/{self.format}/{self.environment}"
-
     def replace(self, **changes: Any) -> "CellResult":
         """A copy with ``changes`` (field names only: an unknown name is a ``TypeError``)."""
         return dataclasses.replace(self, **changes)
@@ -234,8 +261,7 @@ class CellResult:
         Workers send results this way: the encoding happens in parallel, in
         the workers, and the driver's work per cell stays small and constant.
         """
-        return dataclasses.replace(self, **{f.name: json.dumps(getattr(self, f.name), sort_keys=True,
-                                                               default=_json_default)
+        return dataclasses.replace(self, **{f.name: to_json(getattr(self, f.name))
                                             for f in FIELDS if f.metadata["json"]
                                             and getattr(self, f.name) is not None
                                             and not isinstance(getattr(self, f.name), str)})
@@ -246,7 +272,7 @@ class CellResult:
         for name in _JSON_FIELDS:
             value = row[name]
             if value is not None and not isinstance(value, str):
-                row[name] = json.dumps(value, sort_keys=True, default=_json_default)
+                row[name] = to_json(value)
         if not epoch and isinstance(row["started_at"], (int, float)):
             row["started_at"] = _dt.datetime.fromtimestamp(row["started_at"], tz=_dt.timezone.utc)
         return row
@@ -286,9 +312,35 @@ def json_object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) and not unparsable(value) else {}
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if hasattr(o, "item"):  # numpy scalars
-        return o.item()
-    return str(o)
+# -- JSON: one policy for every JSON the harness writes ---------------------------------
+#: How a non-finite float is written: strict JSON has no NaN/Infinity, and a difference is never hidden as null.
+NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as strict-JSON data: NaN/Inf as ``"nan"``/``"inf"``/``"-inf"``, numpy scalars and arrays as
+    Python numbers and lists, tuples as lists, datetimes as ISO 8601; other objects as their ``str``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("nan" if math.isnan(value) else "inf" if value > 0 else "-inf")
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return jsonable(value.tolist())
+    return str(value)
+
+
+def to_json(value: Any, **kwargs: Any) -> str:
+    """``value`` as strict JSON text (see :func:`jsonable`); keys sorted unless ``sort_keys=False``."""
+    kwargs.setdefault("sort_keys", True)
+    return json.dumps(jsonable(value), allow_nan=False, **kwargs)
+
+
+def json_number(value: Any) -> Any:
+    """A number read back from :func:`to_json` text: ``"inf"`` etc. become floats again, anything else is kept."""
+    return NONFINITE.get(value, value) if isinstance(value, str) else value

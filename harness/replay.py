@@ -74,6 +74,7 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
     except Exception as exc:  # storage unreachable, permissions...
         return _finish(cell, start, fp, verdict="error",
                        error=f"cannot fetch artifact {storage.uri_of(artifact_path)}: {exc}")
+    cell = cell.replace(manifest_sha256=manifest_sha256)  # verified: this is the manifest the cell replays
 
     try:
         inputs, reference, info = read_reference(local)

@@ -486,7 +486,7 @@ def _growth(layer: LayerDiff) -> str:
 
 
 def _layer_row(layer: LayerDiff) -> list[str]:
-    return [str(layer.index), layer.name, layer.verdict, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
+    return [str(layer.index), layer.name, layer.bits, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
             _num(layer.mismatch_fraction), _growth(layer)]
 
 
@@ -497,7 +497,7 @@ def _explanation_facts(exp: Explanation) -> list[tuple[str, str]]:
     if loc is not None and loc.error:
         facts.append(("layers", f"cannot localise: {loc.error}"))
     elif loc is not None:
-        facts.append(("starts at layer", loc.first or "(every layer bitwise)"))
+        facts.append(("starts at layer", loc.first or "(every layer the same)"))
         facts.append(("grows most at", loc.growth or "-"))
         if loc.note:
             facts.append(("traced", loc.note))
@@ -744,19 +744,19 @@ def _fingerprints_view(lay: _Layout) -> dict[str, Any]:
 
 
 def _depth_chart(layers: list[LayerDiff], width: int = 480, height: int = 120) -> dict[str, Any]:
-    """One bar per layer call in depth order, height log10(1 + max ULP), coloured by verdict;
-    the first layer that is not bitwise is outlined."""
+    """One bar per layer call in depth order, height log10(1 + max ULP), coloured by whether its
+    outputs' bits differ; the first layer whose bits differ is outlined."""
     values = [math.log10(1 + d.max_ulp_diff) if d.max_ulp_diff is not None and math.isfinite(d.max_ulp_diff)
               else 0.0 for d in layers]
     top = max(max(values), 1.0)
     step = width / len(layers)
-    first = next((d.index for d in layers if d.verdict != "bitwise"), None)
+    first = next((d.index for d in layers if d.differs), None)
     bars = []
     for d, v in zip(layers, values):
         h = max(2.0, (height - 14) * v / top)
         bars.append({"x": f"{d.index * step + 1:.1f}", "y": f"{height - 12 - h:.1f}", "w": f"{max(step - 2, 1):.1f}",
-                     "h": f"{h:.1f}", "colour": _COLOURS.get(d.verdict, "#999999"), "first": d.index == first,
-                     "title": f"{d.index} {d.name}: {d.verdict}, max {_ulp(d.max_ulp_diff)} ulp"})
+                     "h": f"{h:.1f}", "colour": _COLOURS["mismatch" if d.differs else "bitwise"], "first": d.index == first,
+                     "title": f"{d.index} {d.name}: {d.bits}, max {_ulp(d.max_ulp_diff)} ulp"})
     return {"width": width, "height": height, "axis": height - 12, "bars": bars, "top": f"{10 ** top - 1:.3g}"}
 
 

@@ -11,7 +11,7 @@ import datetime as _dt
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,7 +19,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 # The verdict vocabulary lives with the records; re-exported here for readers of results.
-from .records import EXPECTATIONS, FIELDS, NUMERIC_VERDICTS, VERDICTS, CellResult, meets  # noqa: F401
+from .records import EXPECTATIONS, FIELDS, NUMERIC_VERDICTS, VERDICTS, CellResult, jsonable, meets, to_json  # noqa: F401
 
 # (name, type, description) of every column, from CellResult's fields: the README's
 # results schema table is generated from the same list, so code and docs cannot drift.
@@ -54,7 +54,7 @@ def _coerce(row: Mapping[str, Any] | CellResult) -> dict[str, Any]:
         if key not in out:
             raise KeyError(f"unknown result column {key!r}")
         if isinstance(value, (dict, list)) and key in _JSON_COLUMNS:
-            value = json.dumps(value, sort_keys=True, default=str)
+            value = to_json(value)
         elif key == "started_at" and isinstance(value, (int, float)):
             value = _dt.datetime.fromtimestamp(value, tz=_dt.timezone.utc)
         out[key] = value
@@ -79,12 +79,11 @@ def to_table(rows: Iterable[Mapping[str, Any] | CellResult]) -> pa.Table:
 
 
 def write_table(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` to ``path`` as Parquet, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """Write ``table`` to the local file ``path`` as Parquet, atomically (``Storage.write_bytes``)."""
+    from .storage import Storage
+
+    path = Path(path).resolve()
+    Storage.open(str(path.parent)).write_bytes(path.name, to_parquet_bytes(table))
 
 
 JOURNAL = "results.journal.jsonl"
@@ -118,7 +117,8 @@ class Journal:
             self._file.write("\n")
 
     def append(self, result: CellResult) -> None:
-        self._file.write(json.dumps(result.to_row(epoch=True), default=_json_default) + "\n")
+        # Non-finite numbers stay NaN/Infinity tokens here: Arrow's JSON reader takes them as doubles.
+        self._file.write(json.dumps(result.to_row(epoch=True), default=jsonable) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -176,10 +176,6 @@ class Journal:
         (Path(run_dir) / JOURNAL).unlink(missing_ok=True)
 
 
-def _json_default(o: Any) -> Any:
-    return o.item() if hasattr(o, "item") else str(o)
-
-
 def to_parquet_bytes(table: pa.Table) -> bytes:
     """``table`` as Parquet file bytes (for writing through ``harness.storage``)."""
     sink = pa.BufferOutputStream()
@@ -198,7 +194,7 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     read too, the last row of a cell winning. Columns the current schema has
     but an older file lacks come back as nulls, so reports keep working on old runs.
     A storage URI (``s3://bucket/prefix/runs/RUN_ID?endpoint_override=...``)
-    names a run directory a sweep published there (see ``harness.sweep.publish``),
+    names a run directory a sweep published there (see ``harness.run.Run.publish``),
     or its ``results.parquet``.
 
     Raises:
@@ -234,6 +230,8 @@ def _read_published(uri: str) -> pa.Table:
     except FileNotFoundError:
         raise FileNotFoundError(f"{shown}: no results here; pass a run directory a sweep published "
                                 "(`harness run` prints it: storage: .../runs/RUN_ID)") from None
+    except StorageError:
+        raise  # already one sentence: the cause and the place
     except Exception as exc:  # noqa: BLE001 -- unreachable storage: the caller's exit code 3
         raise StorageError(f"cannot read {shown}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") \
             from None
@@ -254,14 +252,28 @@ def _as_results(read, shown: str) -> pa.Table:
                            "remove it or point at another run directory") from None
 
 
-def last_row_per_cell(table: pa.Table) -> pa.Table:
-    """One row per (scenario, format, environment): its last one, in the order of those last rows."""
-    keys = zip(*(table.column(c).to_pylist() for c in ("scenario", "format", "environment")))
+def last_row_per_cell(table: pa.Table, order: Sequence[Sequence[str]] | None = None) -> pa.Table:
+    """One row per (scenario, format, environment): its last one.
+
+    Rows come in the order of those last rows, or, with ``order`` (the
+    scenario, format and environment names in the sweep's order), sorted by
+    it; names ``order`` does not know go after the others. This is the one
+    "last row of a cell wins" of the harness.
+    """
+    keys = list(zip(*(table.column(c).to_pylist() for c in KEY_COLUMNS)))
     last: dict[tuple, int] = {}
     for i, key in enumerate(keys):
         last.pop(key, None)
         last[key] = i
-    return table.take(sorted(last.values()))
+    if order is None:
+        indices = sorted(last.values())
+    else:
+        rank = [{name: i for i, name in enumerate(names)} for names in order]
+        indices = [last[k] for k in sorted(last, key=lambda k: tuple(r.get(v, len(r)) for r, v in zip(rank, k)))]
+    return table.take(pa.array(indices, pa.int64()))  # typed: an empty list would be a null array
+
+
+KEY_COLUMNS = ("scenario", "format", "environment")
 
 
 def cells(table: pa.Table) -> list[CellResult]:

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from . import layout
 from .storage import (
     MANIFEST,
     POINTER,
@@ -268,7 +269,7 @@ def _referenced(st: Storage, runs: list[_Run]) -> set[str]:
 
     out: set[str] = set()
     for run in runs:
-        rel = f"runs/{run.run_id}/results.parquet"
+        rel = layout.results_file(run.run_id)
         try:
             table = pq.read_table(io.BytesIO(st.read_bytes(rel)), columns=["artifact_uri"])
         except FileNotFoundError:
@@ -276,11 +277,7 @@ def _referenced(st: Storage, runs: list[_Run]) -> set[str]:
         except (pa.ArrowException, ValueError, KeyError) as exc:  # not a results table: stop, remove nothing
             raise StorageError(f"{st.name_of(rel)}: not a results table ({type(exc).__name__}); gc cannot tell "
                                "which artifacts this run uses: remove the file, or the run") from None
-        for uri in set(table.column("artifact_uri").to_pylist()) - {None}:
-            path = uri.split("?", 1)[0]
-            at = path.rfind("/artifacts/")
-            if at >= 0:
-                out.add(path[at + 1:].rstrip("/"))
+        out.update(rel for uri in set(table.column("artifact_uri").to_pylist()) if (rel := layout.artifact_of_uri(uri)))
     return out
 
 

@@ -436,9 +436,16 @@ class TimeoutSettings(_Spec):
 TIMEOUT_FIELDS = tuple(TimeoutSettings.model_fields)
 
 
+#: The training environment's name: results, precheck and worker processes key it apart from the sweep's.
+TRAINING = "training"
+
+
 def _environments(value: Any) -> Any:
     if not isinstance(value, dict) or not value:
         raise fail(f"expected a non-empty mapping of environment name -> settings, got {show(value)}")
+    if TRAINING in value:
+        raise fail(f"{TRAINING!r} is the name of the training environment (set under training:); "
+                   f"rename this environment, e.g. cpu-{TRAINING}", TRAINING)
     return value
 
 
@@ -583,7 +590,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         scenarios=doc.scenarios,
         formats=doc.formats,
         environments=tuple(_named(n, s) for n, s in doc.environments.items()),
-        training=_named("training", doc.training),
+        training=_named(TRAINING, doc.training),
         storage=doc.storage,
         scenario_paths=doc.scenario_paths,  # absolute, checked to exist
         tolerance=doc.tolerance,

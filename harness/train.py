@@ -31,9 +31,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import arrays, formats
+from . import arrays, formats, layout
 from .compare import compare_digests, compare_outputs, output_kind, task_metric
-from .records import ArtifactRecord, TrainRecord
+from .records import ArtifactRecord, TrainRecord, jsonable
 from .scenario import Scenario, ScenarioError, activate
 from .spec import Environment
 from .storage import ARTIFACT_LAYOUT, CorruptArtifact, Storage, StorageError
@@ -136,7 +136,7 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
     fp = fingerprint.collect("training")
     digests = {f: artifact_digest(scenario, f, tf.__version__, keras.__version__, training, batch_size)
                for f in formats_}
-    rels = {f: f"artifacts/{scenario.name}/{d}" for f, d in digests.items()}
+    rels = {f: layout.artifact_dir(scenario.name, d) for f, d in digests.items()}
     artifacts, damaged = {}, {}
     for f in formats_:
         try:
@@ -306,7 +306,7 @@ class _Trained:
                 {**meta, "variables": [{"name": k, **v} for k, v in self.variables.items()], "save": save,
                  "fingerprint": fp, "inputs": list(probe_arrays), "outputs": list(reference),
                  "oracle": self.oracle.info(), "labels": list(self.labels), "metric": self.scenario.metric},
-                indent=1, sort_keys=True, default=_json_default))
+                indent=1, sort_keys=True, default=jsonable))
             try:
                 published = storage.publish_dir(tmp, rel, replace=overwrite)
                 if not published.ours:  # another run published this digest first: everyone uses that one
@@ -335,11 +335,3 @@ class _Trained:
                 "weights_equal": check.equal, "weight_problems": check.problems[:20],
                 "weight_notes": check.notes[:20], "ignored_state": check.ignored_state,
                 "error": None if verdict == "bitwise" else (cmp.reason or "; ".join(check.problems[:5]))}, outputs
-
-
-def _json_default(o):
-    if isinstance(o, float) and o != o:
-        return None
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)

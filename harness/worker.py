@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from .compare import Tolerance
-from .records import ArtifactRecord, CellResult, TrainRecord
+from .records import ArtifactRecord, CellNames, CellResult, JobFailed, TrainRecord
 from .scenario import Scenario, activate
 from .spec import Environment
 
@@ -33,7 +33,7 @@ class TrainJob:
 
 
 @dataclass(frozen=True)
-class ReplayJob:
+class ReplayJob(CellNames):
     """Reload one artifact in this worker's environment and compare it (one cell)."""
 
     scenario: str
@@ -44,10 +44,6 @@ class ReplayJob:
     tolerance: Tolerance = Tolerance()
     output_tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
     observation_path: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.scenario}/{self.format}/{self.environment}"
 
 
 @dataclass(frozen=True)
@@ -61,13 +57,6 @@ class TraceJob:
     batch_size: int
     jit_compile: bool
     output_path: str  # where the trace is written in storage (Arrow IPC)
-
-
-@dataclass(frozen=True)
-class JobFailed:
-    """A job raised instead of returning its record (a bug in a scenario's code, or in ours)."""
-
-    error: str
 
 
 #: A finished job is reported at most this long after it finished (results finishing
@@ -94,6 +83,12 @@ class Worker:
         self.scenarios = dict(scenarios)
         self.storage_uri = storage_uri
         self._jobs: ThreadPoolExecutor | None = None  # one thread: jobs run in order
+
+    def where(self) -> dict[str, Any]:
+        """``{"pid", "node_id"}`` of this process: answered as soon as Ray placed it, before TensorFlow is imported."""
+        from . import fingerprint
+
+        return {"pid": os.getpid(), "node_id": fingerprint.ray_info().get("ray_node_id")}
 
     def warm(self) -> dict[str, Any]:
         """Import TensorFlow and apply the environment's process-wide settings, once.
@@ -136,7 +131,8 @@ class Worker:
     def serve(self, jobs: Sequence[TrainJob | ReplayJob]) -> Iterator[list[TrainRecord | CellResult | JobFailed]]:
         """Run ``jobs`` in order, yielding their records in chunks as they finish.
 
-        The engine calls this as a Ray streaming generator: one call per batch
+        The engine calls this as a Ray streaming generator (under Ray Client,
+        which has none, it calls :meth:`run` once per job instead): one call per batch
         of cheap cells instead of one round trip per cell. Jobs run one after
         another on this worker's job thread; a finished job is reported within
         ``REPORT_EVERY_S`` even while the next one is still running (or stuck),
@@ -172,9 +168,9 @@ class Worker:
     def trace(self, job: TraceJob) -> list[str]:
         """Trace every layer of the reloaded artifact on its probe; write it to storage; return the layer names."""
         from . import arrays, formats, runtime
-        from .explain import trace_layers, trace_to_arrays
         from .replay import read_reference
         from .storage import Storage
+        from .tracing import trace_layers, trace_to_arrays
 
         runtime.configure(self.environment)
         storage = Storage.open(self.storage_uri)

@@ -49,6 +49,7 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "environments-empty": ("environments: expected a non-empty mapping",),
     "environments-list": ("environments: expected a non-empty mapping",),
     "environment-name-invalid": ("environments.cpu default: environment names use",),
+    "environment-named-training": ("environments.training:", "name of the training environment", "rename this environment"),
     "sweep-name-invalid": ("name: expected a name", "'my sweep'"),
     "bad-format": ("formats.1: 'savedmodle' is not one of", "did you mean 'savedmodel'?"),
     "formats-duplicate": ("formats: duplicate entries ['keras']",),

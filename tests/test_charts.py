@@ -49,6 +49,7 @@ def plottable(v, log: bool) -> bool:
        data=st.lists(st.tuples(names, values, values), min_size=0, max_size=40), log=st.booleans())
 @example(title='<script>alert("x")</script>', series_name="]]><x/>", data=[("<b>&", 1.0, 0.0)], log=True)
 @example(title="\x1b[31mred\x00", series_name="ulp", data=[("a", 0.0, None), ("b", 1e-300, 5e300)], log=True)
+@example(title="", series_name="", data=[("", None, 9.999999999999347e+307)], log=True)  # a ceiling past 1e308
 def test_svg_is_valid_escaped_and_in_range(title, series_name, data, log):
     labels = [d[0] for d in data]
     series = {series_name: [d[1] for d in data], series_name + "2": [d[2] for d in data]}

@@ -24,6 +24,7 @@ from harness.envs import survey
 from harness.spec import parse_sweep
 from harness.storage import Storage
 from harness.sweep import run_sweep
+from harness.worker import Worker
 
 pytestmark = pytest.mark.cluster
 TESTS = Path(__file__).parent
@@ -171,6 +172,52 @@ def test_envs_lists_nodes_fingerprints_and_hostable_environments(cluster, matrix
         assert fp["onednn_default"] == isa.onednn_default(fp["cpu_flags"])
 
 
+class FirstNodeLacksIsa(Worker):
+    """A worker whose ``cpu_isa`` check fails on the first node that asks (one file per run says which).
+
+    The CPUs of this machine's fake nodes are all the same; this stands in for
+    a cluster where one node's CPU lacks the instruction set and another has it.
+    """
+
+    def missing_isa(self):
+        from harness import fingerprint
+
+        node = fingerprint.ray_info()["ray_node_id"]
+        claim = Path(os.environ["HARNESS_TEST_MARKER_DIR"]) / "isa-node"
+        try:
+            with open(claim, "x") as f:
+                f.write(node)
+        except FileExistsError:
+            pass
+        lacking = claim.read_text() == node
+        return f"cpu_isa 'sse41' needs CPU flags sse4_1 that this node's CPU (test) lacks" if lacking else None
+
+
+def test_a_cpu_isa_one_node_lacks_is_retried_on_another_node(cluster, node_ids, scenarios, bucket, tmp_path):
+    """The first node Ray picks cannot emulate it: the cell runs on another node that can, not unschedulable."""
+    from ray import cloudpickle
+    import sys
+
+    c, _ = cluster
+    if not ray.is_initialized():
+        ray.init(address=c.address, log_to_driver=False)
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the worker class travels by value
+    marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
+    (marker_dir / "isa-node").unlink(missing_ok=True)
+    sweep = _sweep({"name": "isa-retry", "scenarios": ["seed-linear-regression"], "formats": ["keras"],
+                    "training": {"resources": {"train": 1}},
+                    "timeouts": {"schedule_timeout_s": 60, "cell_timeout_s": 180},
+                    "environments": {"isa": {"cpu_isa": "sse41", "expect": "any",
+                                             "label_selector": {"node-role": "replay", "gpu": "!a10g"}}}})
+    res = run_sweep(sweep, scenarios, out_dir=tmp_path, storage=bucket.uri("harness-cluster", "isa"),
+                    address=c.address, worker_cls=FirstNodeLacksIsa)
+    (row,) = res.table.to_pylist()
+    refused = (marker_dir / "isa-node").read_text()
+    assert refused in (node_ids["intel"], node_ids["amd"])
+    assert row["verdict"] in ("bitwise", "within_tolerance", "mismatch"), row["error"]
+    assert row["node_id"] != refused and row["node_id"] in (node_ids["intel"], node_ids["amd"])
+
+
 def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids, scenarios, bucket, tmp_path):
     c, nodes = cluster
     if not ray.is_initialized():
@@ -213,3 +260,42 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     row = rows[0]
     assert row["verdict"] == "bitwise", row["error"]
     assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2, (victim, survivor, row["attempts"], row["started_at"])
+
+
+def test_a_node_lost_with_no_other_node_to_host_its_environment_is_named(cluster, node_ids, scenarios, bucket,
+                                                                        tmp_path):
+    """Exactly one row, unschedulable, naming the node that was lost."""
+    c, nodes = cluster
+    if not ray.is_initialized():
+        ray.init(address=c.address, log_to_driver=False)
+    driver_node = ray.get_runtime_context().get_node_id()
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    victim = next(name for name in ("amd", "intel", "a10g") if node_ids[name] != driver_node
+                  and node_ids[name] in alive)
+    marker_dir = Path(os.environ["HARNESS_TEST_MARKER_DIR"])
+    for f in marker_dir.iterdir():
+        f.unlink()
+    gate = tmp_path / "gate"  # never opened: the cell waits there until its node goes
+    gate.mkdir()
+    sweep = _sweep({
+        "name": "node-gone", "scenarios": ["test-slow-build"], "formats": ["weights"],
+        "training": {"resources": {"train": 1}}, "retries": 2,
+        "timeouts": {"schedule_timeout_s": 60, "cell_timeout_s": 120},
+        "environments": {"pinned": {"label_selector": {"ray.io/node-id": node_ids[victim]},
+                                    "env": {"HARNESS_TEST_BUILD_GATE": str(gate)}}},
+    })
+    box = {}
+    runner = threading.Thread(target=lambda: box.update(res=run_sweep(
+        sweep, scenarios, out_dir=tmp_path / "run", storage=bucket.uri("harness-cluster", "node-gone"),
+        address=c.address)))
+    runner.start()
+    deadline = time.time() + 120
+    while not any(f.name.startswith(node_ids[victim]) for f in marker_dir.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert any(f.name.startswith(node_ids[victim]) for f in marker_dir.iterdir()), "the cell never started"
+    c.remove_node(nodes[victim], allow_graceful=False)
+    runner.join(timeout=240)
+    assert not runner.is_alive()
+    (row,) = box["res"].table.to_pylist()
+    assert row["verdict"] == "unschedulable", (row["verdict"], row["error"])
+    assert f"node {node_ids[victim][:12]} was lost" in row["error"] and "no other alive node can host" in row["error"]

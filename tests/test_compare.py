@@ -270,6 +270,22 @@ def test_inf_vs_largest_finite_is_not_one_ulp_accept():
     assert r.verdict == "mismatch"
 
 
+@pytest.mark.parametrize("ref_val,obs_val", [
+    (np.inf, np.finfo(np.float32).max), (np.finfo(np.float32).max, np.inf), (np.nan, 1.0), (-np.inf, np.inf),
+])
+def test_required_tolerances_of_a_nonfinite_disagreement_are_infinite(ref_val, obs_val):
+    """No tolerance accepts a NaN/Inf disagreement, so the smallest one that would is inf.
+
+    Inf and the largest finite float are 1 ULP apart; ``required_ulp`` used to say 1
+    although ``max_ulp: 1`` still gives ``mismatch``.
+    """
+    ref, obs = np.float32([ref_val, 2.0]), np.float32([obs_val, 2.0])
+    r = compare_arrays("y", ref, obs, EXACT)
+    assert (r.required_atol, r.required_rtol, r.required_ulp) == (math.inf, math.inf, math.inf)
+    finite_ulp = r.max_ulp_diff if math.isfinite(r.max_ulp_diff) else 1e9
+    assert compare_arrays("y", ref, obs, Tolerance(atol=0, rtol=0, max_ulp=finite_ulp)).verdict == "mismatch"
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
                                    np.uint64, np.bool_])
 def test_int_and_bool_exact_only_by_default(dtype):

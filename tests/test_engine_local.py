@@ -20,7 +20,7 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from harness import sweep as sweep_mod
+from harness import engine
 from harness.records import ArtifactRecord, CellResult, TrainRecord
 from harness.scenario import Scenario
 from harness.spec import parse_sweep
@@ -28,7 +28,7 @@ from harness.sweep import run_sweep
 from harness.worker import Worker
 
 WARM_S, TRAIN_S, CELL_S = 1.0, 1.5, 0.1
-CORES = sweep_mod._host_cores()
+CORES = engine.host_cores()
 ENVIRONMENTS = int(CORES) + 2  # more lanes than fit beside training without room for waiting workers
 
 
@@ -101,7 +101,7 @@ def test_every_cell_has_one_row_and_the_embedded_ray_is_stopped(timed_run):
     assert len({(r["scenario"], r["environment"]) for r in rows}) == len(rows)
     assert {r["verdict"] for r in rows if r["environment"] != "too-big"} == {"bitwise"}
     assert not ray.is_initialized()
-    assert sweep_mod._local_cores is None
+    assert engine.local_cores() is None
 
 
 def test_placement_is_judged_against_the_machines_cores_not_rays_room(timed_run):
@@ -134,13 +134,48 @@ def test_shutdown_kills_the_idle_autoscaler_monitor_instead_of_waiting_for_it():
 
     if ray.is_initialized():
         ray.shutdown()
-    assert sweep_mod._init_ray("local", verbose=False)
+    assert engine.connect("local", verbose=False)
     try:
         monitors = [info.process for info in
                     ray_worker._global_node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])]
-        assert monitors, "Ray no longer starts an autoscaler monitor for ray.init(): drop _stop_autoscaler_monitor"
-        sweep_mod._stop_autoscaler_monitor()
+        assert monitors, "Ray no longer starts an autoscaler monitor for ray.init(): drop engine.stop_autoscaler_monitor"
+        engine.stop_autoscaler_monitor()
         assert [p.returncode for p in monitors] == [-9]
     finally:
-        sweep_mod._shutdown_ray()
+        engine.disconnect()
     assert not ray.is_initialized()
+
+
+class PingWorker(Worker):
+    """A worker that answers with its process id (no TensorFlow)."""
+
+    def ping(self, job) -> int:
+        return os.getpid()
+
+
+def _gone(pid: int, timeout_s: float = 60.0) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_call_in_environments_stops_every_worker_when_one_cannot_be_created(tmp_path):
+    """One creation raising used to leak the workers already created (and raise instead of answering)."""
+    from harness.spec import Environment
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    first, last = (Environment(name=n, env={"ENGINE_TEST_PING": n}) for n in ("first", "last"))
+    refused = first.model_copy(update={"name": "refused", "num_cpus": -1.0})  # Ray refuses it at .options()
+    with engine.session("local"):
+        answers = engine.call_in_environments([(first, "ping", None), (refused, "ping", None), (last, "ping", None)],
+                                              {}, str(tmp_path), timeout_s=120, worker_cls=PingWorker)
+        assert isinstance(answers[0], int) and isinstance(answers[2], int), answers
+        assert isinstance(answers[1], Exception) and "num_cpus" in str(answers[1]), answers[1]
+        assert _gone(answers[0]) and _gone(answers[2]), "a worker outlived call_in_environments"

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from harness import arrays
-from harness.explain import (
-    LayerDiff,
-    arrays_to_trace,
-    compare_traces,
-    divergence,
-    first_divergent,
-    most_growth,
-    trace_layers,
-    trace_to_arrays,
-)
+from harness.explain import compare_traces, divergence, first_divergent, most_growth
+from harness.records import CellResult
+from harness.tracing import arrays_to_trace, trace_layers, trace_to_arrays
 
 
 def _call(name, inputs, outputs):
@@ -32,7 +26,7 @@ def test_compare_traces_finds_the_start_and_the_growth():
     ref = [_call("a", [x], [x]), _call("b", [x], [x]), _call("c", [x], [x])]
     obs = [_call("a", [x], [x]), _call("b", [x], [bumped]), _call("c", [bumped], [big])]
     diffs = compare_traces(ref, obs)
-    assert [d.verdict for d in diffs] == ["bitwise", "mismatch", "mismatch"]
+    assert [d.bits for d in diffs] == ["same", "differs", "differs"]
     assert first_divergent(diffs).name == "b"
     assert diffs[1].growth == math.inf and diffs[1].max_ulp_diff == 1  # inputs bitwise: it starts here
     assert diffs[2].growth > 1e3  # 1% from a one-ULP input difference
@@ -62,11 +56,94 @@ def test_trace_round_trips_through_arrow():
     assert all(np.array_equal(a, b) for c, d in zip(trace, back) for a, b in zip(c["outputs"], d["outputs"]))
 
 
+def _nonfinite_trace():
+    """Three layer calls: the second's outputs differ by Inf vs finite and NaN vs finite."""
+    x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+    bad = x.copy()
+    bad[0, 0], bad[1, 1] = np.inf, np.nan
+    ref = [_call("a", [x], [x]), _call("b", [x], [x]), _call("c", [x], [x])]
+    obs = [_call("a", [x], [x]), _call("b", [x], [bad]), _call("c", [bad], [bad])]
+    return compare_traces(ref, obs)
+
+
+def test_a_layer_that_differs_by_nan_or_inf_is_stored_reloaded_and_shown():
+    """'inf' strings mixed with floats in one Arrow column crashed explain (exit 3); text() and the chart too."""
+    from harness import report, results
+    from harness.explain import Explanation, Localisation, layers_ipc
+
+    diffs = _nonfinite_trace()
+    assert [d.bits for d in diffs] == ["same", "differs", "differs"]
+    assert diffs[1].max_ulp_diff == math.inf and diffs[1].max_abs_diff == math.inf
+    back, _ = arrays.read_ipc(layers_ipc(diffs))  # floats stay floats: NaN/Inf are numbers in Arrow
+    assert back["max_ulp_diff"].dtype == np.float64 and back["max_ulp_diff"][1] == math.inf
+    assert list(back["bits"]) == ["same", "differs", "differs"] and list(back["name"]) == ["a", "b", "c"]
+    exp = Explanation("s/keras/e", "mismatch", localisation=Localisation("keras", None, tuple(diffs), "b", "b"))
+    text = json.dumps(exp.to_dict(), allow_nan=False)  # strict JSON
+    again = Explanation.from_dict(json.loads(text))
+    assert again == exp
+    shown = again.text()
+    assert "inf ULP" in shown and "differs" in shown
+    table = results.to_table([CellResult(run_id="r", scenario="s", format="keras", environment="e",
+                                         verdict="mismatch")])
+    html = report.render(table, "html", explanations={again.cell: again})
+    assert html.count("<rect") == 3
+
+
+def test_layers_say_same_or_differs_never_a_cell_verdict():
+    from harness.explain import Explanation, Localisation
+
+    diffs = _nonfinite_trace()
+    exp = Explanation("s/keras/e", "mismatch", localisation=Localisation("keras", None, tuple(diffs), "b", "b"))
+    layer_lines = [line for line in exp.text().splitlines() if line.startswith("    ")]
+    assert len(layer_lines) == 3
+    for line in layer_lines:
+        assert ("same" in line or "differs" in line) and not any(
+            v in line for v in ("bitwise", "within_tolerance", "mismatch"))
+    stored = exp.to_dict()["localisation"]["layers"]
+    assert [layer["bits"] for layer in stored] == ["same", "differs", "differs"] and "verdict" not in stored[0]
+
+
+def test_an_explanation_stored_with_layer_verdicts_still_loads():
+    from harness.explain import Explanation
+
+    old = {"cell": "s/keras/e", "verdict": "within_tolerance",
+           "localisation": {"format": "keras", "note": None, "first": "b", "growth": "b", "error": None,
+                            "layers": [{"index": 0, "name": "a", "verdict": "bitwise", "max_ulp_diff": 0.0,
+                                        "max_abs_diff": 0.0, "mismatch_fraction": 0.0, "input_divergence": 0.0,
+                                        "output_divergence": 0.0, "growth": None},
+                                       {"index": 1, "name": "b", "verdict": "mismatch", "max_ulp_diff": 2.0,
+                                        "max_abs_diff": 1e-7, "mismatch_fraction": 0.5, "input_divergence": 0.0,
+                                        "output_divergence": 1e-8, "growth": "inf"}]}}
+    exp = Explanation.from_dict(old)
+    assert [d.bits for d in exp.localisation.layers] == ["same", "differs"]
+    assert exp.localisation.layers[1].growth == math.inf
+
+
+def test_attribution_of_a_cpu_isa_cell_when_training_turns_onednn_off():
+    """Deriving 'without onednn' (onednn: false + cpu_isa) used to fail the whole explain with exit 2."""
+    from harness.explain import attribution_environments, knob_differences
+    from harness.spec import parse_sweep
+
+    sweep = parse_sweep({"scenarios": ["s"], "training": {"onednn": False},
+                         "environments": {"isa": {"cpu_isa": "avx2", "threads": 2}}})
+    env = sweep.environment("isa")
+    knobs = knob_differences(sweep, env)
+    assert {k.name for k in knobs} == {"onednn", "threads", "cpu_isa"}
+    variants = attribution_environments(sweep, env, knobs)
+    assert len(variants) == 2 * len(knobs)
+    by = {(v.knob.name, v.kind): v for v in variants}
+    # cpu_isa needs oneDNN on: it cannot be added to training's onednn: false alone
+    assert by[("cpu_isa", "only")].env is None and "cannot be varied alone" in by[("cpu_isa", "only")].error
+    assert "onednn: false" in by[("cpu_isa", "only")].error
+    # the other variants are real environments, judged as expect: any
+    threads = by[("threads", "only")].env
+    assert threads.threads == 2 and threads.onednn is False and threads.expect == "any"
+    assert by[("cpu_isa", "without")].env.cpu_isa is None and by[("cpu_isa", "without")].env.threads == 2
+
+
 def test_results_tables_are_read_as_typed_cells():
     from harness import results
-    from harness.explain import UnknownCell, _layered_artifact, cells_to_explain, find_cell
-    from harness.records import CellResult
-
+    from harness.explain import UnknownCell, cells_to_explain, find_cell, layered_artifact
     def cell(fmt, env, verdict, **kw):
         return CellResult(run_id="r1", scenario="s", format=fmt, environment=env, verdict=verdict, **kw)
 
@@ -79,8 +156,8 @@ def test_results_tables_are_read_as_typed_cells():
     assert isinstance(found, CellResult) and found.verdict == "within_tolerance"
     assert found.fingerprint == {"cpu_model": "x"}
     assert cells_to_explain(table) == ["s/savedmodel/a", "s/keras/a"]
-    fmt, path, note = _layered_artifact(results.cells(table), find_cell(table, "s/savedmodel/a"))
-    assert (fmt, path) == ("keras", "artifacts/s/k2") and "keeps no layer structure" in note
+    source = layered_artifact(results.cells(table), find_cell(table, "s/savedmodel/a"))
+    assert (source.format, source.path) == ("keras", "artifacts/s/k2") and "keeps no layer structure" in source.note
     with pytest.raises(UnknownCell, match="is not a cell of this run; did you mean"):
         find_cell(table, "s/keras/c")
     with pytest.raises(UnknownCell, match="name a cell as SCENARIO/FORMAT/ENVIRONMENT"):
@@ -120,7 +197,6 @@ def test_trace_layers_of_functional_nested_and_recurrent_models(keras_models, ji
 # tests/scenarios/nudge.py: Rescaling -> BatchNudge (+1 ULP at batch size 1) -> Dense.
 # ``two-knobs`` sets batch_size 1 *and* threads 1; the single-knob environments are run alongside,
 # so the attribution is checked against what each knob really does on this machine.
-import json  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -168,8 +244,8 @@ def test_localisation_names_the_layer_where_the_difference_starts(nudged):
     loc = exp["localisation"]
     names = [layer["name"] for layer in loc["layers"]]
     assert names == ["scale", "nudge", "head"], names
-    assert [layer["verdict"] for layer in loc["layers"]][0] == "bitwise"  # elementwise: same bits at any batch
-    assert loc["first"] == "nudge" and loc["layers"][1]["verdict"] != "bitwise"
+    assert [layer["bits"] for layer in loc["layers"]][0] == "same"  # elementwise: same bits at any batch
+    assert loc["first"] == "nudge" and loc["layers"][1]["bits"] == "differs"
     assert loc["layers"][1]["growth"] == "inf"  # its inputs were bitwise: the difference starts here
     assert f"{NUDGE}/keras/two-knobs: starts at nudge" in proc.stderr
     # the per-layer comparison is also stored as Arrow next to the cell's observation
@@ -232,3 +308,26 @@ def test_bad_cell_names_are_exit_2(nudged, cell, fragment):
     proc = run_cli("explain", run_dir, cell, "--scenarios-path", TESTS / "scenarios")
     assert proc.returncode == 2, explain_proc(proc)
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_explain_finds_the_runs_scenarios_without_scenarios_path(nudged):
+    """The run remembers where its scenarios came from (run.json): --scenarios-path is not needed again."""
+    run_dir, _, _ = nudged
+    recorded = json.loads((run_dir / "run.json").read_text())
+    assert str((TESTS / "scenarios").resolve()) in recorded["scenario_paths"]
+    proc = run_cli("explain", run_dir, f"{NUDGE}/keras/two-knobs", "--no-attribution", timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, explain_proc(proc)
+    assert "starts at layer: nudge" in proc.stdout
+
+
+def test_explain_refuses_a_run_whose_sweep_file_changed_since(nudged, tmp_path):
+    run_dir, _, _ = nudged
+    source = Path(json.loads((run_dir / "run.json").read_text())["source"])
+    original = source.read_text()
+    try:
+        source.write_text(original.replace("threads: 1", "threads: 2", 1))
+        proc = run_cli("explain", run_dir, f"{NUDGE}/keras/two-knobs")
+        assert proc.returncode == 2, explain_proc(proc)
+        assert "changed since run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    finally:
+        source.write_text(original)

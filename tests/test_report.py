@@ -344,7 +344,8 @@ def test_json_round_trip_decodes_columns_and_nulls_non_finite_floats():
     mismatch = doc["cells"][2]
     assert mismatch["verdict"] == "mismatch"
     assert mismatch["max_ulp_diff"] is None and mismatch["max_abs_diff"] is None
-    assert mismatch["detail"] == {"outputs": {"y": {"max_abs_diff": None}}}
+    # JSON columns hold the harness's one JSON policy (records.to_json): a non-finite number is text
+    assert mismatch["detail"] == {"outputs": {"y": {"max_abs_diff": "nan"}}}
     assert mismatch["fingerprint"]["gpus"][0]["compute_capability"] == "8.0"
     assert mismatch["node_labels"] == {"ray.io/node-type": "gpu-a100"}
     assert dt.datetime.fromisoformat(mismatch["started_at"]) == NIGHT_ONE
@@ -564,9 +565,9 @@ def test_text_helpers(value, fragment):
 def _explanation(cell: str, first: str = "dense_1"):
     from harness.explain import Explanation, Knob, KnobFinding, LayerDiff, Localisation
 
-    layers = (LayerDiff(0, "dense", "bitwise", 0.0, 0.0, 0.0, 0.0, 0.0, None),
-              LayerDiff(1, first, "mismatch", 4.0, 2.4e-7, 0.25, 0.0, 1e-7, math.inf),
-              LayerDiff(2, "head", "mismatch", 9.0, 5e-7, 0.5, 1e-7, 3e-7, 3.0))
+    layers = (LayerDiff(0, "dense", "same", 0.0, 0.0, 0.0, 0.0, 0.0, None),
+              LayerDiff(1, first, "differs", 4.0, 2.4e-7, 0.25, 0.0, 1e-7, math.inf),
+              LayerDiff(2, "head", "differs", 9.0, 5e-7, 0.5, 1e-7, 3e-7, 3.0))
     loc = Localisation("keras", None, layers, first, "head")
     knob = Knob("jit_compile", False, True)
     return Explanation(cell, "within_tolerance", localisation=loc,
@@ -580,8 +581,8 @@ def test_reports_show_explanations_with_a_layer_table_and_a_depth_chart():
     md = report.render(table, "md", explanations={exp.cell: exp})
     section = md.split("## Explanations", 1)[1]
     assert "- setting: explained by XLA" in section and "- starts at layer: dense_1" in section
-    assert "| 1 | dense_1 | mismatch | 4 | 2.4e-07 | 0.25 | starts here |" in section
-    assert "| 2 | head | mismatch | 9 | 5e-07 | 0.5 | x3 |" in section
+    assert "| 1 | dense_1 | differs | 4 | 2.4e-07 | 0.25 | starts here |" in section
+    assert "| 2 | head | differs | 9 | 5e-07 | 0.5 | x3 |" in section
     html = report.render(table, "html", explanations={exp.cell: exp})
     assert '<section id="explanations">' in html and html.count("<rect") == 3
     assert 'stroke="#111"' in html  # the first divergent layer is outlined

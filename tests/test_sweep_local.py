@@ -180,7 +180,7 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
     cells = {(r["scenario"], r["environment"]): r for r in res.table.to_pylist()}
     assert len(cells) == res.table.num_rows == 6
     for name in ("test-slow-build", "seed-linear-regression"):
-        assert cells[(name, "fast")]["verdict"] == "bitwise" and cells[(name, "fast")]["passed"]
+        assert cells[(name, "fast")]["verdict"] == "bitwise" and cells[(name, "fast")]["passed"], cells[(name, "fast")]["error"]
         ghost = cells[(name, "ghost")]
         assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"]
         assert "ghost=1" in ghost["error"]
@@ -241,7 +241,7 @@ def test_training_no_node_can_host_makes_every_cell_unschedulable(local_ray, sce
 
 
 def test_resume_refuses_a_changed_plan_of_the_same_sweep(scenarios, store, tmp_path):
-    from harness.sweep import RunDirError
+    from harness.run import RunDirError
 
     doc = {"name": "replan", "scenarios": ["seed-linear-regression"], "formats": ["keras"],
            "environments": {"cpu-default": {"expect": "bitwise"}}}

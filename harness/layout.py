@@ -1,0 +1,68 @@
+"""Where things live in shared storage: the one place that builds ``artifacts/...`` and ``runs/<id>/...`` paths.
+
+Paths are relative to the storage root (``harness.storage.Storage``). Pure
+functions, imported by both sides: training (worker side) names its artifact
+directories here, and a run (``harness.run.Run``, driver side) names its
+files here. See the README's *Storage* section for the tree.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class _Named(Protocol):
+    scenario: str
+    format: str
+    environment: str
+
+
+def artifact_dir(scenario: str, digest: str) -> str:
+    """``artifacts/<scenario>/<digest>``: one format of one trained scenario, content-addressed."""
+    return f"artifacts/{scenario}/{digest}"
+
+
+def artifact_of_uri(uri: str | None) -> str | None:
+    """The artifact directory (relative to the storage root) an ``artifact_uri`` column names, or None.
+
+    Rows name the version a cell really replayed (``artifacts/<scenario>/<digest>/<version>``);
+    readers go back to exactly that version, not to whatever the digest's pointer names now.
+    """
+    if not uri:
+        return None
+    path = uri.split("?", 1)[0].rstrip("/")
+    at = path.rfind("/artifacts/")
+    return path[at + 1:] if at >= 0 else (path if path.startswith("artifacts/") else None)
+
+
+def run_root(run_id: str) -> str:
+    """``runs/<run_id>``: everything a run publishes."""
+    return f"runs/{run_id}"
+
+
+def results_file(run_id: str) -> str:
+    """``runs/<run_id>/results.parquet``: the run's results, published next to its observations."""
+    return f"{run_root(run_id)}/results.parquet"
+
+
+def writable_probe(run_id: str) -> str:
+    """A scratch file a run writes and deletes first, to find out whether it can use the storage."""
+    return f"{run_root(run_id)}/.writable"
+
+
+def observation_file(run_id: str, cell: _Named, group: str = "observations") -> str:
+    """``runs/<run_id>/<group>/<scenario>/<format>/<environment>.arrow``: a cell's outputs.
+
+    ``group`` is ``observations`` for the sweep's cells and ``attribution`` for
+    the variants ``harness explain`` runs.
+    """
+    return f"{run_root(run_id)}/{group}/{cell.scenario}/{cell.format}/{cell.environment}.arrow"
+
+
+def explain_file(run_id: str, cell: _Named, part: str = "") -> str:
+    """``runs/<run_id>/explain/<scenario>/<format>/<environment>[.<part>].arrow``: explain's layer files.
+
+    No ``part``: the layer-by-layer comparison; ``training`` / ``cell``: the two traces it came from.
+    """
+    suffix = f".{part}" if part else ""
+    return f"{run_root(run_id)}/explain/{cell.scenario}/{cell.format}/{cell.environment}{suffix}.arrow"
