@@ -169,7 +169,7 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
     sweep = _sweep({
         "name": "timeouts", "scenarios": ["test-slow-build", "seed-linear-regression"], "formats": ["weights"],
         "precheck": False, "scenario_paths": [str(TESTS / "scenarios")],
-        "timeouts": {"schedule_timeout_s": 15, "cell_timeout_s": 8},
+        "timeouts": {"schedule_timeout_s": 30, "cell_timeout_s": 8},
         "environments": {
             "fast": {"expect": "bitwise"},
             "ghost": {"resources": {"ghost": 1}},
@@ -182,7 +182,7 @@ def test_schedule_and_cell_timeouts_do_not_stop_the_sweep(local_ray, scenarios, 
     for name in ("test-slow-build", "seed-linear-regression"):
         assert cells[(name, "fast")]["verdict"] == "bitwise" and cells[(name, "fast")]["passed"], cells[(name, "fast")]["error"]
         ghost = cells[(name, "ghost")]
-        assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=15" in ghost["error"]
+        assert ghost["verdict"] == "unschedulable" and "schedule_timeout_s=30" in ghost["error"]
         assert "ghost=1" in ghost["error"]
     # The slow scenario's build sleeps 120 s: only the cell timeout can have ended it as an error...
     stuck = cells[("test-slow-build", "slow")]
