@@ -57,8 +57,9 @@ class Panel:
 
 
 def _e(value: object, limit: int = 80) -> str:
-    """``value`` as XML text/attribute content: one line, control characters shown, markup escaped."""
-    return html.escape(text.one_line(value, limit), quote=True)
+    """``value`` as XML text/attribute content: one line, control characters shown, markup escaped
+    (and U+FFFE/U+FFFF, which no XML may hold, replaced)."""
+    return html.escape(text.xml_chars(text.one_line(value, limit)), quote=True)
 
 
 def _number(value: float) -> str:
