@@ -54,7 +54,6 @@ _TIER_LABELS = {AS_ACCURATE: "as accurate", LESS_ACCURATE: "less accurate", "n/a
 _TIER_TAGS = {AS_ACCURATE: "=acc", LESS_ACCURATE: "<acc"}
 #: Fingerprint keys left out of "what differs" lists: a process id always differs.
 _NOISE_KEYS = ("pid",)
-_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 Cell = CellResult
 Key = tuple[str, str, str]
@@ -564,6 +563,8 @@ _MISMATCH_DECADES = 8
 #: What =acc and <acc mean, in the legend and a cell's tooltip.
 _TIER_MEANING = {AS_ACCURATE: "as accurate as the reference, both measured against the model run in float64",
                  LESS_ACCURATE: "less accurate than the reference, both measured against the model run in float64"}
+#: Groups of "What changed" (known, fixed, flaky) with more cells than this start folded; new failures never do.
+_GROUP_OPEN = 10
 TEMPLATE = "report.html.j2"
 
 _CSS = """
@@ -617,10 +618,13 @@ table.layers th,table.layers td{border:1px solid #ddd;padding:2px 8px;font-size:
 #changes .counts li{border:1px solid #ccc;border-radius:4px;padding:4px 10px;background:#f6f7f9}
 #changes .counts li b{font-size:16px;margin-right:4px}
 #changes .counts li.new.some{border-color:#b2182b;background:#fde0dd}
+#changes details.group>summary{cursor:pointer}#changes details.group>summary h3{display:inline-block}
 #changes table.failing{width:100%;table-layout:fixed}
 #changes table.failing th,#changes table.failing td{border:1px solid #ddd;padding:3px 6px;text-align:left;
  vertical-align:top;font-size:12px;overflow-wrap:anywhere}
 #changes table.failing thead th{background:#eceff3}
+#changes col.c-cell{width:24%}#changes col.c-verdict{width:15%}#changes col.c-run{width:16%}
+#changes col.c-n{width:7%}#changes col.c-changed{width:22%}
 #changes table.failing ul{margin:0;padding-left:1.1em}
 #changes ul.plain{font-size:12px;margin:4px 0;padding-left:1.3em}
 #changes ul.plain li{overflow-wrap:anywhere}
@@ -862,6 +866,7 @@ def _change_groups(changes: hist.Changes, ids: Mapping[Key, str]) -> list[dict[s
     for key, title, field, _ in _CHANGE_GROUPS:
         entries, more = _shown(getattr(changes, field))
         groups.append({"key": key, "title": title, "count": changes.counts[key], "more": more,
+                       "open": key == "new" or changes.counts[key] <= _GROUP_OPEN,
                        "failing": key in ("new", "known"), "rows": [_failing_row(e, ids) for e in entries]})
     return [g for g in groups if g["count"]]
 
@@ -990,16 +995,11 @@ def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | Non
 
 
 # -- JUnit XML ---------------------------------------------------------------------------
-def _xml_text(value: Any) -> str:
-    """Text XML 1.0 can carry: characters it forbids become U+FFFD."""
-    return _XML_INVALID.sub("\ufffd", str(value))
-
-
 def _element(parent: ET.Element | None, tag: str, text: str | None = None, **attrs: Any) -> ET.Element:
-    clean = {k: _xml_text(v) for k, v in attrs.items() if v is not None}
+    clean = {k: text_.xml_chars(v) for k, v in attrs.items() if v is not None}
     element = ET.Element(tag, clean) if parent is None else ET.SubElement(parent, tag, clean)
     if text:
-        element.text = _xml_text(text)
+        element.text = text_.xml_chars(text)
     return element
 
 
