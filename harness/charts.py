@@ -66,6 +66,13 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _decade(exponent: float) -> str:
+    """The label of ``10 ** exponent`` on a log axis; written as a power where a float cannot hold it."""
+    if -300 < exponent < 308:
+        return _number(10.0 ** exponent)
+    return f"1e{exponent:+.0f}"
+
+
 def _plottable(value: float | None, log: bool) -> bool:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
@@ -84,7 +91,7 @@ def _scale(values: list[float], log: bool) -> tuple[float, float, str]:
         high = max(math.ceil(max(positive)) if positive else 1.0, low + 1)  # at least one decade
         if any(v == 0 for v in values):
             return low - 1, high, "0"
-        return low, high, _number(10 ** low)
+        return low, high, _decade(low)
     low, high = min(values + [0.0]), max(values + [0.0])
     if high == low:
         high = low + 1.0
@@ -120,7 +127,7 @@ def _panel(panel: Panel, width: int, height: int, y0: float) -> str:
     bottom, right = _TOP + plot_h, _LEFT + plot_w
     parts += [f'<path d="M{_LEFT} {_TOP}V{bottom}H{right}" fill="none" stroke="#999" stroke-width="1"/>',
               f'<text x="{_LEFT - 4}" y="{_TOP + 4}" font-size="9" text-anchor="end">'
-              f"{_e(_number(10 ** high if panel.log else high))}</text>",
+              f"{_e(_decade(high) if panel.log else _number(high))}</text>",
               f'<text x="{_LEFT - 4}" y="{bottom}" font-size="9" text-anchor="end">'
               f"{_e(low_label)}</text>",
               f'<text x="{_LEFT}" y="{height - 4}" font-size="9">{_e(panel.labels[0], 24)}</text>']
@@ -202,37 +209,42 @@ def spark_svg(values: Sequence[float | None], *, colours: Sequence[str] | None =
               width: int = 72, height: int = 18, label: str = "trend") -> str:
     """A sparkline small enough for a table cell, as inline SVG: a line through the values, one dot per value.
 
-    Scaled like :func:`spark`. Dot ``i`` is filled with ``colours[i]`` (default
+    Scaled like :func:`spark`. Dot ``i`` is drawn in ``colours[i]`` (default
     the palette's first); a gap breaks the line and its dot sits hollow on the
     baseline, so every value keeps its dot. ``label`` is the accessible name.
+    A matrix has one per cell, so it is drawn compactly: the line is one
+    ``path``, the dots are round-capped zero-length segments, one ``path`` per
+    colour (``class="dots"``; hollow ones get a white ``class="gaps"`` core).
     """
     levels = _levels(values, log)
     n = len(levels)
     step = (width - 6) / (n - 1) if n > 1 else 0.0
     radius = max(1.0, min(2.2, step / 2.5)) if n > 1 else 2.2  # dots of 30 runs in 72 px stay apart
 
-    def xy(i: int, level: float | None) -> tuple[float, float]:
+    def at(i: int, level: float | None) -> str:
         x = width / 2 if n == 1 else 3 + i * step
-        return x, height - 3 - (level or 0.0) * (height - 6)
+        return f"{x:.1f} {height - 3 - (level or 0.0) * (height - 6):.1f}"
 
-    parts = [f'<rect width="{width}" height="{height}" rx="3" fill="#fff" opacity=".85"/>']
-    runs: list[list[tuple[float, float]]] = []
+    line, run = [], 0  # run: how many values in a row the line has joined so far
     for i, level in enumerate(levels):  # a gap breaks the line
-        if level is None:
-            runs.append([])
-        elif runs and runs[-1]:
-            runs[-1].append(xy(i, level))
-        else:
-            runs.append([xy(i, level)])
-    for run in runs:
-        if len(run) > 1:
-            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in run)
-            parts.append(f'<polyline points="{line}" fill="none" stroke="#555" stroke-width="1"/>')
+        run = 0 if level is None else run + 1
+        if run:
+            line.append(("L" if run > 1 else "M") + at(i, level))
+    drawn = "".join(seg for k, seg in enumerate(line)
+                    if seg[0] == "L" or k + 1 < len(line) and line[k + 1][0] == "L")  # no lone moves
+    parts = [f'<rect width="{width}" height="{height}" rx="3" fill="#fff" opacity=".85"/>']
+    if drawn:
+        parts.append(f'<path class="line" d="{drawn}" fill="none" stroke="#555" stroke-width="1"/>')
+    dots: dict[str, list[str]] = {}
     for i, level in enumerate(levels):
         colour = _e(colours[i] if colours is not None and i < len(colours) else PALETTE[0], 32)
-        x, y = xy(i, level)
-        fill = "#fff" if level is None else colour
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{radius:.1f}" fill="{fill}" stroke="{colour}" '
-                     'stroke-width=".8"/>')
+        dots.setdefault(colour, []).append(f"M{at(i, level)}h0")
+    for colour, segments in dots.items():
+        parts.append(f'<path class="dots" d="{"".join(segments)}" stroke="{colour}" stroke-width="{2 * radius:.1f}" '
+                     'stroke-linecap="round"/>')
+    gaps = "".join(f"M{at(i, None)}h0" for i, level in enumerate(levels) if level is None)
+    if gaps:
+        parts.append(f'<path class="gaps" d="{gaps}" stroke="#fff" stroke-width="{2 * radius - 1.6:.1f}" '
+                     'stroke-linecap="round"/>')
     return (f'<svg{XMLNS} class="spark" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(label, 200)}">{"".join(parts)}</svg>')
