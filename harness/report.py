@@ -563,6 +563,8 @@ _MISMATCH_DECADES = 8
 #: What =acc and <acc mean, in the legend and a cell's tooltip.
 _TIER_MEANING = {AS_ACCURATE: "as accurate as the reference, both measured against the model run in float64",
                  LESS_ACCURATE: "less accurate than the reference, both measured against the model run in float64"}
+#: Required-tolerance charts one page draws at most (about 10 KB each): a nightly of 10,000 cells stays a page.
+_TREND_CHARTS = 200
 #: Groups of "What changed" (known, fixed, flaky) with more cells than this start folded; new failures never do.
 _GROUP_OPEN = 10
 TEMPLATE = "report.html.j2"
@@ -721,14 +723,44 @@ def _spark(points: list[hist.TrendPoint]) -> Any:
                                  label=f"max ulp trend over {len(points)} runs"))
 
 
-def _tolerance_trend(cell: Cell, points: list[hist.TrendPoint]) -> tuple[Any, str]:
+def _measured(points: list[hist.TrendPoint], name: str) -> list[float]:
+    """The finite values of ``required_ulp`` or ``required_atol`` over a cell's runs, oldest first."""
+    return [v for p in points if hist.is_finite(v := getattr(p, name))]
+
+
+def _tolerance_moved(points: list[hist.TrendPoint]) -> bool:
+    """Whether the cell's required ULP or atol was not the same in every run that measured it."""
+    return any(len(set(_measured(points, name))) > 1 for name in ("required_ulp", "required_atol"))
+
+
+def _charted(lay: _Layout, points: Mapping[Key, list[hist.TrendPoint]]) -> set[Key]:
+    """The cells whose required-tolerance chart the page draws: those whose tolerance moved over their runs
+    (a flat one is said in words), failing cells first, then the widest ULP spread; at most :data:`_TREND_CHARTS`."""
+    def spread(key: Key) -> float:
+        ulps = _measured(points[key], "required_ulp")
+        return (max(ulps) + 1) / (min(ulps) + 1) if ulps else 1.0
+
+    moved = [key for key, pts in points.items() if _tolerance_moved(pts)]
+    moved.sort(key=lambda key: (not _failed(lay.cells[key]), -spread(key)))
+    return set(moved[:_TREND_CHARTS])
+
+
+def _tolerance_trend(cell: Cell, points: list[hist.TrendPoint], charted: bool) -> tuple[Any, str]:
     """A cell's required ULP and atol over its runs as a chart (:func:`harness.history.tolerance_chart`),
-    or a line saying why there is none; (None, '') without history."""
-    if len(points) < 2:
+    or a line saying what they were; (None, '') without history."""
+    n = len(points)
+    if n < 2:
         return None, ""
-    if not any(hist.is_finite(v) and v > 0 for p in points for v in (p.required_ulp, p.required_atol)):
-        return None, f"0 or not measured in each of the last {len(points)} runs"
-    return _svg(hist.tolerance_chart(f"{cell.scenario}/{cell.format} @ {cell.environment}", points)), ""
+    if charted:
+        return _svg(hist.tolerance_chart(f"{cell.scenario}/{cell.format} @ {cell.environment}", points)), ""
+    ulps, atols = _measured(points, "required_ulp"), _measured(points, "required_atol")
+    if not any(v > 0 for v in ulps + atols):
+        return None, f"0 or not measured in each of the last {n} runs"
+    if not _tolerance_moved(points):
+        same = ", ".join(f"{name} {_num(values[0])}" for name, values in (("ULP", ulps), ("atol", atols)) if values)
+        return None, f"{same} in every one of the last {n} runs that measured it"
+    return None, (f"ULP {hist.values_summary(ulps)}; atol {hist.values_summary(atols)} over the last {n} runs "
+                  f"(not drawn: the page draws {_TREND_CHARTS} charts, failing cells and the widest drift first)")
 
 
 def _value_view(value: Any) -> dict[str, Any]:
@@ -754,11 +786,11 @@ def _tooltip(cell: Cell) -> str:
     return "; ".join(parts)
 
 
-def _detail_view(cell: Cell, trend: list[hist.TrendPoint]) -> dict[str, Any]:
+def _detail_view(cell: Cell, trend: list[hist.TrendPoint], charted: bool) -> dict[str, Any]:
     """The click-to-open panel of a cell: facts, required tolerance over the runs, error, fingerprint
     differences, fingerprint."""
     fingerprint = json_object(cell.fingerprint)
-    chart, no_chart = _tolerance_trend(cell, trend)
+    chart, no_chart = _tolerance_trend(cell, trend, charted)
     facts = _facts(cell) + ([("required tolerance trend", no_chart)] if no_chart else [])
     return {"name": f"{cell.scenario}/{cell.format} @ {cell.environment}", "facts": facts, "trend": chart,
             "error": cell.error, "diff": [(k, *_diff_sides(t, r)) for k, t, r in fingerprint_diff(cell)],
@@ -770,14 +802,15 @@ def _cell_ids(lay: _Layout) -> dict[Key, str]:
     return {cell.key: f"cell-{i}" for i, cell in enumerate(lay.ordered(), 1)}
 
 
-def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint], element_id: str) -> dict[str, Any]:
+def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint], element_id: str,
+               charted: bool) -> dict[str, Any]:
     scenario, fmt, environment = cell.key
     tier = _tier(cell)
     classes = " ".join(filter(None, ["cell", _verdict_class(cell.verdict), "failed" if _failed(cell) else "",
                                      "less-accurate" if tier == LESS_ACCURATE else ""]))
     return {"id": element_id, "classes": classes, "scenario": scenario, "format": fmt, "environment": environment,
             "verdict": cell.verdict, "accuracy": tier, "title": _tooltip(cell), "style": _mismatch_style(cell),
-            "text": _short(cell, note), "spark": _spark(trend), "detail": _detail_view(cell, trend)}
+            "text": _short(cell, note), "spark": _spark(trend), "detail": _detail_view(cell, trend, charted)}
 
 
 def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, cell: Cell) -> list[hist.TrendPoint]:
@@ -790,6 +823,8 @@ def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, c
 
 def _matrix_view(lay: _Layout, history: pa.Table | None, ids: Mapping[Key, str]) -> dict[str, Any]:
     trends = hist.trends(history, last=hist.TREND_RUNS) if history is not None else {}
+    points = {key: _trend_with_current(trends, key, cell) if trends else [] for key, cell in lay.cells.items()}
+    charted = _charted(lay, points)
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
@@ -797,8 +832,7 @@ def _matrix_view(lay: _Layout, history: pa.Table | None, ids: Mapping[Key, str])
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
             cells.append(None if cell is None else
-                         _cell_view(cell, lay.note(cell),
-                                    _trend_with_current(trends, (s, f, env), cell) if trends else [], ids[cell.key]))
+                         _cell_view(cell, lay.note(cell), points[cell.key], ids[cell.key], cell.key in charted))
         train = lay.train_seconds.get(s)
         rows.append({"scenario": s, "format": f, "cells": cells, "train": None if train is None else f"{train:.1f} s",
                      "save": {"classes": _verdict_class(save.verdict), "style": _mismatch_style(save),

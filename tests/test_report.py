@@ -424,11 +424,16 @@ def _history_of(table, nights=3):
     return pa.concat_tables(parts)
 
 
+def _spark_dots(svg) -> int:
+    """How many dots a matrix cell's sparkline draws (``charts.spark_svg``: one ``h0`` segment per run)."""
+    return sum(path.get("d").count("h0") for path in svg.find_class("dots"))
+
+
 def test_html_sparkline_per_cell_with_history(table):
     doc = html_doc(table, history=_history_of(table))
     cells = doc.find_class("cell")
     assert all(len(c.find_class("spark")) == 1 for c in cells)
-    assert all(len(c.find_class("spark")[0].findall(".//circle")) == 4 for c in cells)  # 3 old runs + this one
+    assert all(_spark_dots(c.find_class("spark")[0]) == 4 for c in cells)  # 3 old runs + this one
     assert not html_doc(table).find_class("spark")
 
 
@@ -833,20 +838,23 @@ KNOWN = (HOSTILE_NAME, "keras", "cpu-a")   # passes night 1, mismatch from night
 NEW = ("mlp", "keras", "cpu-b")             # passes nights 1-3, fails tonight (night 4)
 FIXED = ("mlp", "keras", "cpu-a")           # error on night 3, bitwise tonight
 DRIFTING = (HOSTILE_NAME, "keras", HOSTILE_ENV)  # within tolerance, its required ULP / atol move every night
+STEADY = ("mlp", "keras", HOSTILE_ENV)       # within tolerance, the same 14 ULP / 1.2e-06 every night
 TONIGHT = 4
 
 
 def nightly_rows(night: int) -> list[dict]:
     rows = []
     for key in itertools.product((HOSTILE_NAME, "mlp"), ("keras",), ("cpu-a", "cpu-b", HOSTILE_ENV)):
-        verdict, extra = "bitwise", {}
+        verdict, extra = "bitwise", {"required_ulp": 0.0, "required_atol": 0.0}  # as a bitwise cell records them
         if key == KNOWN and night >= 2:
-            verdict = "mismatch"
+            verdict, extra = "mismatch", {}
         if key == NEW and night == TONIGHT or key == FIXED and night == 3:
-            verdict = "error"
+            verdict, extra = "error", {}
         if key == DRIFTING:
             verdict = "within_tolerance"
             extra = dict(required_ulp=float(2 ** night), max_ulp_diff=float(2 ** night), required_atol=1e-7 * night)
+        if key == STEADY:
+            verdict, extra = "within_tolerance", {}
         fp = fingerprint(key[2], pid=night, cpu_model="AMD EPYC 9R14" if night >= 3 else "AMD EPYC 7R13")
         rows.append(make_row(verdict, *key, run_id=f"run-{night}", started_at=NIGHT_ONE + dt.timedelta(days=night),
                              fingerprint=fp, **extra))
@@ -915,8 +923,8 @@ def test_html_hostile_names_in_what_changed_and_charts_are_escaped(nightly):
     assert len(list(doc.iter("script"))) == 1 and not list(doc.iter("img"))  # only the page's own script
     (known,) = _failing_rows(doc, "known")
     assert known[0].text_content() == text.one_line(f"{HOSTILE_NAME}/keras @ cpu-a")  # shown, literally
-    (drift,) = [tr for tr in doc.get_element_by_id("changes").find_class("drifting")[0].find("tbody").iter("tr")]
-    assert drift[0].text_content() == text.one_line(f"{HOSTILE_NAME}/keras @ {HOSTILE_ENV}")
+    drift = [tr[0].text_content() for tr in doc.get_element_by_id("changes").find_class("drifting")[0].iter("tr")]
+    assert text.one_line(f"{HOSTILE_NAME}/keras @ {HOSTILE_ENV}") in drift
     chart = _cell(doc, *DRIFTING).find_class("trend")[0]
     assert chart.get("aria-label") == text.one_line(f"{HOSTILE_NAME}/keras @ {HOSTILE_ENV}") + \
         ": required tolerance over 4 runs"
@@ -936,21 +944,32 @@ def test_html_trend_charts_are_valid_xml_and_drawn_for_every_cell_with_history(n
     assert [tr[0].text_content() for tr in section.find_class("drifting")[0].find("tbody").iter("tr")] == \
         [report._cell_label(e) for e in changes.drifting]
     trends = history.trends(recent, last=history.TREND_RUNS)
-    charted = 0
+    charted = []
     for cell in report._layout(tonight).ordered():
         td = _cell(doc, *cell.key)
         points = trends[cell.key]
-        assert len(points) == TONIGHT and len(td.find_class("spark")[0].findall(".//circle")) == TONIGHT
-        needs = any(history.is_finite(v) and v > 0 for p in points for v in (p.required_ulp, p.required_atol))
+        assert len(points) == TONIGHT and _spark_dots(td.find_class("spark")[0]) == TONIGHT  # every cell: a sparkline
+        measured = [{v for p in points if history.is_finite(v := getattr(p, name))}
+                    for name in ("required_ulp", "required_atol")]
         charts_ = td.find_class("detail")[0].find_class("trend")
-        assert len(charts_) == needs  # a chart where the required tolerance was ever above 0
-        if needs:
-            charted += 1
+        assert len(charts_) == any(len(values) > 1 for values in measured)  # drawn where the tolerance moved
+        if charts_:
+            charted.append(cell.key)
             assert len(charts_[0].findall(".//circle")) == sum(
                 history.is_finite(v) for p in points for v in (p.required_ulp, p.required_atol))
-        else:
-            assert _facts_of(td)["required tolerance trend"] == f"0 or not measured in each of the last {TONIGHT} runs"
-    assert charted == 2  # the drifting cell and the known mismatch; the bitwise ones say why they have none
+    assert charted == [KNOWN, DRIFTING]  # the rest say in words what their tolerance was
+    facts = {key: _facts_of(_cell(doc, *key))["required tolerance trend"] for key in (NEW, STEADY)}
+    assert facts == {NEW: f"0 or not measured in each of the last {TONIGHT} runs",
+                     STEADY: f"ULP 14, atol 1.2e-06 in every one of the last {TONIGHT} runs that measured it"}
+
+
+def test_html_draws_a_bounded_number_of_tolerance_charts_failing_cells_first(nightly, monkeypatch):
+    _, changes, recent, tonight = nightly
+    monkeypatch.setattr(report, "_TREND_CHARTS", 1)
+    doc = html_doc(tonight, history=recent, changes=changes)
+    assert [td.get("data-environment") for td in doc.find_class("cell") if td.find_class("trend")] == [KNOWN[2]]
+    said = _facts_of(_cell(doc, *DRIFTING))["required tolerance trend"]
+    assert said.startswith("ULP 2 -> 16 (max 16); atol 1e-07 -> 4e-07 (max 4e-07) over the last 4 runs (not drawn")
 
 
 def test_html_without_history_has_no_trends_and_a_first_night_says_so(tmp_path):
