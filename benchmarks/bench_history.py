@@ -207,7 +207,8 @@ def run(repeat: int = 1) -> list:
         Row("history peak RSS: after the queries vs before them", f"{m['peak_rss_mb']:.0f} MB",
             f"{m['rss_before_mb']:.0f} MB", m["peak_rss_mb"] / m["rss_before_mb"]),
         Row(f"nightly report.html, {m['nights']} nights x {m['cells_per_night']:,} cells (wall / size)",
-            f"{m['html_report_s']:.1f} s", f"{m['html_report_mb']:.0f} MB", m["html_report_s"]),
+            f"{m['html_report_s']:.1f} s", f"{m['html_report_mb']:.0f} MB",
+            m["html_report_mb"] * 1000 / m["cells_per_night"], unit=" MB per 1k cells"),
     ]
 
 
