@@ -932,6 +932,8 @@ def test_html_hostile_names_in_what_changed_and_charts_are_escaped(nightly):
 
 def test_html_trend_charts_are_valid_xml_and_drawn_for_every_cell_with_history(nightly):
     html, changes, recent, tonight = nightly
+    assert_self_contained(html)
+    assert "http" not in html  # inline SVG needs no namespace URL either
     svgs = re.findall(r"<svg\b.*?</svg>", html, re.S)
     for svg in svgs:  # every chart the page carries is well-formed XML on its own
         root = etree.fromstring(svg.encode("utf-8"))
