@@ -15,7 +15,10 @@ Then, in a fresh process (so its peak memory is its own):
   for the last night, whose table is in memory as ``harness nightly`` has it.
 * ``cell_trend_s``: wall seconds of one cell's trend over every night
   (``harness history URI --cell S/F/E``), opening the history included.
-* ``peak_rss_mb``: the measuring process's own peak RSS (``VmHWM``).
+* ``peak_rss_mb``: the measuring process's own peak RSS (``VmHWM``) after those queries.
+* ``html_report_s`` / ``html_report_mb``: then, wall seconds and size of the nightly's
+  ``report.html`` (the trend window read, every cell's sparkline, at most
+  200 required-tolerance charts, What changed), informational.
 
 Prints one JSON line. ``python bench_history.py [--nights N] [--cells N]``.
 """
@@ -148,10 +151,21 @@ def measure(uri: str, nights: int) -> dict:
     points = history.History.open(uri).cell_points(TREND_CELL)
     trend_wall = time.perf_counter() - wall0
 
+    peak_queries = peak_rss_kb()
+
+    from harness import report
+
+    wall0 = time.perf_counter()  # the nightly's HTML report, as `harness nightly` writes it
+    recent = past.recent(tonight["sweep"][0].as_py(), history.TREND_RUNS, tonight)
+    html = report.render(tonight, "html", history=recent, changes=changes)
+    html_wall = time.perf_counter() - wall0
+
     streaks = [e for e in changes.known_failing if e.get("first_bad", {}).get("run_id") == f"night-{nights - 10:02d}"]
     upgraded = [c for c in changes.fingerprint_changes if c["environment"] == UPGRADED]
     return {"compare_cpu_s": round(compare_cpu, 3), "compare_wall_s": round(compare_wall, 3),
-            "cell_trend_s": round(trend_wall, 3), "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
+            "cell_trend_s": round(trend_wall, 3), "peak_rss_mb": round(peak_queries / 1024, 1),
+            "html_report_s": round(html_wall, 1), "html_report_mb": round(len(html.encode()) / 2**20, 1),
+            "html_trend_charts": html.count('class="trend"') - 1,  # the cells per night chart is one of them
             "rss_before_mb": round(rss_before / 1024, 1), "trend_points": len(points),
             "counts": changes.counts, "streaks_found": len(streaks), "upgrade_found": bool(upgraded),
             "nights_in_trend": len(changes.nights), "skipped_files": len(changes.skipped_files)}
@@ -192,6 +206,9 @@ def run(repeat: int = 1) -> list:
             m["cell_trend_s"] / 1.0, 1.0),
         Row("history peak RSS: after the queries vs before them", f"{m['peak_rss_mb']:.0f} MB",
             f"{m['rss_before_mb']:.0f} MB", m["peak_rss_mb"] / m["rss_before_mb"]),
+        Row(f"nightly report.html, {m['nights']} nights x {m['cells_per_night']:,} cells (wall / size)",
+            f"{m['html_report_s']:.1f} s", f"{m['html_report_mb']:.0f} MB",
+            m["html_report_mb"] * 1000 / m["cells_per_night"], unit=" MB per 1k cells"),
     ]
 
 

@@ -68,7 +68,8 @@ _CELL_KEY = ("scenario", "format", "environment")
 _FILE_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})/([^/.][^/]*)\.parquet$")
 _PARTITION_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})/")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]*$")
-_LIST_LIMIT = 20
+#: Entries shown per list of "What changed" (Markdown and HTML reports); the rest are counted.
+LIST_LIMIT = 20
 
 Key = tuple[str, str, str]
 
@@ -940,7 +941,7 @@ def night_counts(window: pa.Table) -> list[dict[str, Any]]:
              "failed": r["failed"]} for r in list_runs(window)]
 
 
-def drifting_cells(window: pa.Table, limit: int = _LIST_LIMIT) -> list[dict[str, Any]]:
+def drifting_cells(window: pa.Table, limit: int = LIST_LIMIT) -> list[dict[str, Any]]:
     """Cells whose required tolerance (ULP or atol) was not the same in every run of a history window.
 
     Found in Arrow (min and max per cell); only the ``limit`` cells that
@@ -1037,9 +1038,9 @@ def _cell_name(entry: Mapping[str, Any]) -> str:
 
 
 def _bullets(items: list[str]) -> list[str]:
-    shown = [f"- {item}" for item in items[:_LIST_LIMIT]]
-    if len(items) > _LIST_LIMIT:
-        shown.append(f"- ... and {len(items) - _LIST_LIMIT} more")
+    shown = [f"- {item}" for item in items[:LIST_LIMIT]]
+    if len(items) > LIST_LIMIT:
+        shown.append(f"- ... and {len(items) - LIST_LIMIT} more")
     return shown
 
 
@@ -1051,13 +1052,18 @@ def _run_text(run: Mapping[str, Any] | None) -> str:
     return f"{text.code(run['run_id'])} ({run['date'] or 'date unknown'})" if run else "none"
 
 
-def _changed_text(delta: Mapping[str, Any] | None) -> str:
+def describe_delta(delta: Mapping[str, Any] | None) -> list[str]:
+    """A fingerprint delta (:func:`fingerprint_delta`, or a ``fingerprint_changes`` entry's ``changes``) as
+    plain lines, ``key: old -> new`` each; one line saying why when nothing changed or nothing compared."""
     if delta is None:
-        return "fingerprints not comparable (the cell did not run)"
+        return ["fingerprints not comparable (the cell did not run)"]
     if not delta:
-        return "no fingerprint key changed"
-    return "; ".join(f"{text.markdown(k)}: {text.markdown(describe_change(v['old'], v['new']))}"
-                     for k, v in delta.items())
+        return ["no fingerprint key changed"]
+    return [f"{k}: {describe_change(v['old'], v['new'])}" for k, v in delta.items()]
+
+
+def _changed_text(delta: Mapping[str, Any] | None) -> str:
+    return "; ".join(text.markdown(line) for line in describe_delta(delta))
 
 
 def _status_text(entry: Mapping[str, Any]) -> str:
@@ -1076,15 +1082,20 @@ def _diff_text(entry: Mapping[str, Any]) -> str:
 
 
 def _fingerprint_text(entry: Mapping[str, Any]) -> str:
-    parts = [f"{key}: {text.markdown(describe_change(v['old'], v['new']))}" for key, v in entry["changes"].items()]
-    return f"{text.code(entry['environment'])}: " + "; ".join(parts)
+    return f"{text.code(entry['environment'])}: " + _changed_text(entry["changes"])
 
 
-def _values_text(values: Sequence[float | None]) -> str:
+def values_summary(values: Sequence[float | None]) -> str:
+    """``first -> last (max m)`` of a trend's finite values (3 significant digits), or ``n/a``."""
     shown = [v for v in values if is_finite(v)]
     if not shown:
         return "n/a"
-    return f"{charts.spark(values, log=True)} {shown[0]:.3g} -> {shown[-1]:.3g} (max {max(shown):.3g})"
+    return f"{shown[0]:.3g} -> {shown[-1]:.3g} (max {max(shown):.3g})"
+
+
+def _values_text(values: Sequence[float | None]) -> str:
+    summary = values_summary(values)
+    return summary if summary == "n/a" else f"{charts.spark(values, log=True)} {summary}"
 
 
 def _drift_text(entry: Mapping[str, Any]) -> str:

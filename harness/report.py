@@ -34,6 +34,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 from tabulate import tabulate
 
+from harness import charts
 from harness import history as hist
 from harness import results
 from harness import text as text_
@@ -53,7 +54,6 @@ _TIER_LABELS = {AS_ACCURATE: "as accurate", LESS_ACCURATE: "less accurate", "n/a
 _TIER_TAGS = {AS_ACCURATE: "=acc", LESS_ACCURATE: "<acc"}
 #: Fingerprint keys left out of "what differs" lists: a process id always differs.
 _NOISE_KEYS = ("pid",)
-_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 Cell = CellResult
 Key = tuple[str, str, str]
@@ -115,6 +115,14 @@ def _layout(table: pa.Table) -> _Layout:
 
 def _failed(cell: Cell) -> bool:
     return cell.passed is False
+
+
+def _tier(cell: Cell) -> str | None:
+    """The accuracy tier the matrix shows for ``cell``: ``as_accurate`` or ``less_accurate`` on a cell whose
+    bits differ; None for n/a and for bitwise cells (identical bits are as accurate by definition)."""
+    if cell.verdict in ("within_tolerance", "mismatch") and cell.accuracy in _TIER_TAGS:
+        return cell.accuracy
+    return None
 
 
 def _num(value: Any) -> str:
@@ -219,6 +227,7 @@ def _facts(cell: Cell) -> list[tuple[str, str]]:
         ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
         ("prediction impact", _impact_text(cell)),
         ("accuracy vs float64", _accuracy_text(cell)),
+        ("rmse vs float64", _rmse_text(cell)),
         ("task metric", _metric_text(cell)),
         ("save round trip", _joined(cell, ("save_verdict", "save_max_abs_diff", "save_max_ulp_diff"))),
         ("tolerance applied", _joined(cell, ("atol", "rtol", "max_ulp"))),
@@ -250,6 +259,27 @@ def _accuracy_text(cell: Cell) -> str:
     if cell.accuracy is None:
         return ""
     return f"{_TIER_LABELS.get(cell.accuracy, cell.accuracy)}" + (f" ({cell.accuracy_note})" if cell.accuracy_note else "")
+
+
+def _allowance(cell: Cell) -> float | None:
+    """The largest RMSE vs float64 still as accurate (``m x reference's RMSE + atol / 10``) of the output
+    the cell's RMSE columns come from, read from ``detail.accuracy``; None when the detail does not hold it."""
+    judged = json_object(json_object(cell.detail).get("accuracy")).get("outputs")
+    for output in judged if isinstance(judged, list) else []:
+        if (isinstance(output, dict) and output.get("rmse") == cell.rmse_vs_fp64
+                and output.get("reference_rmse") == cell.reference_rmse_vs_fp64
+                and hist.is_finite(output.get("allowance"))):
+            return output["allowance"]
+    return None
+
+
+def _rmse_text(cell: Cell) -> str:
+    """``observed 2.37e-08, reference 2.35e-08, allowance 7.06e-08``, or '' (no RMSE recorded)."""
+    if cell.rmse_vs_fp64 is None and cell.reference_rmse_vs_fp64 is None:
+        return ""
+    allowance = _allowance(cell)
+    return (f"observed {_num(cell.rmse_vs_fp64)}, reference {_num(cell.reference_rmse_vs_fp64)}"
+            + (f", allowance {_num(allowance)}" if allowance is not None else ""))
 
 
 def _metric_text(cell: Cell) -> str:
@@ -331,8 +361,8 @@ def _short(cell: Cell | None, note: int | None = None) -> str:
         text = _SHORT.get(verdict, verdict.upper())
     if _flips(cell):
         text += f" {_flips(cell)}flip"
-    if verdict in ("within_tolerance", "mismatch") and cell.accuracy in _TIER_TAGS:
-        text += f" {_TIER_TAGS[cell.accuracy]}"
+    if _tier(cell):
+        text += f" {_TIER_TAGS[_tier(cell)]}"
     return text + _mark(cell) + (f" [{note}]" if note else "")
 
 
@@ -401,7 +431,7 @@ def _md_cell(cell: Cell | None, note: int | None = None) -> str:
     text = cell.verdict
     if text in ("within_tolerance", "mismatch"):
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
-        tier = f", {_TIER_LABELS[cell.accuracy]}" if cell.accuracy in _TIER_TAGS else ""
+        tier = f", {_TIER_LABELS[_tier(cell)]}" if _tier(cell) else ""
         text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips}{tier})"
     text = f"**{text}**{_mark(cell)}" if _failed(cell) else text
     return text + (f" [{note}]" if note else "")
@@ -519,16 +549,29 @@ def _md_explanation(exp: Explanation) -> list[str]:
 
 # -- HTML ------------------------------------------------------------------------------
 # The page's markup lives in harness/templates/report.html.j2 (Jinja2, autoescape on);
-# the functions below build its view model: texts, colours, coordinates.
+# the functions below build its view model: texts, colours, coordinates. SVG reaches the
+# template as Markup only from harness.charts (which escapes every label itself).
+#: The page's colours of meaning, one owner: verdict backgrounds (and ink on them) here, the CSS
+#: classes are generated from them (:func:`_colour_css`), charts and bars take them from here too.
 _COLOURS = {"bitwise": "#1a9850", "within_tolerance": "#a6d96a", "mismatch": "#d73027",
             "error": "#8073ac", "corrupt": "#c51b7d", "unschedulable": "#bdbdbd"}
+_INK = {"within_tolerance": "#1b1b1b", "unschedulable": "#222"}  # text on light backgrounds; white elsewhere
+#: Marks drawn over a cell's colour: a missed expectation (outline) and a less accurate cell (a corner).
+_MARKS = {"failed": "#111111", LESS_ACCURATE: "#08519c"}
 _MISMATCH_LOW, _MISMATCH_HIGH = (253, 174, 97), (103, 0, 13)  # orange at 1 ulp, dark red at 1e8 ulp
 _MISMATCH_DECADES = 8
+#: What =acc and <acc mean, in the legend and a cell's tooltip.
+_TIER_MEANING = {AS_ACCURATE: "as accurate as the reference, both measured against the model run in float64",
+                 LESS_ACCURATE: "less accurate than the reference, both measured against the model run in float64"}
+#: Required-tolerance charts one page draws at most (about 10 KB each): a nightly of 10,000 cells stays a page.
+_TREND_CHARTS = 200
+#: Groups of "What changed" (known, fixed, flaky) with more cells than this start folded; new failures never do.
+_GROUP_OPEN = 10
 TEMPLATE = "report.html.j2"
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;background:#fff}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}h3{font-size:14px;margin:14px 0 6px}
 .meta{color:#555;margin:2px 0}.summary{font-weight:600;margin:10px 0}
 table{border-collapse:collapse}
 .scroll{max-width:100%;overflow-x:auto}
@@ -547,27 +590,20 @@ table{border-collapse:collapse}
 #notes li{overflow-wrap:anywhere;margin:2px 0}
 td.cell summary{cursor:pointer;list-style:none}
 td.cell summary::-webkit-details-marker{display:none}
-td.cell.failed{outline:3px solid #111;outline-offset:-4px}
 .spark{display:block;margin:3px auto 0}
 .detail{position:absolute;z-index:5;top:100%;left:0;width:34em;max-height:28em;overflow:auto;
  text-align:left;white-space:normal;background:#fff;color:#222;border:1px solid #888;
  border-radius:4px;box-shadow:0 4px 14px rgba(0,0,0,.25);padding:8px 10px;font-size:12px}
 .detail dl{display:grid;grid-template-columns:max-content 1fr;gap:1px 10px;margin:0}
 .detail dt{color:#555}.detail dd{margin:0;overflow-wrap:anywhere}
-.detail pre,#changes pre{white-space:pre-wrap;background:#f6f7f9;padding:6px;margin:6px 0}
-.v-bitwise{background:#1a9850;color:#fff}
-.v-within_tolerance{background:#a6d96a;color:#1b1b1b}
-.v-mismatch{background:#d73027;color:#fff}
-.v-error{background:#8073ac;color:#fff}
-.v-corrupt{background:#c51b7d;color:#fff}
-.v-unschedulable{background:repeating-linear-gradient(45deg,#e4e4e4 0 5px,#bdbdbd 5px 10px);color:#222}
+.detail pre{white-space:pre-wrap;background:#f6f7f9;padding:6px;margin:6px 0}
+.detail .trend,#changes .trend{display:block;margin:6px 0}
 .v-none{background:#fafafa;color:#999}
 #legend{display:flex;flex-wrap:wrap;gap:14px;align-items:center;margin:12px 0}
 #legend .item{display:flex;align-items:center;gap:6px}
-#legend .swatch{display:inline-block;width:22px;height:16px;border-radius:3px;border:1px solid #999}
-#legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999;
- background:linear-gradient(90deg,rgb(253,174,97),rgb(103,0,13))}
-#legend .failed-mark{outline:3px solid #111;outline-offset:-4px;background:#fff}
+#legend .swatch{display:inline-block;width:22px;height:16px;border-radius:3px;border:1px solid #999;position:relative}
+#legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999}
+#legend .failed-mark{background:#fff}
 #fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;
  max-width:28em;overflow-wrap:anywhere}
 #fingerprints td{min-width:8em}
@@ -579,15 +615,55 @@ td.cell.failed{outline:3px solid #111;outline-offset:-4px}
 #explanations dl{display:grid;grid-template-columns:max-content 1fr;gap:1px 10px}
 #explanations dd{margin:0}.depth{display:block;margin:8px 0}
 table.layers th,table.layers td{border:1px solid #ddd;padding:2px 8px;font-size:12px;text-align:left}
+#changes{max-width:100%}
+#changes .counts{display:flex;flex-wrap:wrap;gap:10px;list-style:none;padding:0;margin:8px 0}
+#changes .counts li{border:1px solid #ccc;border-radius:4px;padding:4px 10px;background:#f6f7f9}
+#changes .counts li b{font-size:16px;margin-right:4px}
+#changes .counts li.new.some{border-color:#b2182b;background:#fde0dd}
+#changes details.group>summary{cursor:pointer}#changes details.group>summary h3{display:inline-block}
+#changes table.failing{width:100%;table-layout:fixed}
+#changes table.failing th,#changes table.failing td{border:1px solid #ddd;padding:3px 6px;text-align:left;
+ vertical-align:top;font-size:12px;overflow-wrap:anywhere}
+#changes table.failing thead th{background:#eceff3}
+#changes col.c-cell{width:24%}#changes col.c-verdict{width:15%}#changes col.c-run{width:16%}
+#changes col.c-n{width:7%}#changes col.c-changed{width:22%}
+#changes table.failing ul{margin:0;padding-left:1.1em}
+#changes ul.plain{font-size:12px;margin:4px 0;padding-left:1.3em}
+#changes ul.plain li{overflow-wrap:anywhere}
+#changes table.drifting{table-layout:auto}
+#changes td.spark-cell{width:100px}#changes td.spark-cell .spark{margin:0}
 """
 
-# Only one detail panel open at a time; Escape closes it.
+# Only one detail panel open at a time; Escape closes it; a link to #cell-N (from "What changed")
+# opens that cell's panel and brings it into view.
 _JS = """
 document.addEventListener("toggle",function(e){var d=e.target;if(d.open&&d.closest("#matrix")){
 document.querySelectorAll("#matrix details[open]").forEach(function(o){if(o!==d)o.open=false;});}},true);
 document.addEventListener("keydown",function(e){if(e.key==="Escape"){
 document.querySelectorAll("#matrix details[open]").forEach(function(o){o.open=false;});}});
+function openCell(id){var td=document.getElementById(id);if(!td||!td.closest("#matrix"))return;
+var d=td.querySelector("details");if(d)d.open=true;td.scrollIntoView({block:"center",inline:"center"});}
+window.addEventListener("hashchange",function(){openCell(location.hash.slice(1));});
+if(location.hash)openCell(location.hash.slice(1));
 """
+
+
+def _colour_css() -> str:
+    """CSS of every colour of meaning: verdict classes, the mismatch ramp, the failed and less accurate marks."""
+    rules = []
+    for verdict, colour in _COLOURS.items():
+        background = (f"repeating-linear-gradient(45deg,#e4e4e4 0 5px,{colour} 5px 10px)"
+                      if verdict == "unschedulable" else colour)  # striped: it never ran
+        rules.append(f".v-{verdict}{{background:{background};color:{_INK.get(verdict, '#fff')}}}")
+    rules.append(f"#legend .ramp{{background:linear-gradient(90deg,rgb{_MISMATCH_LOW},rgb{_MISMATCH_HIGH})}}")
+    rules.append(f"td.cell.failed,#legend .failed-mark{{outline:3px solid {_MARKS['failed']};outline-offset:-4px}}")
+    # A less accurate cell gets a corner (on a white edge, to show on red and green alike).
+    corner = "content:'';position:absolute;top:0;right:0;width:0;height:0;border-style:solid;"
+    rules.append("td.cell.less-accurate::before,#legend .tier-mark::before{" + corner +
+                 "border-width:0 15px 15px 0;border-color:transparent #fff transparent transparent}")
+    rules.append("td.cell.less-accurate::after,#legend .tier-mark::after{" + corner +
+                 f"border-width:0 12px 12px 0;border-color:transparent {_MARKS[LESS_ACCURATE]} transparent transparent}}")
+    return "\n".join(rules)
 
 
 @functools.lru_cache(maxsize=1)
@@ -598,6 +674,14 @@ def _template() -> "jinja2.Template":
     env = jinja2.Environment(loader=jinja2.PackageLoader("harness", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template(TEMPLATE)
+
+
+def _svg(markup: str | None) -> Any:
+    """An SVG string from :mod:`harness.charts` (which escapes every label it draws), marked safe for the
+    template; inline in HTML it needs no namespace declaration (so the page names no URL at all)."""
+    from markupsafe import Markup
+
+    return None if markup is None else Markup(markup.replace(charts.XMLNS, "", 1))
 
 
 def _mismatch_rgb(ulp: Any) -> tuple[tuple[int, int, int], float]:
@@ -630,17 +714,53 @@ def _verdict_class(verdict: str | None) -> str:
     return f"v-{verdict}" if verdict in _COLOURS else "v-none"
 
 
-def _sparkline(points: list[hist.TrendPoint], width: int = 72, height: int = 18) -> dict[str, Any] | None:
-    """Max ULP diff (log scale) over runs, one dot per run in its verdict colour (None: fewer than 2 runs)."""
+def _spark(points: list[hist.TrendPoint]) -> Any:
+    """Max ULP diff (log scale) over runs, one dot per run in its verdict's colour (None: fewer than 2 runs)."""
     if len(points) < 2:
         return None
-    values = [math.log10(1 + p.max_ulp_diff) if hist.is_finite(p.max_ulp_diff) else 0.0 for p in points]
-    top = max(values) or 1.0
-    step = (width - 6) / (len(points) - 1)
-    xy = [(3 + i * step, height - 3 - v / top * (height - 6)) for i, v in enumerate(values)]
-    return {"width": width, "height": height, "line": " ".join(f"{x:.1f},{y:.1f}" for x, y in xy),
-            "dots": [{"x": f"{x:.1f}", "y": f"{y:.1f}", "colour": _colour(p.verdict, p.max_ulp_diff)}
-                     for (x, y), p in zip(xy, points)]}
+    return _svg(charts.spark_svg([p.max_ulp_diff for p in points], log=True,
+                                 colours=[_colour(p.verdict, p.max_ulp_diff) for p in points],
+                                 label=f"max ulp trend over {len(points)} runs"))
+
+
+def _measured(points: list[hist.TrendPoint], name: str) -> list[float]:
+    """The finite values of ``required_ulp`` or ``required_atol`` over a cell's runs, oldest first."""
+    return [v for p in points if hist.is_finite(v := getattr(p, name))]
+
+
+def _tolerance_moved(points: list[hist.TrendPoint]) -> bool:
+    """Whether the cell's required ULP or atol was not the same in every run that measured it."""
+    return any(len(set(_measured(points, name))) > 1 for name in ("required_ulp", "required_atol"))
+
+
+def _charted(lay: _Layout, points: Mapping[Key, list[hist.TrendPoint]]) -> set[Key]:
+    """The cells whose required-tolerance chart the page draws: those whose tolerance moved over their runs
+    (a flat one is said in words), failing cells first, then the widest ULP spread; at most :data:`_TREND_CHARTS`."""
+    def spread(key: Key) -> float:
+        ulps = _measured(points[key], "required_ulp")
+        return (max(ulps) + 1) / (min(ulps) + 1) if ulps else 1.0
+
+    moved = [key for key, pts in points.items() if _tolerance_moved(pts)]
+    moved.sort(key=lambda key: (not _failed(lay.cells[key]), -spread(key)))
+    return set(moved[:_TREND_CHARTS])
+
+
+def _tolerance_trend(cell: Cell, points: list[hist.TrendPoint], charted: bool) -> tuple[Any, str]:
+    """A cell's required ULP and atol over its runs as a chart (:func:`harness.history.tolerance_chart`),
+    or a line saying what they were; (None, '') without history."""
+    n = len(points)
+    if n < 2:
+        return None, ""
+    if charted:
+        return _svg(hist.tolerance_chart(f"{cell.scenario}/{cell.format} @ {cell.environment}", points)), ""
+    ulps, atols = _measured(points, "required_ulp"), _measured(points, "required_atol")
+    if not any(v > 0 for v in ulps + atols):
+        return None, f"0 or not measured in each of the last {n} runs"
+    if not _tolerance_moved(points):
+        same = ", ".join(f"{name} {_num(values[0])}" for name, values in (("ULP", ulps), ("atol", atols)) if values)
+        return None, f"{same} in every one of the last {n} runs that measured it"
+    return None, (f"ULP {hist.values_summary(ulps)}; atol {hist.values_summary(atols)} over the last {n} runs "
+                  f"(not drawn: the page draws {_TREND_CHARTS} charts, failing cells and the widest drift first)")
 
 
 def _value_view(value: Any) -> dict[str, Any]:
@@ -657,6 +777,8 @@ def _tooltip(cell: Cell) -> str:
              f"max abs {_num(cell.max_abs_diff)}"]
     if _flips(cell):
         parts.append(f"{_flips(cell)} prediction(s) changed their decision")
+    if tier := _tier(cell):
+        parts.append(f"{_TIER_TAGS[tier]} {_TIER_MEANING[tier]}")
     if _failed(cell):
         parts.append("FAILED expectation")
     if first := _first_line(cell.error):
@@ -664,20 +786,31 @@ def _tooltip(cell: Cell) -> str:
     return "; ".join(parts)
 
 
-def _detail_view(cell: Cell) -> dict[str, Any]:
-    """The click-to-open panel of a cell: facts, error, fingerprint differences, fingerprint."""
+def _detail_view(cell: Cell, trend: list[hist.TrendPoint], charted: bool) -> dict[str, Any]:
+    """The click-to-open panel of a cell: facts, required tolerance over the runs, error, fingerprint
+    differences, fingerprint."""
     fingerprint = json_object(cell.fingerprint)
-    return {"name": f"{cell.scenario}/{cell.format} @ {cell.environment}", "facts": _facts(cell),
+    chart, no_chart = _tolerance_trend(cell, trend, charted)
+    facts = _facts(cell) + ([("required tolerance trend", no_chart)] if no_chart else [])
+    return {"name": f"{cell.scenario}/{cell.format} @ {cell.environment}", "facts": facts, "trend": chart,
             "error": cell.error, "diff": [(k, *_diff_sides(t, r)) for k, t, r in fingerprint_diff(cell)],
             "fingerprint": [(k, _value_view(fingerprint[k])) for k in _fingerprint_keys(fingerprint)]}
 
 
-def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint]) -> dict[str, Any]:
+def _cell_ids(lay: _Layout) -> dict[Key, str]:
+    """An element id per matrix cell (``cell-1``, ... in matrix order): names may hold anything, numbers not."""
+    return {cell.key: f"cell-{i}" for i, cell in enumerate(lay.ordered(), 1)}
+
+
+def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint], element_id: str,
+               charted: bool) -> dict[str, Any]:
     scenario, fmt, environment = cell.key
-    return {"classes": f"cell {_verdict_class(cell.verdict)}" + (" failed" if _failed(cell) else ""),
-            "scenario": scenario, "format": fmt, "environment": environment, "verdict": cell.verdict,
-            "title": _tooltip(cell), "style": _mismatch_style(cell), "text": _short(cell, note),
-            "spark": _sparkline(trend), "detail": _detail_view(cell)}
+    tier = _tier(cell)
+    classes = " ".join(filter(None, ["cell", _verdict_class(cell.verdict), "failed" if _failed(cell) else "",
+                                     "less-accurate" if tier == LESS_ACCURATE else ""]))
+    return {"id": element_id, "classes": classes, "scenario": scenario, "format": fmt, "environment": environment,
+            "verdict": cell.verdict, "accuracy": tier, "title": _tooltip(cell), "style": _mismatch_style(cell),
+            "text": _short(cell, note), "spark": _spark(trend), "detail": _detail_view(cell, trend, charted)}
 
 
 def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, cell: Cell) -> list[hist.TrendPoint]:
@@ -685,11 +818,13 @@ def _trend_with_current(trends: Mapping[Key, list[hist.TrendPoint]], key: Key, c
     points = list(trends.get(key, []))
     if cell.run_id not in {p.run_id for p in points}:
         points.append(hist.TrendPoint.of(cell))  # a run not in the history has no date
-    return points
+    return points[-hist.TREND_RUNS:]
 
 
-def _matrix_view(lay: _Layout, history: pa.Table | None) -> dict[str, Any]:
-    trends = hist.trends(history) if history is not None else {}
+def _matrix_view(lay: _Layout, history: pa.Table | None, ids: Mapping[Key, str]) -> dict[str, Any]:
+    trends = hist.trends(history, last=hist.TREND_RUNS) if history is not None else {}
+    points = {key: _trend_with_current(trends, key, cell) if trends else [] for key, cell in lay.cells.items()}
+    charted = _charted(lay, points)
     rows = []
     for s, f in lay.rows:
         save = _save_cell(lay.row_cells(s, f))
@@ -697,8 +832,7 @@ def _matrix_view(lay: _Layout, history: pa.Table | None) -> dict[str, Any]:
         for env in lay.environments:
             cell = lay.cells.get((s, f, env))
             cells.append(None if cell is None else
-                         _cell_view(cell, lay.note(cell),
-                                    _trend_with_current(trends, (s, f, env), cell) if trends else []))
+                         _cell_view(cell, lay.note(cell), points[cell.key], ids[cell.key], cell.key in charted))
         train = lay.train_seconds.get(s)
         rows.append({"scenario": s, "format": f, "cells": cells, "train": None if train is None else f"{train:.1f} s",
                      "save": {"classes": _verdict_class(save.verdict), "style": _mismatch_style(save),
@@ -714,8 +848,118 @@ def _legend_items() -> list[dict[str, Any]]:
     items.append(item(ramp=_MISMATCH_DECADES))
     items += [item(_LABELS[v], _verdict_class(v)) for v in ("error", "corrupt", "unschedulable")]
     items += [item("✗ failed expectation", "failed-mark"), item("save✗ only the save round trip missed expect_save"),
+              item(f"{_TIER_TAGS[AS_ACCURATE]} {_TIER_MEANING[AS_ACCURATE]}"),
+              item(f"{_TIER_TAGS[LESS_ACCURATE]} {_TIER_MEANING[LESS_ACCURATE]}",
+                   f"{_verdict_class('within_tolerance')} tier-mark"),
               item("[n] full reason in note n"), item("click a cell for details")]
     return items
+
+
+# -- HTML: what changed (the nightly) ---------------------------------------------------
+#: (key in Changes.counts, heading, Changes field, count label) of each group, in the page's order.
+_CHANGE_GROUPS = (("new", "New failures", "newly_failing", "new failure(s)"),
+                  ("known", "Known failures", "known_failing", "known failure(s)"),
+                  ("fixed", "Fixed", "fixed", "fixed"),
+                  ("flaky", "Flaky (repeats disagree; not a regression)", "flaky", "flaky"))
+
+
+def _cell_label(entry: Mapping[str, Any]) -> str:
+    return text_.one_line(f"{entry['scenario']}/{entry['format']} @ {entry['environment']}")
+
+
+def _entry_key(entry: Mapping[str, Any]) -> Key:
+    return entry["scenario"], entry["format"], entry["environment"]
+
+
+def _run_view(run: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``{"run_id", "date"}`` of a run named by the changes (None: no such run)."""
+    if not run:
+        return None
+    return {"run_id": text_.one_line(run.get("run_id")), "date": run.get("date") or "date unknown"}
+
+
+def _failing_row(entry: Mapping[str, Any], ids: Mapping[Key, str]) -> dict[str, Any]:
+    """One cell of a group: verdict last night and tonight, for a failing one its streak and what changed
+    since it last passed; ``href`` is its cell in the matrix (None: not in tonight's matrix)."""
+    streak = "first_bad" in entry  # only from history.compare, not from a plain diff_runs
+    return {"cell": _cell_label(entry), "href": ids.get(_entry_key(entry)),
+            "verdicts": f"{entry.get('old_verdict') or '-'} -> {entry.get('new_verdict')}",
+            "streak": streak, "first_bad": _run_view(entry.get("first_bad")),
+            "failing_runs": entry.get("failing_runs"), "last_good": _run_view(entry.get("last_good")),
+            "changed": hist.describe_delta(entry.get("changed_since_good"))
+            if streak and entry.get("last_good") else []}
+
+
+def _shown(items: list[Any]) -> tuple[list[Any], int]:
+    """The first :data:`harness.history.LIST_LIMIT` items (as the Markdown report), and how many more there are."""
+    return items[:hist.LIST_LIMIT], max(0, len(items) - hist.LIST_LIMIT)
+
+
+def _change_groups(changes: hist.Changes, ids: Mapping[Key, str]) -> list[dict[str, Any]]:
+    groups = []
+    for key, title, field, _ in _CHANGE_GROUPS:
+        entries, more = _shown(getattr(changes, field))
+        groups.append({"key": key, "title": title, "count": changes.counts[key], "more": more,
+                       "open": key == "new" or changes.counts[key] <= _GROUP_OPEN,
+                       "failing": key in ("new", "known"), "rows": [_failing_row(e, ids) for e in entries]})
+    return [g for g in groups if g["count"]]
+
+
+def _other_changes(changes: hist.Changes) -> list[dict[str, Any]]:
+    """Differences, fingerprints, environments and cells that changed, as titled lists of plain lines."""
+    lists = [
+        ("Difference changed", [f"{_cell_label(e)}: {e['metric']} {_num(e['old'])} -> {_num(e['new'])}"
+                                for e in changes.diff_changes]),
+        ("Fingerprint changed", [f"{text_.one_line(e['environment'])}: " + "; ".join(hist.describe_delta(e["changes"]))
+                                 for e in changes.fingerprint_changes]),
+        ("New environments", [text_.one_line(e) for e in changes.new_environments]),
+        ("Vanished environments", [text_.one_line(e) for e in changes.vanished_environments]),
+        ("New cells", [_cell_label(e) for e in changes.new_cells]),
+        ("Vanished cells", [_cell_label(e) for e in changes.vanished_cells]),
+    ]
+    return [_titled_list(title, items) for title, items in lists if items]
+
+
+def _titled_list(title: str, items: list[str]) -> dict[str, Any]:
+    shown, more = _shown(items)
+    return {"title": title, "count": len(items), "lines": shown, "more": more}
+
+
+def _drift_row(entry: Mapping[str, Any], ids: Mapping[Key, str]) -> dict[str, Any]:
+    """A drifting cell (:func:`harness.history.drifting_cells`): its required ULP and atol as sparklines and
+    numbers; the full chart is in the cell's own panel of the matrix (``href``)."""
+    def trend(values: list[float | None], what: str) -> dict[str, Any]:
+        return {"spark": _svg(charts.spark_svg(values, log=True, width=96, label=f"required {what} over {len(values)} runs")),
+                "text": hist.values_summary(values)}
+
+    return {"cell": _cell_label(entry), "href": ids.get(_entry_key(entry)),
+            "ulp": trend(entry["required_ulp"], "ULP"), "atol": trend(entry["required_atol"], "atol")}
+
+
+def _trends_view(changes: hist.Changes, ids: Mapping[Key, str]) -> dict[str, Any] | None:
+    """Cells per night as a chart, and the cells whose required tolerance drifted (None: fewer than two runs)."""
+    nights = changes.nights
+    if len(nights) < 2:
+        return None
+    counts = [n["non_bitwise"] for n in nights]
+    failed = [n["failed"] for n in nights]
+    return {"title": f"Trends (last {len(nights)} runs, {nights[0]['date']} .. {nights[-1]['date']})",
+            "summary": (f"non-bitwise cells per night {counts[0]} -> {counts[-1]} (of {nights[-1]['cells']}); "
+                        f"failed {failed[0]} -> {failed[-1]}"),
+            "nights": _svg(hist.nights_chart(nights)), "drifting": [_drift_row(e, ids) for e in changes.drifting]}
+
+
+def _changes_view(changes: hist.Changes, ids: Mapping[Key, str]) -> dict[str, Any]:
+    """The "What changed" section: the run compared with, the four counts, the failing cells with their
+    first bad / last good run, the other changes and the trends of the last runs."""
+    counts = changes.counts
+    groups, other = _change_groups(changes, ids), _other_changes(changes)
+    return {"regressed": changes.regressed, "previous": _run_view(changes.previous_run),
+            "counts": [{"key": key, "n": counts[key], "label": label} for key, _, _, label in _CHANGE_GROUPS],
+            "groups": groups, "other": other, "quiet": changes.previous_run is not None and not groups and not other,
+            "trends": _trends_view(changes, ids),
+            "skipped": _titled_list("Skipped history files", [text_.one_line(p) for p in changes.skipped_files])
+            if changes.skipped_files else None}
 
 
 def _environment_fingerprints(lay: _Layout) -> dict[str, dict[str, Any]]:
@@ -771,29 +1015,25 @@ def _html(table: pa.Table, history: pa.Table | None, changes: hist.Changes | Non
     from markupsafe import Markup
 
     lay = _layout(table)
+    ids = _cell_ids(lay)
     started = _started(lay.cells.values())
     meta = [f"Run: {', '.join(_run_ids(table)) or 'none'}"]
     if started is not None:
         meta.append(f"Started: {started:%Y-%m-%d %H:%M:%S} UTC")
     return _template().render(
         title=_title(table, title), meta=meta, summary=_summary_line(lay), legend_items=_legend_items(),
-        matrix_view=_matrix_view(lay, history), fingerprint_view=_fingerprints_view(lay),
+        matrix_view=_matrix_view(lay, history, ids), fingerprint_view=_fingerprints_view(lay),
         explained=[_explanation_view(e) for e in _explained(lay, explanations)], layer_headers=_LAYER_HEADERS,
-        changes=hist.render_changes_md(changes) if changes is not None else None,
-        css=Markup(_CSS), js=Markup(_JS)) + "\n"
+        changes=_changes_view(changes, ids) if changes is not None else None,
+        css=Markup(_CSS + _colour_css()), js=Markup(_JS)) + "\n"
 
 
 # -- JUnit XML ---------------------------------------------------------------------------
-def _xml_text(value: Any) -> str:
-    """Text XML 1.0 can carry: characters it forbids become U+FFFD."""
-    return _XML_INVALID.sub("\ufffd", str(value))
-
-
 def _element(parent: ET.Element | None, tag: str, text: str | None = None, **attrs: Any) -> ET.Element:
-    clean = {k: _xml_text(v) for k, v in attrs.items() if v is not None}
+    clean = {k: text_.xml_chars(v) for k, v in attrs.items() if v is not None}
     element = ET.Element(tag, clean) if parent is None else ET.SubElement(parent, tag, clean)
     if text:
-        element.text = _xml_text(text)
+        element.text = text_.xml_chars(text)
     return element
 
 
@@ -941,10 +1181,15 @@ def render(table: pa.Table, fmt: str, *, history: pa.Table | None = None,
     Args:
         table: a results table (``harness.results.SCHEMA``).
         fmt: ``md``, ``html``, ``junit`` or ``json``.
-        history: previous runs (``harness.history.load_history``); the HTML
-            report draws a trend sparkline per cell from it.
-        changes: ``harness.history.diff_runs`` against the previous run; adds a
-            "What changed" section (``changes`` in JSON).
+        history: previous runs (``harness.history.History.recent``, or
+            ``load_history``); the HTML report draws each cell's max ULP over
+            its last :data:`harness.history.TREND_RUNS` runs as a sparkline and,
+            in its detail panel, its required ULP and atol as a chart.
+        changes: ``harness.history.compare`` (or ``diff_runs``) against the
+            previous run; the Markdown and HTML reports open with a "What
+            changed" section (``changes`` in JSON): new / known / fixed / flaky
+            counts, each failing cell's first bad and last good run, and in
+            HTML the non-bitwise cells per night as a chart.
         title: report title (default: "Reproducibility report: <sweep>").
         explanations: ``harness.explain.load_explanations`` of the run; the
             Markdown and HTML reports show each (summary, findings, per-layer

@@ -20,6 +20,15 @@ _MARKDOWN = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]"
                            "<": "&lt;", "&": "&amp;"})
 
 
+# Characters XML 1.0 cannot carry at all, even escaped (controls, lone surrogates, U+FFFE/U+FFFF).
+_XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xml_chars(value: Any) -> str:
+    """``value`` as text XML 1.0 can carry: every character it forbids becomes U+FFFD (markup is not escaped)."""
+    return _XML_INVALID.sub("\ufffd", str(value))
+
+
 def visible(value: Any) -> str:
     """``value`` as text whose control characters are shown as escapes (``\\x1b``), never sent raw."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",

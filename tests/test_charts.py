@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -49,7 +51,8 @@ def plottable(v, log: bool) -> bool:
        data=st.lists(st.tuples(names, values, values), min_size=0, max_size=40), log=st.booleans())
 @example(title='<script>alert("x")</script>', series_name="]]><x/>", data=[("<b>&", 1.0, 0.0)], log=True)
 @example(title="\x1b[31mred\x00", series_name="ulp", data=[("a", 0.0, None), ("b", 1e-300, 5e300)], log=True)
-@example(title="", series_name="", data=[("", None, 9.999999999999347e+307)], log=True)  # a ceiling past 1e308
+@example(title="no XML holds \ufffe", series_name="\uffff", data=[("\ufffe", 1.0, 2.0)], log=False)
+@example(title="", series_name="", data=[("", None, 9.999999999999347e+307)], log=True)  # found: 10**309 as an axis label
 def test_svg_is_valid_escaped_and_in_range(title, series_name, data, log):
     labels = [d[0] for d in data]
     series = {series_name: [d[1] for d in data], series_name + "2": [d[2] for d in data]}
@@ -130,3 +133,48 @@ def test_svg_of_constant_and_single_values(log):
         root = parse(charts.svg([charts.Panel("t", labels, series, log=log)]))
         width, height = view_box(root)
         assert all(0 <= x <= width and 0 <= y <= height for x, y in drawn_points(root))
+
+
+def spark_dots(root: ET.Element) -> list[tuple[float, float, str, bool]]:
+    """``(x, y, colour, hollow)`` of every dot of a :func:`charts.spark_svg`, left to right."""
+    def points(path: ET.Element) -> list[tuple[float, float]]:
+        return [(float(x), float(y)) for x, y in re.findall(r"M([-\d.]+) ([-\d.]+)h0", path.get("d"))]
+
+    paths = list(root.iter(f"{SVG}path"))
+    hollow = {p for path in paths if path.get("class") == "gaps" for p in points(path)}
+    return sorted((x, y, path.get("stroke"), (x, y) in hollow)
+                  for path in paths if path.get("class") == "dots" for x, y in points(path))
+
+
+@SETTINGS
+@given(vals=st.lists(values, max_size=40), log=st.booleans(), label=names)
+@example(vals=[0.0, 1.0, None, 10.0, math.nan, 1000.0], log=True, label='<script>"x"</script>\ufffe\x1b')
+@example(vals=[5.0], log=False, label="one")
+def test_spark_svg_one_dot_per_value_in_range_and_in_order(vals, log, label):
+    from harness import text
+
+    colours = [f"#{i:06x}" for i in range(len(vals))]
+    root = parse(charts.spark_svg(vals, colours=colours, log=log, label=label))
+    width, height = view_box(root)
+    assert root.get("class") == "spark" and root.get("aria-label") == text.xml_chars(text.one_line(label, 200))
+    assert all(el.tag.startswith(SVG) for el in root.iter())  # the label became no element
+    dots = spark_dots(root)
+    assert len(dots) == len(vals) and len({x for x, *_ in dots}) == len(vals)  # every value keeps its dot
+    assert all(0 <= x <= width and 0 <= y <= height for x, y, *_ in dots)
+    for (_, _, colour, hollow), v, wanted in zip(dots, vals, colours):  # left to right: value by value
+        assert colour == wanted and hollow == (not plottable(v, log))  # the caller's colour; a gap is hollow
+    shown = sorted((v, y) for v, (_, y, *_) in zip(vals, dots) if plottable(v, log))
+    assert [y for _, y in shown] == sorted((y for _, y in shown), reverse=True)  # larger values never lower
+    # the line joins neighbouring values only (a gap breaks it), and agrees with spark() on the levels
+    (line,) = [p for p in root.iter(f"{SVG}path") if p.get("class") == "line"] or [None]
+    drawn = len(re.findall(r"[ML]", line.get("d"))) if line is not None else 0
+    runs = [len(list(g)) for k, g in itertools.groupby(vals, key=lambda v: plottable(v, log)) if k]
+    assert drawn == sum(n for n in runs if n > 1)
+    blocks = charts.spark(vals, log=log)
+    for a, b in itertools.combinations([(ch, y) for ch, (_, y, *_) in zip(blocks, dots) if ch != "·"], 2):
+        assert (a[0] < b[0]) <= (a[1] > b[1])  # a higher block is drawn higher
+
+
+def test_spark_svg_of_equal_values_sits_on_the_baseline():
+    dots = spark_dots(parse(charts.spark_svg([3.0, 3.0, 3.0], height=18)))
+    assert [(x, y) for x, y, *_ in dots] == [(3.0, 15.0), (36.0, 15.0), (69.0, 15.0)]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lxml import html as lxml_html
 
 from harness import results
 
@@ -584,6 +585,14 @@ def test_nightly_known_failure_first_bad_and_retention(nights):
     assert doc["changes"]["previous_run"]["run_id"] == run2
     assert [n["run_id"] for n in doc["changes"]["nights"]] == [run1, run2, run3]
     assert [n["failed"] for n in doc["changes"]["nights"]] == [0, 1, 1]
+    page = lxml_html.document_fromstring((outs[2] / "report.html").read_text())  # the HTML opens with the same
+    assert page.body.find(".//h2").text_content() == "What changed"
+    section = page.get_element_by_id("changes")
+    assert {li.get("data-kind"): int(li.get("data-count"))
+            for li in section.find_class("counts")[0].iter("li")} == doc["changes"]["counts"]
+    (row,) = section.find(".//table[@data-kind='known']/tbody").iter("tr")
+    assert run2 in row[2].text_content() and row[3].text_content() == "2" and run1 in row[4].text_content()
+    assert len(section.find_class("trend")) == 1  # non-bitwise and failed cells over the three nights
     freed = [line for line in p3.stdout.splitlines() if line.startswith("history retention:")]
     assert len(freed) == 1 and "freed 2 partition(s) (2020-01-01 .. 2020-01-02)" in freed[0], p3.stdout
     assert "3 file(s)" in freed[0]

@@ -425,11 +425,16 @@ def _history_of(table, nights=3):
     return pa.concat_tables(parts)
 
 
+def _spark_dots(svg) -> int:
+    """How many dots a matrix cell's sparkline draws (``charts.spark_svg``: one ``h0`` segment per run)."""
+    return sum(path.get("d").count("h0") for path in svg.find_class("dots"))
+
+
 def test_html_sparkline_per_cell_with_history(table):
     doc = html_doc(table, history=_history_of(table))
     cells = doc.find_class("cell")
     assert all(len(c.find_class("spark")) == 1 for c in cells)
-    assert all(len(c.find_class("spark")[0].findall(".//circle")) == 4 for c in cells)  # 3 old runs + this one
+    assert all(_spark_dots(c.find_class("spark")[0]) == 4 for c in cells)  # 3 old runs + this one
     assert not html_doc(table).find_class("spark")
 
 
@@ -462,44 +467,99 @@ QUICKSTART_ENVIRONMENTS = ["cpu-default", "cpu-onednn-off", "cpu-onednn-on", "cp
 # Measured by the page itself once laid out: every table cell whose content is wider than the cell, and the
 # matrix's box against the window. Written into the DOM, which --dump-dom returns.
 _MEASURE = """<script>
+document.querySelectorAll("#changes details").forEach(function(d){d.open=true;});
 var over=[];document.querySelectorAll("td,th").forEach(function(e){
  if(e.scrollWidth>e.clientWidth+1)over.push(e.textContent.slice(0,60)+" "+e.scrollWidth+">"+e.clientWidth);});
 var box=document.getElementById("matrix-box").getBoundingClientRect();
-var m=document.createElement("pre");m.id="measure";m.textContent=JSON.stringify({overflow:over,
- matrix_right:box.right,table_width:document.getElementById("matrix").scrollWidth,window:window.innerWidth,
- page_width:document.documentElement.scrollWidth});document.body.appendChild(m);</script>"""
+var page={overflow:over,matrix_right:box.right,table_width:document.getElementById("matrix").scrollWidth,
+ window:window.innerWidth,page_width:document.documentElement.scrollWidth,panel:null};
+var chart=document.querySelector("#matrix .detail .trend");
+if(chart){var d=chart.closest("details");d.open=true;var p=chart.closest(".detail");
+ page.panel={scroll:p.scrollWidth,client:p.clientWidth,chart:chart.getBoundingClientRect().width};}
+var m=document.createElement("pre");m.id="measure";m.textContent=JSON.stringify(page);document.body.appendChild(m);</script>"""
 
 
-def quickstart_like_table():
+def quickstart_like_table(night: int = 1, tiers: bool = False):
     """The quick start's shape (3 scenarios x 3 formats x 8 environments) with the longest texts it shows:
-    Ray node ids, ULP and abs diffs, an error, a failed save round trip, a training time."""
+    Ray node ids, ULP and abs diffs, an error, a failed save round trip, a training time.
+
+    ``night`` > 1 moves some cells (a cell breaks from night 2, another tonight; required tolerances
+    drift); ``tiers`` adds accuracy tiers and a task metric (less accurate mismatches fail ``accurate``).
+    """
     rows = []
     for i, (s, f, e) in enumerate(itertools.product(["seed-binary-classifier", "seed-linear-regression",
                                                      "seed-dense-regression"], ["keras", "h5", "savedmodel"],
                                                     QUICKSTART_ENVIRONMENTS)):
         node = f"{i:02d}" + "797559213729be1873e68a2b80164a0e15ef3f573ece35ee00735"
         kind = ("within_tolerance", "bitwise", "mismatch", "error", "bitwise")[i % 5]
-        fp = dict(fingerprint(e), ray_node_id=node, hostname=f"ip-10-0-{i}-17.eu-west-1.compute.internal")
+        if night >= {9: 2, 64: 6}.get(i, night + 1):  # passing cells that break: on night 2, and tonight
+            kind = "unschedulable"
+        fp = dict(fingerprint(e), ray_node_id=node, hostname=f"ip-10-0-{i}-17.eu-west-1.compute.internal",
+                  cpu_model="AMD EPYC 9R14" if night >= 3 else "AMD EPYC 7R13")
         save = dict(save_verdict="mismatch", save_max_ulp_diff=3.0, save_max_abs_diff=1.2e-07, passed=False) \
             if i % 5 == 1 else {}
+        extra = {}
+        if tiers and kind in ("within_tolerance", "mismatch"):
+            less = kind == "mismatch"
+            extra = dict(accuracy="less_accurate" if less else "as_accurate", expected="accurate", passed=not less,
+                         rmse_vs_fp64=5.83e-4 if less else 2.37e-8, reference_rmse_vs_fp64=2.35e-8,
+                         accuracy_note=f"output: rmse vs float64 {5.83e-4 if less else 2.37e-8:.3g} "
+                                       f"{'>' if less else '<='} 3 x reference's 2.35e-08 + atol 1e-06/10",
+                         metric="accuracy", reference_metric=0.75, observed_metric=0.734375, metric_delta=-0.015625)
+        if kind == "within_tolerance":
+            extra.update(required_ulp=float(1 + (i + night) % 7), required_atol=1e-7 * (1 + night % 3))
         rows.append(make_row(kind, s, f, e, node_id=node, fingerprint=fp, train_s=12.3, max_ulp_diff=88000.0,
-                             max_abs_diff=2.4e-07, **save))
+                             max_abs_diff=2.4e-07, run_id=f"20261{night:03d}T021500Z-8b2e47",
+                             started_at=NIGHT_ONE + dt.timedelta(days=night), **{**save, **extra}))
     return results.to_table(rows)
 
 
-@needs_chromium
-def test_html_matrix_of_the_quick_start_fits_a_laptop_window_and_no_cell_overflows(tmp_path):
+def _measure_in_chromium(tmp_path, html: str) -> dict:
+    """Lay ``html`` out in headless chromium at the laptop window size; what :data:`_MEASURE` found."""
     page = tmp_path / "report.html"
-    page.write_text(report.render(quickstart_like_table(), "html").replace("</body>", _MEASURE + "</body>"),
-                    encoding="utf-8")
+    page.write_text(html.replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
     dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
-    measure = json.loads(html_lib.unescape(re.search(r'<pre id="measure">(.*?)</pre>', dom, re.S).group(1)))
+    return json.loads(html_lib.unescape(re.search(r'<pre id="measure">(.*?)</pre>', dom, re.S).group(1)))
+
+
+def _assert_fits(measure: dict) -> None:
     assert measure["window"] == WINDOW[0]
     assert measure["overflow"] == []  # no text runs out of its table cell (node ids, hostnames, notes)
     assert measure["table_width"] <= WINDOW[0] - 48, measure  # the 8-environment matrix fits beside the margins
     assert measure["page_width"] <= WINDOW[0], measure  # nothing makes the page scroll sideways
-    _chromium(tmp_path, f"--screenshot={tmp_path / 'shot.png'}", page.as_uri())
-    shutil.copy(tmp_path / "shot.png", Path(os.environ.get("HARNESS_SCREENSHOT_DIR", tmp_path)) / "quickstart.png")
+
+
+def _screenshot(tmp_path, name: str) -> None:
+    _chromium(tmp_path, f"--screenshot={tmp_path / 'shot.png'}", (tmp_path / "report.html").as_uri())
+    shutil.copy(tmp_path / "shot.png", Path(os.environ.get("HARNESS_SCREENSHOT_DIR", tmp_path)) / name)
+
+
+@needs_chromium
+def test_html_matrix_of_the_quick_start_fits_a_laptop_window_and_no_cell_overflows(tmp_path):
+    _assert_fits(_measure_in_chromium(tmp_path, report.render(quickstart_like_table(), "html")))
+    _screenshot(tmp_path, "quickstart.png")
+
+
+@needs_chromium
+def test_html_nightly_with_trends_and_tiers_fits_a_laptop_window(tmp_path):
+    uri = str(tmp_path / "history")
+    nights = 6
+    for night in range(1, nights + 1):
+        history.append_run(quickstart_like_table(night, tiers=True), uri)
+    tonight = quickstart_like_table(nights, tiers=True)
+    past = history.History.open(uri)
+    recent = past.recent("nightly", history.TREND_RUNS, tonight)
+    changes = history.compare(past, tonight, recent=recent)
+    assert changes.counts["new"] == 1 and changes.counts["known"] > 20 and changes.drifting  # what is laid out
+    assert len(changes.nights) == nights
+    assert any("cpu_model" in (e["changed_since_good"] or {}) for e in changes.known_failing)  # a filled streak row
+    html = report.render(tonight, "html", history=recent, changes=changes)
+    assert "&lt;acc" in html and 'class="trend"' in html and 'class="cell v-mismatch failed less-accurate"' in html
+    measure = _measure_in_chromium(tmp_path, html)
+    _assert_fits(measure)  # the What changed tables and charts too
+    panel = measure["panel"]
+    assert panel is not None and panel["scroll"] <= panel["client"] + 1, panel  # a cell's chart fits its panel
+    _screenshot(tmp_path, "nightly.png")
 
 
 # -- write_all -------------------------------------------------------------------------
@@ -693,3 +753,254 @@ def test_markdown_and_junit_say_why_a_tier_failed(schema):
     doc = json.loads(report.render(table, "json"))
     assert doc["summary"]["accuracy"] == {"as_accurate": 1, "less_accurate": 2, "n/a": 1}
     assert doc["cells"][0]["accuracy"] == "as_accurate" and doc["cells"][2]["metric_delta"] == -0.015625
+
+
+def judged_row(environment: str, noise: float, **overrides):
+    """A row whose accuracy columns and ``detail.accuracy`` come from ``compare.judge_accuracy`` on real arrays:
+    a float64 oracle, its float32 reference, and the reference moved by ``noise`` (relative)."""
+    import numpy as np
+
+    from harness.compare import judge_accuracy
+
+    oracle = {"output": np.linspace(-3.0, 3.0, 64) / 7.0, "logits": np.linspace(0.1, 0.9, 64) / 3.0}
+    reference = {k: v.astype(np.float32) for k, v in oracle.items()}
+    observed = {k: (v * np.float32(1 + noise)).astype(np.float32) for k, v in reference.items()}
+    acc = judge_accuracy(oracle, reference, observed, {"output": 1e-6, "logits": 1e-6})
+    verdict = "within_tolerance" if acc.tier == "as_accurate" else "mismatch"
+    row = make_row(verdict, environment=environment, accuracy=acc.tier, rmse_vs_fp64=acc.rmse,
+                   reference_rmse_vs_fp64=acc.reference_rmse, accuracy_note=acc.note,
+                   detail={"outputs": {}, "accuracy": acc.to_dict()}, **overrides)
+    return row, acc
+
+
+def _cell(doc, scenario, fmt, environment):
+    (td,) = [td for td in doc.find_class("cell") if (td.get("data-scenario"), td.get("data-format"),
+                                                      td.get("data-environment")) == (scenario, fmt, environment)]
+    return td
+
+
+def _facts_of(td) -> dict[str, str]:
+    dl = td.find_class("detail")[0].find("dl")
+    return {dt_.text_content(): dd.text_content() for dt_, dd in zip(dl.iter("dt"), dl.iter("dd"))}
+
+
+def test_html_shows_the_tier_in_text_tooltip_facts_and_legend_and_marks_less_accurate_cells():
+    from harness.compare import LESS_ACCURATE
+
+    as_row, as_acc = judged_row("cpu-xla", 1e-9)
+    less_row, less_acc = judged_row("serve-bf16", 1e-3, expected="accurate", metric="accuracy",
+                                    reference_metric=0.75, observed_metric=0.734375, metric_delta=-0.015625)
+    assert (as_acc.tier, less_acc.tier) == ("as_accurate", "less_accurate")  # the arrays say so, not the test
+    rows = [as_row, less_row,
+            make_row("within_tolerance", scenario="module", environment="cpu-xla", accuracy="n/a",
+                     accuracy_note="the scenario produced a plain TwoLayerMLP, not a Keras model"),
+            make_row("bitwise", environment="cpu-default", accuracy="as_accurate")]
+    html = report.render(results.to_table(rows), "html")
+    doc = lxml_html.document_fromstring(html)
+
+    tol = _cell(doc, "mlp", "keras", "cpu-xla")
+    assert "=acc" in tol.find("details/summary").text_content() and tol.get("data-accuracy") == "as_accurate"
+    assert "=acc as accurate as the reference" in tol.get("title") and "less-accurate" not in tol.get("class")
+    facts = _facts_of(tol)
+    assert facts["accuracy vs float64"] == f"as accurate ({as_acc.note})"
+    assert facts["rmse vs float64"] == (f"observed {as_acc.rmse:.3g}, reference {as_acc.reference_rmse:.3g}, "
+                                        f"allowance {as_acc.decisive.allowance:.3g}")
+
+    less = _cell(doc, "mlp", "keras", "serve-bf16")
+    assert "<acc" in less.find("details/summary").text_content() and less.get("data-accuracy") == "less_accurate"
+    assert "less-accurate" in less.get("class").split() and "<acc less accurate than the reference" in less.get("title")
+    facts = _facts_of(less)
+    assert facts["accuracy vs float64"].startswith(f"less accurate ({less_acc.decisive.name}: rmse vs float64")
+    assert facts["rmse vs float64"].endswith(f"allowance {less_acc.decisive.allowance:.3g}")
+    assert facts["task metric"] == "accuracy 0.75 -> 0.734 (delta -0.0156)"
+
+    for quiet in (_cell(doc, "module", "keras", "cpu-xla"), _cell(doc, "mlp", "keras", "cpu-default")):
+        text = quiet.find("details/summary").text_content() + quiet.get("title")  # n/a, and bitwise: no tier shown
+        assert "=acc" not in text and "<acc" not in text
+        assert quiet.get("data-accuracy") is None and "less-accurate" not in quiet.get("class")
+    assert _facts_of(_cell(doc, "module", "keras", "cpu-xla"))["accuracy vs float64"].startswith("n/a (the scenario")
+    assert "rmse vs float64" not in _facts_of(_cell(doc, "module", "keras", "cpu-xla"))
+
+    legend = doc.get_element_by_id("legend")
+    assert "=acc as accurate as the reference" in legend.text_content()
+    (mark,) = legend.find_class("tier-mark")
+    assert "<acc less accurate" in mark.getparent().text_content()
+    style = doc.find(".//style").text
+    # the corner of a less accurate cell and every verdict's colour come from the report's colour owner
+    assert re.search(r"td\.cell\.less-accurate::after[^{]*\{[^}]*" + report._MARKS[LESS_ACCURATE], style)
+    for verdict, colour in report._COLOURS.items():
+        assert re.search(rf"\.v-{verdict}\{{background:[^}}]*{colour}", style), verdict
+
+
+# -- the nightly in HTML: what changed first, trends ---------------------------------------------
+HOSTILE_NAME = '<script>alert(1)</script><img src=x onerror=alert(2)>&amp;"\x1b'
+HOSTILE_ENV = 'cpu-"c"<i>'
+KNOWN = (HOSTILE_NAME, "keras", "cpu-a")   # passes night 1, mismatch from night 2 on; cpu_model moves on night 3
+NEW = ("mlp", "keras", "cpu-b")             # passes nights 1-3, fails tonight (night 4)
+FIXED = ("mlp", "keras", "cpu-a")           # error on night 3, bitwise tonight
+DRIFTING = (HOSTILE_NAME, "keras", HOSTILE_ENV)  # within tolerance, its required ULP / atol move every night
+STEADY = ("mlp", "keras", HOSTILE_ENV)       # within tolerance, the same 14 ULP / 1.2e-06 every night
+TONIGHT = 4
+
+
+def nightly_rows(night: int) -> list[dict]:
+    rows = []
+    for key in itertools.product((HOSTILE_NAME, "mlp"), ("keras",), ("cpu-a", "cpu-b", HOSTILE_ENV)):
+        verdict, extra = "bitwise", {"required_ulp": 0.0, "required_atol": 0.0}  # as a bitwise cell records them
+        if key == KNOWN and night >= 2:
+            verdict, extra = "mismatch", {}
+        if key == NEW and night == TONIGHT or key == FIXED and night == 3:
+            verdict, extra = "error", {}
+        if key == DRIFTING:
+            verdict = "within_tolerance"
+            extra = dict(required_ulp=float(2 ** night), max_ulp_diff=float(2 ** night), required_atol=1e-7 * night)
+        if key == STEADY:
+            verdict, extra = "within_tolerance", {}
+        fp = fingerprint(key[2], pid=night, cpu_model="AMD EPYC 9R14" if night >= 3 else "AMD EPYC 7R13")
+        rows.append(make_row(verdict, *key, run_id=f"run-{night}", started_at=NIGHT_ONE + dt.timedelta(days=night),
+                             fingerprint=fp, **extra))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory):
+    """Four nights in a history, tonight's compared as ``harness nightly`` does: (html, changes, recent, tonight)."""
+    uri = str(tmp_path_factory.mktemp("history") / "h")
+    for night in range(1, TONIGHT + 1):
+        history.append_run(results.to_table(nightly_rows(night)), uri)
+    tonight = results.to_table(nightly_rows(TONIGHT))
+    past = history.History.open(uri)
+    recent = past.recent("nightly", history.TREND_RUNS, tonight)
+    changes = history.compare(past, tonight, recent=recent)
+    return report.render(tonight, "html", history=recent, changes=changes), changes, recent, tonight
+
+
+def test_html_opens_with_what_changed_and_its_counts(nightly):
+    html, changes, _, _ = nightly
+    doc = lxml_html.document_fromstring(html)
+    body = [el for el in doc.body.iter() if el.tag in ("h2", "section", "table")]
+    assert body[0].tag == "h2" and body[0].text_content() == "What changed"  # the first section of the page
+    order = [el.get("id") for el in doc.body.iter() if el.get("id") in ("changes", "matrix", "fingerprints")]
+    assert order == ["changes", "matrix", "fingerprints"]
+    section = doc.get_element_by_id("changes")
+    counts = {li.get("data-kind"): int(li.get("data-count")) for li in section.find_class("counts")[0].iter("li")}
+    assert counts == changes.counts == {"new": 1, "known": 1, "fixed": 1, "flaky": 0}
+    shown = {li.get("data-kind"): int(li.find("b").text) for li in section.find_class("counts")[0].iter("li")}
+    assert shown == counts
+    assert "Regressed: yes" in section.text_content() and "previous run run-3" in section.text_content()
+    assert "Fixed (1)" in section.text_content() and "mlp/keras @ cpu-a: error -> bitwise" in section.text_content()
+
+
+def _failing_rows(doc, kind):
+    (table,) = [t for t in doc.get_element_by_id("changes").iter("table") if t.get("data-kind") == kind]
+    return [[td for td in tr.iter("td")] for tr in table.find("tbody").iter("tr")]
+
+
+def test_html_failing_cells_name_first_bad_last_good_and_what_changed_since(nightly):
+    html, changes, _, _ = nightly
+    doc = lxml_html.document_fromstring(html)
+    (new,) = _failing_rows(doc, "new")
+    assert [td.text_content() for td in new[:5]] == ["mlp/keras @ cpu-b", "bitwise -> error", "run-4 (2025-03-05)", "1",
+                                                    "run-3 (2025-03-04)"]
+    assert [li.text_content() for li in new[5].iter("li")] == ["no fingerprint key changed"]
+    (known,) = _failing_rows(doc, "known")
+    assert [td.text_content() for td in known[1:5]] == ["mismatch -> mismatch", "run-2 (2025-03-03)", "3",
+                                                       "run-1 (2025-03-02)"]
+    assert [li.text_content() for li in known[5].iter("li")] == ["cpu_model: AMD EPYC 7R13 -> AMD EPYC 9R14"]
+    (entry,) = changes.known_failing  # the row says what compare found
+    assert entry["first_bad"]["run_id"] == "run-2" and entry["last_good"]["run_id"] == "run-1"
+    # each failing cell links to its own cell in the matrix
+    for row, key in ((new, NEW), (known, KNOWN)):
+        target = doc.get_element_by_id(row[0].find("a").get("href").lstrip("#"))
+        assert (target.get("data-scenario"), target.get("data-format"), target.get("data-environment")) == key
+
+
+def test_html_hostile_names_in_what_changed_and_charts_are_escaped(nightly):
+    from harness import text
+
+    html, _, _, _ = nightly
+    assert "<script>alert" not in html and "<img src=x" not in html and "\x1b" not in html.split('id="matrix"')[0]
+    doc = lxml_html.document_fromstring(html)
+    assert len(list(doc.iter("script"))) == 1 and not list(doc.iter("img"))  # only the page's own script
+    (known,) = _failing_rows(doc, "known")
+    assert known[0].text_content() == text.one_line(f"{HOSTILE_NAME}/keras @ cpu-a")  # shown, literally
+    drift = [tr[0].text_content() for tr in doc.get_element_by_id("changes").find_class("drifting")[0].iter("tr")]
+    assert text.one_line(f"{HOSTILE_NAME}/keras @ {HOSTILE_ENV}") in drift
+    chart = _cell(doc, *DRIFTING).find_class("trend")[0]
+    assert chart.get("aria-label") == text.one_line(f"{HOSTILE_NAME}/keras @ {HOSTILE_ENV}") + \
+        ": required tolerance over 4 runs"
+
+
+def test_html_trend_charts_are_valid_xml_and_drawn_for_every_cell_with_history(nightly):
+    html, changes, recent, tonight = nightly
+    assert_self_contained(html)
+    assert "http" not in html  # inline SVG needs no namespace URL either
+    svgs = re.findall(r"<svg\b.*?</svg>", html, re.S)
+    for svg in svgs:  # every chart the page carries is well-formed XML on its own
+        root = etree.fromstring(svg.encode("utf-8"))
+        assert root.tag == "svg"
+        assert not list(root.iter("script")) and not [el for el in root.iter() if el.get("href")]
+    doc = lxml_html.document_fromstring(html)
+    section = doc.get_element_by_id("changes")
+    (nights_chart,) = section.find_class("trend")
+    assert len(nights_chart.findall(".//circle")) == 2 * len(changes.nights) == 2 * TONIGHT  # non-bitwise, failed
+    assert [tr[0].text_content() for tr in section.find_class("drifting")[0].find("tbody").iter("tr")] == \
+        [report._cell_label(e) for e in changes.drifting]
+    trends = history.trends(recent, last=history.TREND_RUNS)
+    charted = []
+    for cell in report._layout(tonight).ordered():
+        td = _cell(doc, *cell.key)
+        points = trends[cell.key]
+        assert len(points) == TONIGHT and _spark_dots(td.find_class("spark")[0]) == TONIGHT  # every cell: a sparkline
+        measured = [{v for p in points if history.is_finite(v := getattr(p, name))}
+                    for name in ("required_ulp", "required_atol")]
+        charts_ = td.find_class("detail")[0].find_class("trend")
+        assert len(charts_) == any(len(values) > 1 for values in measured)  # drawn where the tolerance moved
+        if charts_:
+            charted.append(cell.key)
+            assert len(charts_[0].findall(".//circle")) == sum(
+                history.is_finite(v) for p in points for v in (p.required_ulp, p.required_atol))
+    assert charted == [KNOWN, DRIFTING]  # the rest say in words what their tolerance was
+    facts = {key: _facts_of(_cell(doc, *key))["required tolerance trend"] for key in (NEW, STEADY)}
+    assert facts == {NEW: f"0 or not measured in each of the last {TONIGHT} runs",
+                     STEADY: f"ULP 14, atol 1.2e-06 in every one of the last {TONIGHT} runs that measured it"}
+
+
+def test_html_draws_a_bounded_number_of_tolerance_charts_failing_cells_first(nightly, monkeypatch):
+    _, changes, recent, tonight = nightly
+    monkeypatch.setattr(report, "_TREND_CHARTS", 1)
+    doc = html_doc(tonight, history=recent, changes=changes)
+    assert [td.get("data-environment") for td in doc.find_class("cell") if td.find_class("trend")] == [KNOWN[2]]
+    said = _facts_of(_cell(doc, *DRIFTING))["required tolerance trend"]
+    assert said.startswith("ULP 2 -> 16 (max 16); atol 1e-07 -> 4e-07 (max 4e-07) over the last 4 runs (not drawn")
+
+
+def test_html_without_history_has_no_trends_and_a_first_night_says_so(tmp_path):
+    tonight = results.to_table(nightly_rows(1))
+    changes = history.compare(history.History.open(str(tmp_path / "h")), tonight)
+    doc = html_doc(tonight, changes=changes)
+    section = doc.get_element_by_id("changes")
+    assert "No previous run of this sweep in the history" in section.text_content()
+    assert {li.get("data-kind"): int(li.get("data-count")) for li in section.find_class("counts")[0].iter("li")} == \
+        {"new": 0, "known": 0, "fixed": 0, "flaky": 0}
+    assert not doc.find_class("trend") and not doc.find_class("spark")  # one run: nothing to draw
+    assert "What changed" not in report.render(tonight, "html")  # a plain report has no such section
+
+
+def test_html_long_groups_fold_and_are_capped_new_failures_never_fold():
+    def entry(i):
+        return {"scenario": f"s{i}", "format": "keras", "environment": "cpu", "old_verdict": "mismatch",
+                "new_verdict": "mismatch"}
+
+    many = history.LIST_LIMIT + 5
+    changes = history.Changes(newly_failing=[entry(i) for i in range(many)], known_failing=[entry(i) for i in range(many)],
+                              fixed=[entry(0)], previous_run={"run_id": "run-0", "date": None})
+    section = html_doc(verdict_table(), changes=changes).get_element_by_id("changes")
+    groups = {d.get("data-kind"): d for d in section.iter("details")}
+    assert groups["new"].get("open") is not None and groups["fixed"].get("open") is not None
+    assert groups["known"].get("open") is None  # more than report._GROUP_OPEN cells: one click away, counted above
+    for kind in ("new", "known"):
+        rows = list(groups[kind].find(".//tbody").iter("tr"))
+        assert len(rows) == history.LIST_LIMIT + 1 and rows[-1].text_content() == "… and 5 more (see the matrix)"
+        assert all(len(row) == 3 and row[2].text_content() == "no history" for row in rows[:-1])  # diff_runs: no streak
+    assert "previous run run-0 (date unknown)" in section.text_content()
