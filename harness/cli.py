@@ -98,13 +98,17 @@ def cmd_run(args) -> int:
         # A foreign or unreadable run directory (or a run not in storage) is refused before
         # anything starts; with --run-id, --out is rebuilt from the run's directory in storage.
         Run.resume(out, sweep, scenarios, normalize_uri(args.storage or sweep.storage), run_id=args.run_id)
-    print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
-          f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
-          f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
+
+    def started(run) -> None:  # the run id first: if this machine is lost, another resumes it with --run-id
+        print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
+              f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
+              f"{len({c.environment for c in cells})} environments) -> {out} (run {run.run_id})", file=sys.stderr,
+              flush=True)
+
     try:
         result = run_sweep(sweep, scenarios, out_dir=out, address=args.address, storage=args.storage,
                            only=args.only, retrain=args.retrain, inline=args.inline, resume=args.resume,
-                           progress=_progress, verbose=args.verbose)
+                           progress=_progress, verbose=args.verbose, started=started)
     except BaseException:
         _write_partial_report(out, sweep.name)  # what finished is kept, with its report
         raise

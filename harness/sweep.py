@@ -184,7 +184,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
               address: str = "local", storage: str | None = None, only: Iterable[str] = (),
               retrain: bool = False, inline: bool = False, resume: bool = False,
               progress: Progress | None = None, run_id: str | None = None, verbose: bool = False,
-              worker_cls: type | None = None) -> RunResult:
+              worker_cls: type | None = None, started: Callable[[Run], None] | None = None) -> RunResult:
     """Run every cell of ``sweep`` and write ``out_dir/results.parquet``.
 
     Args:
@@ -205,6 +205,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
             storage, ``runs/<run_id>/`` (``out_dir`` is rebuilt from it: see
             ``Run.fetch``); without, the id of the new run.
         progress: called as ``progress(done, total, result)`` after each cell.
+        started: called as ``started(run)`` once the run is recorded (in ``out_dir``
+            and in storage), before any cell runs.
         worker_cls: the actor body (benchmarks replace TensorFlow work with it).
 
     Returns:
@@ -236,6 +238,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     # In storage from the start, and each finished cell within seconds (the journal's
     # segments): a driver on another host can resume the run with --run-id.
     run.publish({RUN_FILE: (run_dir / RUN_FILE).read_bytes()})
+    if started is not None:
+        started(run)
     done = set(zip(*(previous.column(c).to_pylist() for c in results.KEY_COLUMNS)))
     todo = [c for c in cells if c.key not in done]
     with results.Journal(run_dir, publish=run.publish_journal) as journal, \
