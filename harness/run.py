@@ -134,14 +134,23 @@ class Run:
         run_dir = Path(run_dir)
         path = run_dir / RUN_FILE
         try:
-            meta = json.loads(path.read_text())
-            return cls(run_dir, meta["run_id"], meta["sweep"], meta["source"], meta.get("plan") or "",
-                       meta.get("storage") or "", tuple(meta.get("scenario_paths") or ()))
+            return cls.parse(run_dir, path.read_bytes())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no run here; pass a run directory written by `harness run`") from None
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(f"{path}: unreadable or not written by `harness run`; run the sweep again "
                               "into a fresh --out") from None
+
+    @classmethod
+    def parse(cls, run_dir: str | Path, raw: bytes) -> "Run":
+        """The run a ``run.json``'s bytes record, in ``run_dir``.
+
+        Raises:
+            ValueError, KeyError, TypeError: not a run.json.
+        """
+        meta = json.loads(raw)
+        return cls(Path(run_dir), meta["run_id"], meta["sweep"], meta["source"], meta.get("plan") or "",
+                   meta.get("storage") or "", tuple(meta.get("scenario_paths") or ()))
 
     def save(self) -> None:
         """Write ``run.json`` (atomically)."""
@@ -231,9 +240,7 @@ class Run:
             raise RunDirError(f"{where}: no run {run_id!r} in this storage (no {RUN_FILE}); check --run-id and "
                               "--storage (`harness run` prints the run as storage: .../runs/RUN_ID)") from None
         try:
-            meta = json.loads(raw)
-            stored_run = cls(run_dir, meta["run_id"], meta["sweep"], meta["source"], meta.get("plan") or "",
-                             meta.get("storage") or "", tuple(meta.get("scenario_paths") or ()))
+            stored_run = cls.parse(run_dir, raw)
         except (ValueError, KeyError, TypeError):
             raise RunDirError(f"{where}/{RUN_FILE}: unreadable or not written by `harness run`; resume another "
                               "run, or run the sweep afresh") from None

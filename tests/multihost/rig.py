@@ -70,9 +70,11 @@ DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 # A node that stops answering is declared dead after ~10-20 s (Ray's default is ~60 s):
 # quick enough for fault tests, slow enough that a busy 2-core machine is not a dead node.
+# The head's Ray Client server gives a client's own server process 30 s to answer by default: not
+# always enough for a Python process importing Ray on a busy 2-core machine running four hosts.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_initial_delay_ms": "2000",
            "RAY_health_check_period_ms": "2000", "RAY_health_check_timeout_ms": "5000",
-           "RAY_health_check_failure_threshold": "5"}
+           "RAY_health_check_failure_threshold": "5", "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
 
 START_ATTEMPTS = 3
 HEAD_TIMEOUT_S = 90.0
@@ -228,6 +230,7 @@ class Rig:
         self.subnet: ipaddress.IPv4Network | None = None
         self.started_at = time.time()
         self._watchdog: subprocess.Popen | None = None
+        self._suspects: set[str] = set()
 
     # -- addresses ----------------------------------------------------------------------
     @property
@@ -608,11 +611,20 @@ class Rig:
                 raise RigError(f"host {name}'s old node was not declared dead within {timeout:g}s")
             time.sleep(0.5)
 
+    def suspect(self, name: str) -> None:
+        """Host ``name`` went through a fault its node may be declared dead for later (a partition: Ray's
+        reconnection backs off): :meth:`ensure_healthy` replaces it before the rig is used again."""
+        self._suspects.add(name)
+
     def ensure_healthy(self) -> None:
-        """Every link up and every worker host's node alive (restarting those that are not)."""
+        """Every link up and every worker host's node alive (restarting those that are not, and replacing
+        the suspects)."""
         for host in self.hosts.values():
             self.restore(host.name)
         _signal_all(self.s3_pids(), signal.SIGCONT)
+        for name in sorted(self._suspects):
+            self.replace_worker(name)
+            self._suspects.discard(name)
         alive = self.alive_ips()
         if self.head_ip not in alive and not self._gcs_healthy():
             raise RigError("the Ray head is down; the rig cannot recover it (its GCS state is gone)")

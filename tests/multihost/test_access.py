@@ -130,6 +130,7 @@ def test_ray_client_driver_gets_results_and_report_on_its_own_disk(healthy, tmp_
     proc = _root_harness("run", MATRIX, "--address", rig.client_address, "--storage", rig.storage_uri(),
                          "--out", out, "--only", "avx2-host", cwd=tmp_path, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, explain(proc)
+    assert len(progress_lines(proc.stderr)) == 4, explain(proc)  # each cell one plain call, reported as it ends
     from harness import results
 
     table = results.read_table(out)
