@@ -286,8 +286,9 @@ class Rig:
         try:
             self._create_network()
             self._start_watchdog()
-            self._start_s3()
+            self._spawn_s3()  # it starts while the head does
             self._start_head()
+            self._await_s3()
             self._start_workers([h for h in self.hosts.values() if h.spec is not None])
             self.say(f"up in {time.time() - self.started_at:.0f} s: head {self.head_ip}, "
                      f"{', '.join(f'{h.name} {h.ip}' for h in self.hosts.values() if h.name != 'head')}")
@@ -429,7 +430,7 @@ class Rig:
         return "\n".join(out)
 
     # -- S3 --------------------------------------------------------------------------------
-    def _start_s3(self) -> None:
+    def _spawn_s3(self) -> None:
         host = self.hosts["s3"]
         if self.s3_proxy:
             host.main = self.spawn("s3", ["moto_server", "-H", "127.0.0.1", "-p", str(S3_BACKEND_PORT)], host.log)
@@ -438,6 +439,10 @@ class Rig:
                                          "s3proxy.log"))
         else:
             host.main = self.spawn("s3", ["moto_server", "-H", host.ip, "-p", str(S3_PORT)], host.log)
+
+    def _await_s3(self) -> None:
+        """Wait until the S3 server answers, then create the rig's bucket."""
+        host = self.hosts["s3"]
         deadline = time.time() + S3_TIMEOUT_S
         while not _http_ok(f"http://{self.s3_endpoint}/", timeout=2):
             if host.main.poll() is not None:
