@@ -89,8 +89,10 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
 
 
 JOURNAL = "results.journal.jsonl"
-#: How often a run's driver publishes the cells finished since the last time (see ``Journal``).
+#: How often a run's driver publishes the cells finished since the last time (see ``Journal``),
+#: and at most how much at once.
 PUBLISH_EVERY_S = 3.0
+PUBLISH_BATCH_BYTES = 4 << 20
 
 
 class Journal:
@@ -103,10 +105,11 @@ class Journal:
     a crash). A line torn by a crash is skipped when reading.
 
     With ``publish``, the lines are also handed to ``publish(data)`` in
-    batches, from a background thread, at most every ``every_s`` seconds and
-    once more when the journal is closed (the run's driver publishes them to
-    storage: another host can resume the run from there). Appending stays one
-    list append; a batch that cannot be published is kept for the next one.
+    batches, from a background thread that reads them back from the file, at
+    most every ``every_s`` seconds and once more when the journal is closed
+    (the run's driver publishes them to storage: another host can resume the
+    run from there). Appending costs nothing more; a batch that cannot be
+    published goes with the next one.
 
     Example:
         >>> with Journal("runs/x") as journal:
@@ -126,9 +129,11 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")
         if torn:  # a crash cut the last line: start ours on a fresh one
             self._file.write("\n")
+            self._file.flush()
         self._publish = publish
-        self._pending: list[str] = []
-        self._pending_lock = threading.Lock()  # appends (driver loop) vs. taking a batch (publisher)
+        # Published up to here: the publisher reads what follows back from the file, so
+        # appending costs nothing more and memory holds one batch at most, while it is sent.
+        self._published = self.path.stat().st_size
         self._publish_lock = threading.Lock()  # one batch at a time, in order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -139,29 +144,34 @@ class Journal:
 
     def append(self, result: CellResult) -> None:
         # Non-finite numbers stay NaN/Infinity tokens here: Arrow's JSON reader takes them as doubles.
-        line = json.dumps(result.to_row(epoch=True), default=jsonable) + "\n"
-        self._file.write(line)
+        self._file.write(json.dumps(result.to_row(epoch=True), default=jsonable) + "\n")
         self._file.flush()
-        if self._publish is not None:
-            with self._pending_lock:
-                self._pending.append(line)
 
     def publish_pending(self) -> bool:
-        """Hand the lines not yet published to ``publish`` as one batch; False if it failed (they are kept)."""
+        """Hand the complete lines not yet published to ``publish``, in batches of at most about
+        ``PUBLISH_BATCH_BYTES``; False if it failed (they go with the next call)."""
         if self._publish is None:
             return True
         with self._publish_lock:
-            with self._pending_lock:
-                lines, self._pending = self._pending, []
-            if not lines:
-                return True
-            try:
-                self._publish("".join(lines).encode())
-            except Exception:  # noqa: BLE001 -- storage down: the next batch (or the run's results) carries them
-                with self._pending_lock:
-                    self._pending[:0] = lines
-                return False
-            return True
+            size = PUBLISH_BATCH_BYTES
+            while True:
+                with open(self.path, "rb") as f:
+                    f.seek(self._published)
+                    chunk = f.read(size)
+                end = chunk.rfind(b"\n") + 1  # a line being written is left for the next batch
+                if not end:
+                    if len(chunk) < size:
+                        return True
+                    size *= 2  # one line longer than a batch
+                    continue
+                try:
+                    self._publish(chunk[:end])
+                except Exception:  # noqa: BLE001 -- storage down: the next batch (or the run's results) carries them
+                    return False
+                self._published += end
+                if len(chunk) < size:
+                    return True
+                size = PUBLISH_BATCH_BYTES
 
     def _publisher(self, every_s: float) -> None:
         while not self._stop.wait(every_s):

@@ -325,3 +325,14 @@ def test_journal_batches_carry_every_line_exactly_once_in_order_whatever_fails(o
         journal.close()
     got = results.journal_table(b"".join(delivered)).column("environment").to_pylist()
     assert got == appended
+
+
+def test_journal_batches_are_bounded_and_end_on_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "PUBLISH_BATCH_BYTES", 3000)
+    calls = []
+    with results.Journal(tmp_path, publish=calls.append, every_s=3600) as journal:
+        for i in range(20):
+            journal.append(_row(f"e{i}", error="x" * (5000 if i == 7 else 10)))  # one line longer than a batch
+    assert len(calls) > 5 and all(c.endswith(b"\n") for c in calls)
+    assert all(len(c) <= 3000 for c in calls if b"x" * 5000 not in c)
+    assert results.journal_table(b"".join(calls)).column("environment").to_pylist() == [f"e{i}" for i in range(20)]
