@@ -99,9 +99,13 @@ def artifact_fetch(storage_uri: str) -> tuple[float, float]:
 
 def measure() -> dict:
     """Both runs and the rig's breakdown (see the module docstring)."""
+    import os
+
     import bench_sweep
     from drive import published, run_id_of
-    from rig import Rig
+    from rig import DUMMY_AWS, Rig
+
+    os.environ.update(DUMMY_AWS)  # this process reads from the rig's S3 (moto refuses unsigned requests)
 
     with tempfile.TemporaryDirectory(prefix="harness-bench-cluster-") as tmp:
         embedded_wall, _, _ = bench_sweep.run_harness(Path(tmp))
