@@ -16,7 +16,8 @@ and prints one JSON line::
      "actor_start_s": {"train": ..., ...},     # mean, per host: actor submitted -> TensorFlow imported
      "actors": {"train": 3, ...},               # actors each host ran
      "artifact_fetch_s": ..., "artifact_bytes": ...,   # one artifact directory through S3, mean
-     "s3_bytes_written_per_cell": ..., "s3_bytes_read_per_cell": ..., "s3_connections": ...}
+     "s3_bytes_written_per_cell": ..., "s3_bytes_read_per_cell": ...,
+     "s3_requests_per_cell": ..., "s3_connections_per_cell": ..., "s3_connections": ...}
 
 Actor start is read from Ray's task events (the dashboard's state API): from
 the submission of each actor's creation task to the end of its ``warm`` call
@@ -24,7 +25,10 @@ the submission of each actor's creation task to the end of its ``warm`` call
 import). Artifact transfer is measured after the run, from this machine through
 the same proxy: each artifact directory the run wrote, downloaded and verified
 once (``Storage.get_dir``). Bytes count everything on the wire to and from S3
-(HTTP headers included) during the run, divided by the number of cells.
+(HTTP headers included) during the run, divided by the number of cells;
+requests count S3 calls, connections the TCP connections clients opened (the
+proxy keeps them alive as S3 does, so a process that reuses its connection
+pool opens few, one that builds a new S3 client per call opens one per call).
 """
 
 from __future__ import annotations
@@ -95,9 +99,13 @@ def artifact_fetch(storage_uri: str) -> tuple[float, float]:
 
 def measure() -> dict:
     """Both runs and the rig's breakdown (see the module docstring)."""
+    import os
+
     import bench_sweep
     from drive import published, run_id_of
-    from rig import Rig
+    from rig import DUMMY_AWS, Rig
+
+    os.environ.update(DUMMY_AWS)  # this process reads from the rig's S3 (moto refuses unsigned requests)
 
     with tempfile.TemporaryDirectory(prefix="harness-bench-cluster-") as tmp:
         embedded_wall, _, _ = bench_sweep.run_harness(Path(tmp))
@@ -121,6 +129,8 @@ def measure() -> dict:
             "actors": actors, "artifact_fetch_s": round(fetch_s, 3), "artifact_bytes": round(fetch_bytes),
             "s3_bytes_written_per_cell": round((after["to_s3"] - before["to_s3"]) / cells),
             "s3_bytes_read_per_cell": round((after["from_s3"] - before["from_s3"]) / cells),
+            "s3_requests_per_cell": round((after["requests"] - before["requests"]) / cells, 1),
+            "s3_connections_per_cell": round((after["connections"] - before["connections"]) / cells, 2),
             "s3_connections": after["connections"] - before["connections"]}
 
 

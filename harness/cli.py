@@ -88,19 +88,27 @@ def cmd_run(args) -> int:
     sweep, scenarios = _load(args)
     cells = _plan(args, sweep)
     out = Path(args.out) if args.out else Path("runs") / f"{sweep.name}-latest"
+    if args.run_id and not args.resume:
+        raise UsageError(f"--run-id {args.run_id}: only with --resume (it names the run to resume from storage); "
+                         "add --resume, or drop --run-id to start a new run")
     if args.resume:
         from .run import Run
         from .storage import normalize_uri
 
-        # a foreign or unreadable run directory is refused before anything starts
-        Run.resume(out, sweep, scenarios, normalize_uri(args.storage or sweep.storage))
-    print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
-          f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
-          f"{len({c.environment for c in cells})} environments) -> {out}", file=sys.stderr)
+        # A foreign or unreadable run directory (or a run not in storage) is refused before
+        # anything starts; with --run-id, --out is rebuilt from the run's directory in storage.
+        Run.resume(out, sweep, scenarios, normalize_uri(args.storage or sweep.storage), run_id=args.run_id)
+
+    def started(run) -> None:  # the run id first: if this machine is lost, another resumes it with --run-id
+        print(f"harness: sweep {sweep.name!r}: {len(cells)} cells "
+              f"({len({c.scenario for c in cells})} scenarios x {len({c.format for c in cells})} formats x "
+              f"{len({c.environment for c in cells})} environments) -> {out} (run {run.run_id})", file=sys.stderr,
+              flush=True)
+
     try:
         result = run_sweep(sweep, scenarios, out_dir=out, address=args.address, storage=args.storage,
                            only=args.only, retrain=args.retrain, inline=args.inline, resume=args.resume,
-                           progress=_progress, verbose=args.verbose)
+                           progress=_progress, verbose=args.verbose, started=started)
     except BaseException:
         _write_partial_report(out, sweep.name)  # what finished is kept, with its report
         raise
@@ -421,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default runs/<sweep>-latest)")
     r.add_argument("--inline", action="store_true", help="no Ray: run in this process (debugging)")
     r.add_argument("--resume", action="store_true", help="keep finished cells in --out and run the rest")
+    r.add_argument("--run-id", metavar="RUN_ID",
+                   help="with --resume: resume run RUN_ID from its directory in storage (runs/RUN_ID/), from any host")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a sweep (and its scenarios) without running it")

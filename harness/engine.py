@@ -192,8 +192,8 @@ def connect(address: str, verbose: bool = False) -> bool:
         kwargs.update(address=address, runtime_env={"py_modules": [str(Path(__file__).resolve().parent)]})
     try:
         ray.init(**kwargs)
-    except Exception as exc:
-        raise RayUnavailable(f"cannot start/connect to Ray at {address!r}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # its last line says why (Ray Client puts the server's traceback in the message)
+        raise RayUnavailable(f"cannot start/connect to Ray at {address!r}: {ray_error_text(exc)}") from exc
     _local_cores = cores
     return True
 

@@ -40,9 +40,20 @@ def run_root(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
+#: A run's results and its journal segments, relative to its directory (``runs/<run_id>``).
+RESULTS = "results.parquet"
+JOURNAL = "journal"
+
+
 def results_file(run_id: str) -> str:
     """``runs/<run_id>/results.parquet``: the run's results, published next to its observations."""
-    return f"{run_root(run_id)}/results.parquet"
+    return f"{run_root(run_id)}/{RESULTS}"
+
+
+def journal_dir(run_id: str) -> str:
+    """``runs/<run_id>/journal``: finished cells published while the run goes on, one JSON-lines segment
+    per flush (``<time ns>-<random>.jsonl``, so names sort by time); removed once ``results.parquet`` is there."""
+    return f"{run_root(run_id)}/{JOURNAL}"
 
 
 def writable_probe(run_id: str) -> str:

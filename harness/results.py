@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import threading
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +20,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 # The verdict vocabulary lives with the records; re-exported here for readers of results.
+from .layout import JOURNAL as SEGMENTS, RESULTS
 from .records import EXPECTATIONS, FIELDS, NUMERIC_VERDICTS, VERDICTS, CellResult, jsonable, meets, to_json  # noqa: F401
 
 # (name, type, description) of every column, from CellResult's fields: the README's
@@ -87,6 +89,10 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> None:
 
 
 JOURNAL = "results.journal.jsonl"
+#: How often a run's driver publishes the cells finished since the last time (see ``Journal``),
+#: and at most how much at once.
+PUBLISH_EVERY_S = 3.0
+PUBLISH_BATCH_BYTES = 4 << 20
 
 
 class Journal:
@@ -98,13 +104,21 @@ class Journal:
     from the journal at the end (or by ``--resume`` / ``harness report`` after
     a crash). A line torn by a crash is skipped when reading.
 
+    With ``publish``, the lines are also handed to ``publish(data)`` in
+    batches, from a background thread that reads them back from the file, at
+    most every ``every_s`` seconds and once more when the journal is closed
+    (the run's driver publishes them to storage: another host can resume the
+    run from there). Appending costs nothing more; a batch that cannot be
+    published goes with the next one.
+
     Example:
         >>> with Journal("runs/x") as journal:
         ...     journal.append(result)
         >>> rows = Journal.read("runs/x")
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, publish: Callable[[bytes], None] | None = None,
+                 every_s: float = PUBLISH_EVERY_S):
         self.path = Path(run_dir) / JOURNAL
         self.path.parent.mkdir(parents=True, exist_ok=True)
         torn = False
@@ -115,14 +129,63 @@ class Journal:
         self._file = open(self.path, "a", encoding="utf-8")
         if torn:  # a crash cut the last line: start ours on a fresh one
             self._file.write("\n")
+            self._file.flush()
+        self._publish = publish
+        # Published up to here: the publisher reads what follows back from the file, so
+        # appending costs nothing more and memory holds one batch at most, while it is sent.
+        self._published = self.path.stat().st_size
+        self._publish_lock = threading.Lock()  # one batch at a time, in order
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if publish is not None:
+            self._thread = threading.Thread(target=self._publisher, args=(every_s,), daemon=True,
+                                            name="harness-journal-publisher")
+            self._thread.start()
 
     def append(self, result: CellResult) -> None:
         # Non-finite numbers stay NaN/Infinity tokens here: Arrow's JSON reader takes them as doubles.
         self._file.write(json.dumps(result.to_row(epoch=True), default=jsonable) + "\n")
         self._file.flush()
 
+    def publish_pending(self) -> bool:
+        """Hand the complete lines not yet published to ``publish``, in batches of at most about
+        ``PUBLISH_BATCH_BYTES``; False if it failed (they go with the next call)."""
+        if self._publish is None:
+            return True
+        with self._publish_lock:
+            size = PUBLISH_BATCH_BYTES
+            while True:
+                with open(self.path, "rb") as f:
+                    f.seek(self._published)
+                    chunk = f.read(size)
+                end = chunk.rfind(b"\n") + 1  # a line being written is left for the next batch
+                if not end:
+                    if len(chunk) < size:
+                        return True
+                    size *= 2  # one line longer than a batch
+                    continue
+                try:
+                    self._publish(chunk[:end])
+                except Exception:  # noqa: BLE001 -- storage down: the next batch (or the run's results) carries them
+                    return False
+                self._published += end
+                if len(chunk) < size:
+                    return True
+                size = PUBLISH_BATCH_BYTES
+
+    def _publisher(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.publish_pending()
+
     def close(self) -> None:
-        self._file.close()
+        """Publish what is left (with ``publish``), stop the publisher and close the file."""
+        self._stop.set()
+        try:
+            self.publish_pending()
+        finally:
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._file.close()
 
     def __enter__(self) -> "Journal":
         return self
@@ -139,41 +202,53 @@ class Journal:
         path = Path(run_dir) / JOURNAL
         if not path.exists():
             return []
-        out = []
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line torn by a crash
-                if isinstance(row, dict) and set(row) <= _NAMES and row.get("scenario") is not None:
-                    out.append(row)
-        return out
+            return _journal_rows(f)
 
     @staticmethod
     def table(run_dir: str | os.PathLike) -> pa.Table:
-        """The journal in ``run_dir`` as a results table (empty if there is none).
-
-        Arrow's JSON reader parses the whole file natively (fast, little
-        memory); a file with a line torn by a crash goes the careful
-        line-by-line way instead.
-        """
+        """The journal in ``run_dir`` as a results table (empty if there is none)."""
         path = Path(run_dir) / JOURNAL
-        if not path.exists():
-            return SCHEMA.empty_table()
-        try:
-            raw = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=64 << 20),
-                                   parse_options=pajson.ParseOptions(explicit_schema=_JOURNAL_SCHEMA,
-                                                                     unexpected_field_behavior="error"))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return to_table(Journal.read(run_dir))
-        micros = pc.cast(pc.round(pc.multiply(raw["started_at"], 1e6)), pa.int64())
-        started = pc.cast(micros, SCHEMA.field("started_at").type)
-        return raw.set_column(raw.schema.get_field_index("started_at"), SCHEMA.field("started_at"), started)
+        return journal_table(path) if path.exists() else SCHEMA.empty_table()
 
     @staticmethod
     def remove(run_dir: str | os.PathLike) -> None:
         (Path(run_dir) / JOURNAL).unlink(missing_ok=True)
+
+
+def _journal_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
+    out = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if isinstance(row, dict) and set(row) <= _NAMES and row.get("scenario") is not None:
+            out.append(row)
+    return out
+
+
+def journal_table(source: Path | bytes) -> pa.Table:
+    """Journal lines -- a journal file, or the bytes of published segments -- as a results table.
+
+    Arrow's JSON reader parses them natively (fast, little memory); lines
+    with one torn by a crash go the careful line-by-line way instead.
+    """
+    if isinstance(source, bytes) and not source.strip():
+        return SCHEMA.empty_table()
+    try:
+        raw = pajson.read_json(source if isinstance(source, Path) else pa.BufferReader(source),
+                               read_options=pajson.ReadOptions(block_size=64 << 20),
+                               parse_options=pajson.ParseOptions(explicit_schema=_JOURNAL_SCHEMA,
+                                                                 unexpected_field_behavior="error"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if isinstance(source, Path):
+            with open(source, encoding="utf-8", errors="replace") as f:
+                return to_table(_journal_rows(f))
+        return to_table(_journal_rows(source.decode(errors="replace").splitlines()))
+    micros = pc.cast(pc.round(pc.multiply(raw["started_at"], 1e6)), pa.int64())
+    started = pc.cast(micros, SCHEMA.field("started_at").type)
+    return raw.set_column(raw.schema.get_field_index("started_at"), SCHEMA.field("started_at"), started)
 
 
 def to_parquet_bytes(table: pa.Table) -> bytes:
@@ -210,6 +285,8 @@ def read_table(path: str | os.PathLike) -> pa.Table:
     parts = []
     if path.exists():
         parts.append(_as_results(lambda: pq.read_table(path), str(path)))
+    if run_dir is not None and (run_dir / SEGMENTS).is_dir():  # a run published to a local storage
+        parts.append(_segments_table(os.listdir(run_dir / SEGMENTS), lambda n: (run_dir / SEGMENTS / n).read_bytes()))
     if run_dir is not None and (run_dir / JOURNAL).exists():
         parts.append(Journal.table(run_dir))
     if not parts:
@@ -218,24 +295,53 @@ def read_table(path: str | os.PathLike) -> pa.Table:
 
 
 def _read_published(uri: str) -> pa.Table:
-    """The results table a run published in storage (``uri``: its run directory or results.parquet)."""
+    """The results table a run published in storage (``uri``: its run directory or results.parquet).
+
+    A run directory's journal segments (cells published while the run went on,
+    see :class:`Journal`) are read too, the last row of a cell winning: a run
+    still going, or whose driver died, shows what it finished.
+    """
     from .storage import Storage, StorageError
 
     base, _, query = uri.partition("?")
-    if not base.rstrip("/").endswith(".parquet"):
-        base = base.rstrip("/") + "/results.parquet"
-    st, shown = Storage.open(base + (f"?{query}" if query else "")), base
+    base = base.rstrip("/")
+    name = RESULTS
+    if base.endswith(".parquet"):
+        base, name = base.rsplit("/", 1)
+    shown = f"{base}/{name}"
     try:
-        raw = st.read_bytes("")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{shown}: no results here; pass a run directory a sweep published "
-                                "(`harness run` prints it: storage: .../runs/RUN_ID)") from None
-    except StorageError:
+        st = Storage.open(base + (f"?{query}" if query else ""))
+        parts = []
+        try:
+            raw = st.read_bytes(name)
+            parts.append(_as_results(lambda: pq.read_table(pa.BufferReader(raw)), shown))
+        except FileNotFoundError:
+            pass
+        if name == RESULTS:
+            names = st.listdir(SEGMENTS)
+            if names:
+                parts.append(_segments_table(names, lambda n: st.read_bytes(f"{SEGMENTS}/{n}")))
+    except (StorageError, ResultsError):
         raise  # already one sentence: the cause and the place
     except Exception as exc:  # noqa: BLE001 -- unreachable storage: the caller's exit code 3
         raise StorageError(f"cannot read {shown}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}") \
             from None
-    return _as_results(lambda: pq.read_table(pa.BufferReader(raw)), shown)
+    if not parts:
+        raise FileNotFoundError(f"{shown}: no results here; pass a run directory a sweep published "
+                                "(`harness run` prints it: storage: .../runs/RUN_ID)")
+    return last_row_per_cell(pa.concat_tables(parts)) if len(parts) > 1 else parts[0]
+
+
+def _segments_table(names: Iterable[str], read: Callable[[str], bytes]) -> pa.Table:
+    """A run's published journal segments (``journal/<time>-<random>.jsonl``, read in time order) as one table."""
+    chunks = []
+    for name in sorted(n for n in names if n.endswith(".jsonl")):
+        try:
+            data = read(name)
+        except FileNotFoundError:
+            continue  # removed meanwhile: its rows are in results.parquet now
+        chunks.append(data if not data or data.endswith(b"\n") else data + b"\n")
+    return journal_table(b"".join(chunks))
 
 
 def _as_results(read, shown: str) -> pa.Table:

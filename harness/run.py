@@ -24,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -133,14 +134,23 @@ class Run:
         run_dir = Path(run_dir)
         path = run_dir / RUN_FILE
         try:
-            meta = json.loads(path.read_text())
-            return cls(run_dir, meta["run_id"], meta["sweep"], meta["source"], meta.get("plan") or "",
-                       meta.get("storage") or "", tuple(meta.get("scenario_paths") or ()))
+            return cls.parse(run_dir, path.read_bytes())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no run here; pass a run directory written by `harness run`") from None
         except (OSError, ValueError, KeyError, TypeError):
             raise RunDirError(f"{path}: unreadable or not written by `harness run`; run the sweep again "
                               "into a fresh --out") from None
+
+    @classmethod
+    def parse(cls, run_dir: str | Path, raw: bytes) -> "Run":
+        """The run a ``run.json``'s bytes record, in ``run_dir``.
+
+        Raises:
+            ValueError, KeyError, TypeError: not a run.json.
+        """
+        meta = json.loads(raw)
+        return cls(Path(run_dir), meta["run_id"], meta["sweep"], meta["source"], meta.get("plan") or "",
+                   meta.get("storage") or "", tuple(meta.get("scenario_paths") or ()))
 
     def save(self) -> None:
         """Write ``run.json`` (atomically)."""
@@ -151,17 +161,24 @@ class Run:
 
     @classmethod
     def resume(cls, run_dir: str | Path, sweep: Sweep, scenarios: Mapping[str, Scenario], storage: str, *,
-               scenario_paths: Iterable[str] = ()) -> tuple["Run", pa.Table]:
+               scenario_paths: Iterable[str] = (), run_id: str | None = None) -> tuple["Run", pa.Table]:
         """The run in ``run_dir`` to go on with (same id), and the finished cells ``--resume`` keeps.
 
-        A directory with no run yet gives a new run and an empty table.
+        A directory with no run yet gives a new run and an empty table. With
+        ``run_id``, the run is first rebuilt in ``run_dir`` from its directory
+        in ``storage`` (:meth:`fetch`): a driver on another host resumes it.
 
         Raises:
             RunDirError: the directory holds another sweep's run, a run planned
-                from another version of this sweep (or its scenarios), or an unreadable run.json.
+                from another version of this sweep (or its scenarios), or an
+                unreadable run.json; with ``run_id``: no such run in storage, or
+                ``run_dir`` holds another run.
             results.ResultsError: its results file is not one.
         """
         run_dir = Path(run_dir)
+        fresh = cls.create(run_dir, sweep, scenarios, storage, scenario_paths=scenario_paths)
+        if run_id is not None:
+            cls.fetch(run_dir, storage, run_id, expect=fresh)
         fix = "use another --out, or run without --resume to start afresh there"
         try:
             stored = results.read_table(run_dir)
@@ -173,17 +190,89 @@ class Run:
             previous = None
         except RunDirError:
             raise RunDirError(f"{run_dir / RUN_FILE}: unreadable; {fix}") from None
-        sweeps = ({previous.sweep} if previous else set()) | (set(stored.column("sweep").to_pylist()) - {None})
-        if sweeps and sweeps != {sweep.name}:
-            raise RunDirError(f"{run_dir}: --resume: it holds a run of sweep {', '.join(map(repr, sorted(sweeps)))}, "
-                              f"not {sweep.name!r}; {fix}")
-        fresh = cls.create(run_dir, sweep, scenarios, storage, scenario_paths=scenario_paths)
-        if previous is not None and previous.plan and previous.plan != fresh.plan:
-            raise RunDirError(f"{run_dir}: --resume: its run {previous.run_id!r} was planned from another version "
-                              f"of sweep {sweep.name!r} (scenarios, environments, tolerances or expectations "
-                              f"changed); {fix}")
+        fresh.refuse_other(str(run_dir), previous, stored, fix)
         run_id = previous.run_id if previous else (stored["run_id"][0].as_py() if stored.num_rows else None)
         return dataclasses.replace(fresh, run_id=run_id or fresh.run_id), stored
+
+    def refuse_other(self, where: str, previous: "Run | None", stored: pa.Table, fix: str) -> None:
+        """Refuse to go on with ``previous`` (and its rows ``stored``) as this run: another sweep, or another plan.
+
+        Raises:
+            RunDirError: naming ``where``, what differs, and ``fix``.
+        """
+        sweeps = ({previous.sweep} if previous else set()) | (set(stored.column("sweep").to_pylist()) - {None})
+        if sweeps and sweeps != {self.sweep}:
+            raise RunDirError(f"{where}: --resume: it holds a run of sweep {', '.join(map(repr, sorted(sweeps)))}, "
+                              f"not {self.sweep!r}; {fix}")
+        if previous is not None and previous.plan and previous.plan != self.plan:
+            raise RunDirError(f"{where}: --resume: its run {previous.run_id!r} was planned from another version "
+                              f"of sweep {self.sweep!r} (scenarios, environments, tolerances or expectations "
+                              f"changed); {fix}")
+
+    @classmethod
+    def fetch(cls, run_dir: str | Path, storage: str, run_id: str, expect: "Run | None" = None) -> None:
+        """Rebuild ``run_dir`` from run ``run_id`` as published in ``storage`` (``runs/<run_id>/``).
+
+        Writes ``run_dir/run.json`` and ``run_dir/results.parquet`` with the rows
+        the run published (its ``results.parquet`` and journal segments) and
+        any ``run_dir`` already holds of the same run, the last row of a cell
+        winning. Nothing is written unless every check passes.
+
+        Args:
+            expect: the run about to go on (the sweep as it is now): a stored run
+                of another sweep or plan is refused, as ``--resume`` refuses a directory.
+
+        Raises:
+            RunDirError: no such run in storage, its run.json is unreadable, it
+                does not match ``expect``, or ``run_dir`` holds another run.
+            harness.storage.StorageError: the storage cannot be read.
+            results.ResultsError: a published results file is not one.
+        """
+        from .storage import Storage
+
+        run_dir = Path(run_dir)
+        st = Storage.open(storage)
+        root = layout.run_root(run_id)
+        where = st.name_of(root)
+        try:
+            raw = st.read_bytes(f"{root}/{RUN_FILE}")
+        except FileNotFoundError:
+            raise RunDirError(f"{where}: no run {run_id!r} in this storage (no {RUN_FILE}); check --run-id and "
+                              "--storage (`harness run` prints the run as storage: .../runs/RUN_ID)") from None
+        try:
+            stored_run = cls.parse(run_dir, raw)
+        except (ValueError, KeyError, TypeError):
+            raise RunDirError(f"{where}/{RUN_FILE}: unreadable or not written by `harness run`; resume another "
+                              "run, or run the sweep afresh") from None
+        if stored_run.run_id != run_id:
+            raise RunDirError(f"{where}/{RUN_FILE}: names run {stored_run.run_id!r}, not {run_id!r}; the storage "
+                              "was changed by hand: run the sweep afresh")
+        try:
+            published = results.read_table(st.uri_of(root))
+        except FileNotFoundError:
+            published = results.SCHEMA.empty_table()
+        if expect is not None:
+            expect.refuse_other(where, stored_run, published,
+                                "resume it with the sweep file it was run from, or run the sweep afresh")
+        try:
+            local = cls.load(run_dir)
+        except FileNotFoundError:
+            local = None
+        except RunDirError:
+            raise RunDirError(f"{run_dir / RUN_FILE}: unreadable; use another --out to resume run {run_id!r} "
+                              "into") from None
+        if local is not None and local.run_id != run_id:
+            raise RunDirError(f"{run_dir}: --resume --run-id {run_id}: it holds run {local.run_id!r}; use another "
+                              "--out (an empty or new directory)")
+        try:
+            mine = results.read_table(run_dir)
+        except FileNotFoundError:
+            mine = results.SCHEMA.empty_table()
+        table = results.last_row_per_cell(pa.concat_tables([published, mine]))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if local is None:
+            write_file(run_dir / RUN_FILE, raw)
+        results.write_table(table, run_dir / layout.RESULTS)
 
     def check(self, sweep: Sweep, scenarios: Mapping[str, Scenario]) -> None:
         """Refuse ``sweep`` unless it is the one this run was planned from (``explain`` re-runs cells of it).
@@ -242,6 +331,29 @@ class Run:
             st.write_bytes(rel, data)
             written[name] = st.uri_of(rel)
         return written
+
+    def publish_journal(self, data: bytes) -> None:
+        """Publish journal lines (cells finished since the last time) as a new segment in ``runs/<run_id>/journal/``.
+
+        Raises:
+            harness.storage.StorageError: the segment could not be written.
+        """
+        from .storage import Storage
+
+        name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.jsonl"  # names sort by time
+        Storage.open(self.storage).write_bytes(f"{layout.journal_dir(self.run_id)}/{name}", data)
+
+    def remove_journal(self) -> None:
+        """Remove the published journal segments (once ``results.parquet`` in storage holds every row).
+
+        Best effort: a segment left behind only repeats rows of ``results.parquet``.
+        """
+        from .storage import Storage
+
+        try:
+            Storage.open(self.storage).delete(layout.journal_dir(self.run_id))
+        except Exception:  # noqa: BLE001 -- see above
+            pass
 
     # -- results ---------------------------------------------------------------------------------
     def ordered(self, table: pa.Table, sweep: Sweep) -> pa.Table:

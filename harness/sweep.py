@@ -9,14 +9,16 @@ the ``Collector`` and appended to the run journal (one line, O(1)) -> the
 final ``results.parquet`` is written once, from the journal, at the end.
 
 A crash or SIGKILL loses no finished cell: ``--resume`` (or ``harness report``)
-rebuilds the table from the journal. ``execute`` runs any cells of a run --
+rebuilds the table from the journal. The run's ``run.json`` is in storage from
+the start and the journal's lines follow in batches every few seconds
+(``runs/<run_id>/journal/``), so a driver on another host resumes the run from
+storage alone (``--resume --run-id``). ``execute`` runs any cells of a run --
 the sweep's, or the derived cells ``harness explain`` adds -- and is the one
 way into the engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -182,7 +184,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
               address: str = "local", storage: str | None = None, only: Iterable[str] = (),
               retrain: bool = False, inline: bool = False, resume: bool = False,
               progress: Progress | None = None, run_id: str | None = None, verbose: bool = False,
-              worker_cls: type | None = None) -> RunResult:
+              worker_cls: type | None = None, started: Callable[[Run], None] | None = None) -> RunResult:
     """Run every cell of ``sweep`` and write ``out_dir/results.parquet``.
 
     Args:
@@ -199,7 +201,12 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
             an ``error`` verdict saying so.
         resume: keep the cells an earlier run finished in ``out_dir`` and run
             only the missing ones, under the same run id.
+        run_id: with ``resume``, the run to resume from its directory in
+            storage, ``runs/<run_id>/`` (``out_dir`` is rebuilt from it: see
+            ``Run.fetch``); without, the id of the new run.
         progress: called as ``progress(done, total, result)`` after each cell.
+        started: called as ``started(run)`` once the run is recorded (in ``out_dir``
+            and in storage), before any cell runs.
         worker_cls: the actor body (benchmarks replace TensorFlow work with it).
 
     Returns:
@@ -208,7 +215,8 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
 
     Raises:
         engine.RayUnavailable: Ray could not be started or reached.
-        run.RunDirError: ``resume`` and ``out_dir`` holds another sweep's or plan's run.
+        run.RunDirError: ``resume`` and ``out_dir`` holds another sweep's or plan's run
+            (or, with ``run_id``, storage holds no such run, or another sweep's or plan's).
     """
     from .storage import RunLease, StorageError, normalize_uri
 
@@ -218,20 +226,24 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     storage_uri = normalize_uri(storage or sweep.storage)
     dirs = scenario_dirs(sweep, scenarios)
     if resume:
-        run, previous = Run.resume(run_dir, sweep, scenarios, storage_uri, scenario_paths=dirs)
+        run, previous = Run.resume(run_dir, sweep, scenarios, storage_uri, scenario_paths=dirs, run_id=run_id)
     else:
-        run, previous = Run.create(run_dir, sweep, scenarios, storage_uri, scenario_paths=dirs), None
+        run, previous = Run.create(run_dir, sweep, scenarios, storage_uri, scenario_paths=dirs, run_id=run_id), None
         results.Journal.remove(run_dir)  # a fresh run never mixes in an old journal
     if previous is None:
         previous = results.SCHEMA.empty_table()
-    if run_id:
-        run = dataclasses.replace(run, run_id=run_id)
     cells = plan(sweep, only)
     check_storage(storage_uri, run)
     run.save()
+    # In storage from the start, and each finished cell within seconds (the journal's
+    # segments): a driver on another host can resume the run with --run-id.
+    run.publish({RUN_FILE: (run_dir / RUN_FILE).read_bytes()})
+    if started is not None:
+        started(run)
     done = set(zip(*(previous.column(c).to_pylist() for c in results.KEY_COLUMNS)))
     todo = [c for c in cells if c.key not in done]
-    with results.Journal(run_dir) as journal, RunLease(storage_uri, run.run_id):  # gc honours the lease
+    with results.Journal(run_dir, publish=run.publish_journal) as journal, \
+            RunLease(storage_uri, run.run_id):  # gc honours the lease
         collector = Collector(sweep, run.run_id, journal, total=len(cells), progress=progress,
                               done=[c.name for c in cells if c.key in done])
         try:
@@ -247,6 +259,7 @@ def run_sweep(sweep: Sweep, scenarios: Mapping[str, Scenario], *, out_dir: str |
     try:
         uri = run.publish({"results.parquet": results.to_parquet_bytes(table),
                            RUN_FILE: (run_dir / RUN_FILE).read_bytes()})["results.parquet"]
+        run.remove_journal()  # every row is in results.parquet now
     except StorageError as exc:  # one sentence that starts with the cause and the place
         collector.harness_failed(f"{exc}; the results are in {run.results_file}")
     except Exception as exc:

@@ -735,6 +735,92 @@ def test_sigkill_of_the_driver_then_resume_loses_nothing(store, tmp_path):
     assert not (out / results.JOURNAL).exists()  # folded into results.parquet
 
 
+def test_sigkill_of_the_driver_then_resume_from_storage_alone_in_another_directory(s3_server, tmp_path):
+    """The driver's directory is gone with its host: ``--resume --run-id`` rebuilds the run from storage."""
+    import signal
+    import time
+
+    from s3_helpers import DUMMY_AWS_ENV
+
+    s3_server.make_bucket("cli-resume")
+    storage = s3_server.uri("cli-resume", "store")
+    gate = tmp_path / "gate"  # test-slow-build's build() waits for gate/all: in --inline, its training waits
+    gate.mkdir()
+    sweep = write_sweep(tmp_path, "kill.yaml", {
+        "name": "cli-kill-storage", "storage": storage, "scenario_paths": [str(REPO / "tests" / "scenarios")],
+        "scenarios": ["seed-linear-regression", "test-slow-build"], "formats": ["weights"],
+        "environments": {"cpu-default": {"expect": "bitwise"}}})
+    env = {**_env(), **DUMMY_AWS_ENV, "HARNESS_TEST_BUILD_GATE": str(gate)}
+    log = tmp_path / "first.log"
+    with open(log, "w") as err:
+        driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(sweep), "--inline", "--out",
+                                   str(tmp_path / "first")], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=err, text=True, start_new_session=True)
+    base, query = storage.split("?", 1)
+    run_id = published = None
+    try:
+        deadline = time.time() + RUN_TIMEOUT
+        while time.time() < deadline and driver.poll() is None:
+            found = re.search(r"\(run (\S+)\)$", log.read_text(), re.M)
+            if found:
+                run_id = found.group(1)
+                try:  # the finished cell is in storage within seconds, not at the end of the run
+                    published = results.read_table(f"{base}/runs/{run_id}?{query}")
+                except FileNotFoundError:
+                    pass
+                if published is not None and published.num_rows == 1:
+                    break
+            time.sleep(0.2)
+        assert driver.poll() is None, log.read_text()
+        assert run_id and published is not None and published.num_rows == 1, log.read_text()
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    before = published.to_pylist()[0]
+    assert (before["scenario"], before["verdict"]) == ("seed-linear-regression", "bitwise")
+
+    (gate / "all").write_text("go")
+    second = tmp_path / "second"
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(sweep), "--inline", "--resume",
+                           "--run-id", run_id, "--out", str(second)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, explain(proc)
+    assert [m.group(0) for m in progress(proc.stderr).values()] == \
+        ["[2/2] test-slow-build/weights @ cpu-default: bitwise"], explain(proc)  # the other cell is kept
+    rows = rows_by_cell(second)
+    assert len(rows) == 2 and {r["run_id"] for r in rows.values()} == {run_id}
+    kept = rows[("seed-linear-regression", "weights", "cpu-default")]
+    assert kept["started_at"] == before["started_at"] and kept["observation_uri"] == before["observation_uri"]
+    assert f"storage: {base}/runs/{run_id}" in proc.stdout
+    final = results.read_table(f"{base}/runs/{run_id}?{query}")
+    assert final.num_rows == 2 and set(final.column("run_id").to_pylist()) == {run_id}
+    from harness.storage import Storage
+
+    assert Storage.open(storage).listdir(f"runs/{run_id}/journal") == []  # folded into results.parquet
+
+
+def test_resume_from_storage_refuses_what_it_cannot_resume(store, good_run, tmp_path):
+    _, good_out = good_run
+    sweep = write_sweep(tmp_path, "good.yaml", linear_sweep("cli-good", store, GOOD_ENVS, formats=("keras", "h5")))
+    out = tmp_path / "out"
+    proc = run_cli("run", sweep, "--run-id", "20260101T000000Z-abcdef", "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, "--run-id 20260101T000000Z-abcdef: only with --resume")
+    proc = run_cli("run", sweep, "--resume", "--run-id", "20260101T000000Z-abcdef", "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, f"{store}/runs/20260101T000000Z-abcdef: no run '20260101T000000Z-abcdef'",
+                          "check --run-id and --storage")
+    run_id = json.loads((good_out / "run.json").read_text())["run_id"]
+    other = write_sweep(tmp_path, "other.yaml", linear_sweep("cli-other", store, GOOD_ENVS))
+    proc = run_cli("run", other, "--resume", "--run-id", run_id, "--out", out, cwd=tmp_path)
+    assert_one_line_error(proc, f"runs/{run_id}: --resume: it holds a run of sweep 'cli-good', not 'cli-other'")
+    proc = run_cli("run", sweep, "--resume", "--run-id", run_id, "--out", good_out.parent / "elsewhere",
+                   "--only", "nope", cwd=tmp_path)
+    assert proc.returncode == 2 and not out.exists() and not (good_out.parent / "elsewhere").exists(), explain(proc)
+
+
 # -- 10. failures of the harness itself: exit 3, one line; foreign run directories: exit 2 ---------------
 def _unusable_storage(kind: str, tmp_path: Path, request) -> str:
     if kind == "a-file":

@@ -181,3 +181,158 @@ def test_derived_cells_are_reused_only_while_their_environment_is_unchanged(tmp_
     run.record_derived_environments([env])
     assert [c.environment for c in run.derived_cells([env])] == ["cpu.only-threads"]
     assert run.derived_cells([env.derive(env.name, threads=2)]) == []  # derived differently now: run again
+
+
+# -- resuming from storage: run.json and the journal's segments in runs/<id>/ ---------------------
+def _published_run(store, rows_per_segment: list[list[str]], with_results: list[str] = ()) -> Run:
+    """A run whose driver died: run.json and journal segments in ``store`` (rows by environment), no driver dir."""
+    run = Run.create(store / "driver-gone", sweep(), scenarios(), str(store))
+    run.save()
+    run.publish({"run.json": (run.run_dir / "run.json").read_bytes()})
+    if with_results:
+        run.publish({"results.parquet": results.to_parquet_bytes(
+            results.to_table([_row(e, run_id=run.run_id) for e in with_results]))})
+    for envs in rows_per_segment:
+        lines = [json.dumps(_row(e, run_id=run.run_id, started_at=1.5).to_row(epoch=True)) + "\n" for e in envs]
+        run.publish_journal("".join(lines).encode())
+    return run
+
+
+def test_fetch_rebuilds_the_run_directory_from_storage(tmp_path):
+    store = tmp_path / "store"
+    run = _published_run(store, [["cpu"], ["xla"]])
+    assert len(list((store / layout.journal_dir(run.run_id)).glob("*.jsonl"))) == 2
+    assert results.read_table(store / layout.run_root(run.run_id)).num_rows == 2  # a published run, read as it is
+    out = tmp_path / "elsewhere"
+    again, stored = Run.resume(out, sweep(), scenarios(), str(store), run_id=run.run_id)
+    assert again.run_id == run.run_id and again.run_dir == out and again.storage == str(store)
+    assert sorted(stored.column("environment").to_pylist()) == ["cpu", "xla"]
+    assert Run.load(out).run_id == run.run_id and results.read_table(out).num_rows == 2
+
+
+def test_fetch_merges_published_results_segments_and_the_local_directory(tmp_path):
+    store = tmp_path / "store"
+    run = _published_run(store, [["xla"]], with_results=["cpu"])
+    out = tmp_path / "out"
+    Run.fetch(out, str(store), run.run_id)
+    with results.Journal(out) as journal:  # a cell this directory finished after the storage's copy of it
+        journal.append(_row("cpu", verdict="mismatch", run_id=run.run_id))
+    Run.fetch(out, str(store), run.run_id)
+    table = results.read_table(out)
+    by_env = dict(zip(table.column("environment").to_pylist(), table.column("verdict").to_pylist()))
+    assert by_env == {"cpu": "mismatch", "xla": "bitwise"}
+
+
+def test_fetch_refuses_what_it_cannot_resume_and_writes_nothing(tmp_path):
+    store = tmp_path / "store"
+    run = _published_run(store, [["cpu"]])
+    out = tmp_path / "out"
+    with pytest.raises(RunDirError, match=r"no run 'nope' in this storage .*check --run-id and --storage"):
+        Run.resume(out, sweep(), scenarios(), str(store), run_id="nope")
+    with pytest.raises(RunDirError, match="planned from another version of sweep 'plan'"):
+        Run.resume(out, sweep(**{"environments.cpu.threads": 4}), scenarios(), str(store), run_id=run.run_id)
+    with pytest.raises(RunDirError, match="it holds a run of sweep 'plan', not 'other'"):
+        Run.resume(out, sweep(name="other"), scenarios(), str(store), run_id=run.run_id)
+    assert not out.exists()
+    other = Run.create(out, sweep(), scenarios(), str(store))
+    other.save()
+    with pytest.raises(RunDirError, match=rf"it holds run '{other.run_id}'; use another --out"):
+        Run.resume(out, sweep(), scenarios(), str(store), run_id=run.run_id)
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"] and Run.load(out).run_id == other.run_id
+    (store / layout.run_root(run.run_id) / "run.json").write_text("{not json")
+    with pytest.raises(RunDirError, match="run.json: unreadable"):
+        Run.resume(tmp_path / "fresh", sweep(), scenarios(), str(store), run_id=run.run_id)
+
+
+def test_published_segments_are_read_from_s3_and_removed_once_the_results_are_there(s3_server, tmp_path):
+    s3_server.make_bucket("harness-run")
+    uri = s3_server.uri("harness-run", f"fetch-{tmp_path.name}")
+    run = Run.create(tmp_path / "driver", sweep(), scenarios(), uri)
+    run.save()
+    run.publish({"run.json": (run.run_dir / "run.json").read_bytes()})
+    run.publish_journal((json.dumps(_row("cpu", run_id=run.run_id).to_row(epoch=True)) + "\n").encode())
+    run.publish_journal(json.dumps(_row("xla", run_id=run.run_id).to_row(epoch=True)).encode())  # no last newline
+    base, query = uri.split("?", 1)
+    published = f"{base}/runs/{run.run_id}?{query}"
+    assert sorted(results.read_table(published).column("environment").to_pylist()) == ["cpu", "xla"]
+    Run.fetch(tmp_path / "out", uri, run.run_id)
+    assert results.read_table(tmp_path / "out").num_rows == 2
+    run.publish({"results.parquet": results.to_parquet_bytes(results.read_table(tmp_path / "out"))})
+    run.remove_journal()
+    from harness.storage import Storage
+
+    assert Storage.open(uri).listdir(layout.journal_dir(run.run_id)) == []
+    assert results.read_table(published).num_rows == 2
+
+
+# -- the journal's lines, published in batches ----------------------------------------------------
+def test_journal_publishes_in_batches_from_a_thread_and_the_rest_when_closed(tmp_path):
+    import threading
+
+    batches: list[bytes] = []
+    first = threading.Event()
+
+    def publish(data: bytes) -> None:
+        batches.append(data)
+        first.set()
+
+    journal = results.Journal(tmp_path, publish=publish, every_s=0.05)
+    try:
+        for env in ("cpu", "xla"):
+            journal.append(_row(env))
+        assert first.wait(30), "the publisher thread never published"
+        journal.append(_row("late"))
+    finally:
+        journal.close()
+    published = results.journal_table(b"".join(batches))
+    assert published.column("environment").to_pylist() == ["cpu", "xla", "late"]  # each once, in order
+    assert results.Journal.table(tmp_path).column("environment").to_pylist() == ["cpu", "xla", "late"]
+
+
+def test_journal_publishing_costs_one_call_per_batch_not_per_cell(tmp_path):
+    calls = []
+    with results.Journal(tmp_path, publish=calls.append, every_s=3600) as journal:
+        for i in range(2000):
+            journal.append(_row(f"e{i}"))
+    assert len(calls) == 1 and results.journal_table(calls[0]).num_rows == 2000
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["append", "publish", "fail"]), max_size=30))
+def test_journal_batches_carry_every_line_exactly_once_in_order_whatever_fails(ops):
+    import tempfile
+
+    delivered: list[bytes] = []
+    failing = [False]
+
+    def publish(data: bytes) -> None:
+        if failing[0]:
+            raise OSError("storage down")
+        delivered.append(data)
+
+    appended = []
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = results.Journal(tmp, publish=publish, every_s=3600)
+        for op in ops:
+            if op == "append":
+                appended.append(f"e{len(appended)}")
+                journal.append(_row(appended[-1]))
+            else:
+                failing[0] = op == "fail"
+                done = journal.publish_pending()
+                assert done or failing[0]
+        failing[0] = False
+        journal.close()
+    got = results.journal_table(b"".join(delivered)).column("environment").to_pylist()
+    assert got == appended
+
+
+def test_journal_batches_are_bounded_and_end_on_whole_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "PUBLISH_BATCH_BYTES", 3000)
+    calls = []
+    with results.Journal(tmp_path, publish=calls.append, every_s=3600) as journal:
+        for i in range(20):
+            journal.append(_row(f"e{i}", error="x" * (5000 if i == 7 else 10)))  # one line longer than a batch
+    assert len(calls) > 5 and all(c.endswith(b"\n") for c in calls)
+    assert all(len(c) <= 3000 for c in calls if b"x" * 5000 not in c)
+    assert results.journal_table(b"".join(calls)).column("environment").to_pylist() == [f"e{i}" for i in range(20)]

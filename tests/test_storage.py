@@ -442,6 +442,82 @@ def test_bad_uri_is_storage_error(uri):
         Storage.open(uri)
 
 
+# ---------------------------------------------------------------- one object-store filesystem per process
+
+_OPTS = "?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1"
+
+
+@given(st_.lists(st_.sampled_from(["a", "b b", "%20", "x.y", "", "ü"]), max_size=4), st_.booleans())
+def test_resolve_gives_pyarrows_own_path_with_a_shared_filesystem(segments, trailing):
+    from urllib.parse import quote
+
+    uri = f"s3://bkt/{'/'.join(quote(s) for s in segments)}{'/' if trailing else ''}{_OPTS}"
+    fs, path = resolve(uri)
+    assert path == pafs.FileSystem.from_uri(uri)[1]
+    assert fs is resolve(f"s3://bkt/elsewhere{_OPTS}")[0]  # one per bucket and options, whatever the path
+
+
+def test_filesystems_differ_by_bucket_options_and_credentials(monkeypatch):
+    fs = resolve(f"s3://bkt/p{_OPTS}")[0]
+    assert resolve(f"s3://other/p{_OPTS}")[0] is not fs
+    assert resolve(f"s3://bkt/p{_OPTS.replace(':1', ':2')}")[0] is not fs
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    assert resolve(f"s3://bkt/p{_OPTS}")[0] is not fs
+    monkeypatch.undo()
+    assert resolve(f"s3://bkt/p{_OPTS}")[0] is fs
+    storage_mod.forget_filesystems()
+    assert resolve(f"s3://bkt/p{_OPTS}")[0] is not fs
+
+
+def test_threads_opening_the_same_storage_share_one_filesystem():
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage_mod.forget_filesystems()
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda i: Storage.open(f"s3://threads/p{i}{_OPTS}").fs, range(32)))
+    assert len({id(fs) for fs in found}) == 1
+
+
+def test_storage_calls_reuse_connections(s3_server, tmp_path):
+    """Each Storage.open used to build its own S3 client and connection pool: a new connection per call."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from s3_helpers import free_port
+
+    s3_server.make_bucket(BUCKET)
+    listen, stats = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parent / "multihost" / "s3proxy.py"), listen,
+                              s3_server.endpoint, stats])
+    try:
+        def counts() -> dict:
+            with urllib.request.urlopen(f"http://{stats}/", timeout=5) as resp:
+                return json.loads(resp.read())
+
+        deadline = time.time() + 30
+        while True:
+            try:
+                counts()
+                break
+            except OSError:
+                assert proxy.poll() is None and time.time() < deadline, "the counting proxy did not start"
+                time.sleep(0.1)
+        uri = f"s3://{BUCKET}/conn-{uuid.uuid4().hex[:8]}?endpoint_override={listen}&scheme=http&region=us-east-1"
+        storage_mod.forget_filesystems()
+        for i in range(20):
+            st = Storage.open(uri)  # as each replay, training step and publication does
+            st.write_bytes(f"f{i}", b"x")
+            assert st.read_bytes(f"f{i}") == b"x" and st.exists(f"f{i}")
+        seen = counts()
+        # The proxy keeps client connections alive as S3 does: one pool, reused (a new one per open made 20).
+        assert seen["requests"] >= 60 and seen["connections"] <= 2, seen
+    finally:
+        proxy.kill()
+        proxy.wait(timeout=10)
+
+
 def test_manifest_is_json_with_sorted_files(store, tmp_path):
     pub = store.publish_dir(make_dir(tmp_path / "src", FILES), "art/j")
     raw = store.read_bytes(f"{pub.path}/{MANIFEST}")

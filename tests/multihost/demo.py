@@ -45,7 +45,8 @@ def hosts_table(table, rig: Rig) -> str:
 
 
 def main() -> int:
-    env = {**os.environ, **DUMMY_AWS, "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(DUMMY_AWS)  # this process reads the run back from the rig's S3 (moto refuses unsigned requests)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     started = time.time()
     try:

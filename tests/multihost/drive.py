@@ -20,6 +20,7 @@ MATRIX = REPO / "tests" / "multihost" / "matrix.yaml"
 TEST_SCENARIOS = REPO / "tests" / "scenarios"
 PROGRESS = re.compile(r"^\[\s*(\d+)/(\d+)\] (\S+)/(\S+) @ (\S+): (\w+)", re.M)
 STORAGE_LINE = re.compile(r"^storage: (\S+)/runs/(\S+)$", re.M)
+RUN_LINE = re.compile(r"^harness: sweep .* \(run (\S+)\)$", re.M)  # the first line: the run id, before any cell
 
 
 def harness(rig: Rig, host: str, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:

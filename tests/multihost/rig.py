@@ -70,9 +70,11 @@ DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
              "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 # A node that stops answering is declared dead after ~10-20 s (Ray's default is ~60 s):
 # quick enough for fault tests, slow enough that a busy 2-core machine is not a dead node.
+# The head's Ray Client server gives a client's own server process 30 s to answer by default: not
+# always enough for a Python process importing Ray on a busy 2-core machine running four hosts.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_health_check_initial_delay_ms": "2000",
            "RAY_health_check_period_ms": "2000", "RAY_health_check_timeout_ms": "5000",
-           "RAY_health_check_failure_threshold": "5"}
+           "RAY_health_check_failure_threshold": "5", "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
 
 START_ATTEMPTS = 3
 HEAD_TIMEOUT_S = 90.0
@@ -228,6 +230,7 @@ class Rig:
         self.subnet: ipaddress.IPv4Network | None = None
         self.started_at = time.time()
         self._watchdog: subprocess.Popen | None = None
+        self._suspects: set[str] = set()
 
     # -- addresses ----------------------------------------------------------------------
     @property
@@ -283,8 +286,9 @@ class Rig:
         try:
             self._create_network()
             self._start_watchdog()
-            self._start_s3()
+            self._spawn_s3()  # it starts while the head does
             self._start_head()
+            self._await_s3()
             self._start_workers([h for h in self.hosts.values() if h.spec is not None])
             self.say(f"up in {time.time() - self.started_at:.0f} s: head {self.head_ip}, "
                      f"{', '.join(f'{h.name} {h.ip}' for h in self.hosts.values() if h.name != 'head')}")
@@ -426,7 +430,7 @@ class Rig:
         return "\n".join(out)
 
     # -- S3 --------------------------------------------------------------------------------
-    def _start_s3(self) -> None:
+    def _spawn_s3(self) -> None:
         host = self.hosts["s3"]
         if self.s3_proxy:
             host.main = self.spawn("s3", ["moto_server", "-H", "127.0.0.1", "-p", str(S3_BACKEND_PORT)], host.log)
@@ -435,6 +439,10 @@ class Rig:
                                          "s3proxy.log"))
         else:
             host.main = self.spawn("s3", ["moto_server", "-H", host.ip, "-p", str(S3_PORT)], host.log)
+
+    def _await_s3(self) -> None:
+        """Wait until the S3 server answers, then create the rig's bucket."""
+        host = self.hosts["s3"]
         deadline = time.time() + S3_TIMEOUT_S
         while not _http_ok(f"http://{self.s3_endpoint}/", timeout=2):
             if host.main.poll() is not None:
@@ -608,11 +616,20 @@ class Rig:
                 raise RigError(f"host {name}'s old node was not declared dead within {timeout:g}s")
             time.sleep(0.5)
 
+    def suspect(self, name: str) -> None:
+        """Host ``name`` went through a fault its node may be declared dead for later (a partition: Ray's
+        reconnection backs off): :meth:`ensure_healthy` replaces it before the rig is used again."""
+        self._suspects.add(name)
+
     def ensure_healthy(self) -> None:
-        """Every link up and every worker host's node alive (restarting those that are not)."""
+        """Every link up and every worker host's node alive (restarting those that are not, and replacing
+        the suspects)."""
         for host in self.hosts.values():
             self.restore(host.name)
         _signal_all(self.s3_pids(), signal.SIGCONT)
+        for name in sorted(self._suspects):
+            self.replace_worker(name)
+            self._suspects.discard(name)
         alive = self.alive_ips()
         if self.head_ip not in alive and not self._gcs_healthy():
             raise RigError("the Ray head is down; the rig cannot recover it (its GCS state is gone)")

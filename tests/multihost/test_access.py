@@ -1,7 +1,7 @@
 """Every way to reach a cluster, on hosts that share no disk (the multi-host rig).
 
-* ``harness run --address auto`` from a node of the cluster (the head host);
-* ``ray job submit`` from another machine (this, the root, namespace): the run
+* ``ray job submit`` from another machine (this, the root, namespace): the driver
+  runs on the head, a node of the cluster, with ``--address auto``; the run
   directory lands in storage and ``harness report s3://.../runs/RUN_ID`` works here;
 * ``harness run --address ray://HEAD:10001`` (Ray Client) from this machine;
 * a storage path only the driver can see is refused before anything runs (exit 2).
@@ -59,22 +59,27 @@ def test_hosts_share_no_local_disk(healthy):
     assert rig.run("train", ["sh", "-c", gcs_log], timeout=30).returncode != 0
 
 
-# -- harness run --address auto, on the head host ----------------------------------------------
+# -- ray job submit from this machine: the driver runs on the head, --address auto ----------------
 @pytest.fixture(scope="module")
-def auto_run(rig):
-    """The rig's matrix sweep driven from the head host; (process, run id, published rows, host -> node id)."""
+def job_run(rig, tmp_path_factory):
+    """The rig's matrix sweep submitted from this machine with ``ray job submit``: its driver runs on the
+    head (a node of the cluster) with ``--address auto``. (process, run id, published rows, host -> node id)."""
     rig.ensure_healthy()
-    proc = harness(rig, "head", "run", MATRIX, "--address", "auto", "--storage", rig.storage_uri(),
-                   "--out", "/tmp/home/run-auto", timeout=RUN_TIMEOUT)
+    work = tmp_path_factory.mktemp("job")
+    shutil.copy(MATRIX, work / "matrix.yaml")
+    proc = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", f"--address={rig.dashboard_url}", f"--working-dir={work}", "--",
+         "harness", "run", "matrix.yaml", "--address", "auto", "--storage", rig.storage_uri()],
+        cwd=work, env=_root_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, explain(proc)
     run_id = run_id_of(proc.stdout)
     return proc, run_id, published(rig, run_id).to_pylist(), rig.node_ids()
 
 
-def test_auto_from_a_node_runs_each_cell_on_the_host_its_labels_select(auto_run):
-    proc, _, rows, nodes = auto_run
+def test_a_job_runs_each_cell_on_the_host_its_labels_select(job_run):
+    proc, _, rows, nodes = job_run
     assert "12 cells:" in proc.stdout and "12 passed, 0 failed expectations" in proc.stdout, explain(proc)
-    assert len(progress_lines(proc.stderr)) == 12
+    assert len(progress_lines(proc.stdout)) == 12  # the job's log: the driver's stdout and stderr
     assert len(rows) == 12 and len({(r["scenario"], r["format"], r["environment"]) for r in rows}) == 12
     for row in rows:
         host = HOST_OF_ENV[row["environment"]]
@@ -91,7 +96,7 @@ def test_auto_from_a_node_runs_each_cell_on_the_host_its_labels_select(auto_run)
             assert row["verdict"] in ("bitwise", "within_tolerance"), row["error"]
 
 
-def test_every_replay_host_fetched_artifacts_into_its_own_cache(auto_run, rig):
+def test_every_replay_host_fetched_artifacts_into_its_own_cache(job_run, rig):
     cache = "/tmp/home/.cache/tf-repro-harness/artifacts"
     for host in ("replay-a", "replay-b"):
         listed = rig.run(host, ["ls", cache], timeout=30)
@@ -99,49 +104,33 @@ def test_every_replay_host_fetched_artifacts_into_its_own_cache(auto_run, rig):
     assert rig.run("head", ["ls", cache], timeout=30).returncode != 0, "the driver fetched no artifact"
 
 
-def test_report_from_another_machine_reads_the_run_from_storage(auto_run, rig, tmp_path):
-    run_id = auto_run[1]
-    base, query = rig.storage_uri().split("?", 1)
-    proc = _root_harness("report", f"{base}/runs/{run_id}?{query}", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, explain(proc)
-    assert f"Run {run_id}" in proc.stdout and "12 passed, 0 failed expectations" in proc.stdout
-
-
-# -- ray job submit, from this machine -------------------------------------------------------------
-def test_job_submit_lands_the_run_directory_in_storage(healthy, tmp_path):
-    rig = healthy
-    work = tmp_path / "job"
-    work.mkdir()
-    shutil.copy(MATRIX, work / "matrix.yaml")
-    proc = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", f"--address={rig.dashboard_url}", f"--working-dir={work}", "--",
-         "harness", "run", "matrix.yaml", "--address", "auto", "--storage", rig.storage_uri(),
-         "--only", "native"], cwd=tmp_path, env=_root_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert proc.returncode == 0, explain(proc)
-    run_id = run_id_of(proc.stdout)
+def test_the_job_lands_the_run_in_storage_and_another_machine_reports_it(job_run, rig, tmp_path):
+    run_id = job_run[1]
     from harness.storage import Storage
 
     store = Storage.open(rig.storage_uri())
     for name in ("results.parquet", "report.md", "run.json"):
         assert store.exists(f"runs/{run_id}/{name}"), name
-    assert "4 passed, 0 failed expectations" in store.read_bytes(f"runs/{run_id}/report.md").decode()
     assert json.loads(store.read_bytes(f"runs/{run_id}/run.json"))["run_id"] == run_id
+    assert not store.exists(f"runs/{run_id}/journal"), "journal segments go once results.parquet is there"
     base, query = rig.storage_uri().split("?", 1)
+    proc = _root_harness("report", f"{base}/runs/{run_id}?{query}", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, explain(proc)
+    assert f"Run {run_id}" in proc.stdout and "12 passed, 0 failed expectations" in proc.stdout
     report = _root_harness("report", f"{base}/runs/{run_id}?{query}", "--format", "json", cwd=tmp_path, timeout=120)
     assert report.returncode == 0, explain(report)
     doc = json.loads(report.stdout)
-    assert doc["summary"]["cells"] == 4 and doc["summary"]["passed"] == 4
+    assert doc["summary"]["cells"] == 12 and doc["summary"]["passed"] == 12
 
 
 # -- ray:// (Ray Client), from this machine ------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="needs the engine to run under Ray Client (no num_returns='streaming' "
-                                       "actor calls through ray://) from branch run-model")
 def test_ray_client_driver_gets_results_and_report_on_its_own_disk(healthy, tmp_path):
     rig = healthy
     out = tmp_path / "out"
     proc = _root_harness("run", MATRIX, "--address", rig.client_address, "--storage", rig.storage_uri(),
                          "--out", out, "--only", "avx2-host", cwd=tmp_path, timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, explain(proc)
+    assert len(progress_lines(proc.stderr)) == 4, explain(proc)  # each cell one plain call, reported as it ends
     from harness import results
 
     table = results.read_table(out)
