@@ -137,6 +137,8 @@ def layer_accuracy(ref: Sequence[Mapping[str, Any]], obs: Sequence[Mapping[str, 
     Raises:
         ValueError: the float64 trace did not call the same layers.
     """
+    from .formats import is_floating
+
     if [c["name"] for c in oracle] != [c["name"] for c in ref]:
         raise ValueError("the float64 rebuild called other layers than the reloaded model")
     out = []
@@ -144,7 +146,7 @@ def layer_accuracy(ref: Sequence[Mapping[str, Any]], obs: Sequence[Mapping[str, 
         truth, unavailable, tols = {}, {}, {}
         for j, (a, wide) in enumerate(zip(r["outputs"], t["outputs"])):
             name = f"out/{j}"  # as the trace files name a layer's outputs
-            if wide.dtype != np.float64 and (a.dtype.kind == "f" or a.dtype.name == "bfloat16"):
+            if wide.dtype != np.float64 and is_floating(a):
                 unavailable[name] = f"the float64 rebuild still computes it in {wide.dtype.name}"
             else:
                 truth[name] = wide
@@ -382,7 +384,6 @@ class Localisation:
     accuracy_lost_at: str | None = None  # first layer less accurate than the reference against float64
     accuracy_note: str | None = None  # the rule with that layer's numbers
     accuracy_unavailable: str | None = None  # why the layers are not judged against float64
-
 
     def accuracy_fact(self) -> tuple[str, str] | None:
         """``(label, text)``: where the cell loses accuracy against float64, that no layer does, or why not judged.
