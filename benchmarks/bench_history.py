@@ -4,8 +4,9 @@ A history of ``NIGHTS`` runs of a 200 scenarios x 5 formats x 10 environments
 sweep is synthesised on local disk in the layout ``harness nightly`` writes
 (``date=YYYY-MM-DD/<run_id>.parquet``), with realistic columns: a 60-key
 fingerprint per environment, per-cell detail JSON, a few failing cells that
-come and go, a streak of failures that started ten nights ago, and a
-TensorFlow upgrade on one environment the last night.
+come and go, accuracy tiers against float64 that drop and recover, a streak
+of failures that started ten nights ago, and a TensorFlow upgrade on one
+environment the last night.
 
 Then, in a fresh process (so its peak memory is its own):
 
@@ -82,6 +83,7 @@ def _template(cells: int):
                     detail={"outputs": [output], "weight_problems": [], "variables_checked": 4},
                     fingerprint=fps[e], train_fingerprint=train, node_id="n" * 56, node_labels={},
                     tf_version="2.21.0", artifact_digest="d" * 20, attempts=1, started_at=FIRST_NIGHT.timestamp(),
+                    accuracy="as_accurate", rmse_vs_fp64=1e-8, reference_rmse_vs_fp64=1e-8,
                     seconds=0.1))
     return results.to_table(rows)
 
@@ -98,8 +100,10 @@ def _night(template, night: int, nights: int):
     failing[:STREAK] = night >= nights - 10  # a known failure: first bad ten nights ago
     ulp = np.where(failing, rng.integers(1, 5000, n), np.where(rng.random(n) < 0.05, rng.integers(1, 8, n), 0))
     verdict = np.where(failing, "mismatch", np.where(ulp > 0, "within_tolerance", "bitwise"))
+    less_accurate = rng.random(n) < 0.002  # tier drops that come and go (drawn last: the draws above stay)
     start = FIRST_NIGHT + dt.timedelta(days=night)
     columns = {
+        "accuracy": pa.array(np.where(less_accurate, "less_accurate", "as_accurate")),
         "run_id": pa.array([f"night-{night:02d}"] * n),
         "started_at": pa.array([start] * n, pa.timestamp("us", tz="UTC")),
         "verdict": pa.array(verdict), "passed": pa.array(~failing),
@@ -121,13 +125,17 @@ def synthesise(uri: str, nights: int, cells: int) -> dict:
     """Write ``nights`` runs of ``cells`` cells into the history at ``uri``; what the last night should show."""
     from harness import history
 
+    import pyarrow.compute as pc
+
     template = _template(cells)
-    failing = []
+    failing, tiers = [], []
     for night in range(nights):
         table, n_failing = _night(template, night, nights)
         history.append_run(table, uri)
         failing.append(n_failing)
-    return {"failing_last_night": failing[-1]}
+        tiers = [*tiers[-1:], table["accuracy"]]
+    changed = pc.sum(pc.not_equal(*tiers)).as_py() if len(tiers) == 2 else 0
+    return {"failing_last_night": failing[-1], "tier_changes_last_night": changed}
 
 
 def measure(uri: str, nights: int) -> dict:
@@ -168,6 +176,7 @@ def measure(uri: str, nights: int) -> dict:
             "html_trend_charts": html.count('class="trend"') - 1,  # the cells per night chart is one of them
             "rss_before_mb": round(rss_before / 1024, 1), "trend_points": len(points),
             "counts": changes.counts, "streaks_found": len(streaks), "upgrade_found": bool(upgraded),
+            "tier_changes": len(changes.accuracy_changes),
             "nights_in_trend": len(changes.nights), "skipped_files": len(changes.skipped_files)}
 
 
@@ -189,6 +198,9 @@ def run_once(nights: int = NIGHTS, cells: int = CELLS) -> dict:
         raise AssertionError(f"the comparison missed what was synthesised: {measured}")
     if measured["counts"]["new"] + measured["counts"]["known"] != expected["failing_last_night"]:
         raise AssertionError(f"{expected['failing_last_night']} cells fail the last night; compare found {measured}")
+    if measured["tier_changes"] != expected["tier_changes_last_night"]:
+        raise AssertionError(f"{expected['tier_changes_last_night']} cells change accuracy tier the last night; "
+                             f"compare found {measured}")
     return {"nights": nights, "cells_per_night": cells, **measured, "history_mb": round(size / 2**20, 1),
             "synthesise_s": round(made, 1)}
 

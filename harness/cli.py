@@ -151,7 +151,9 @@ def _explain_differences(sweep, scenarios, args, result) -> dict:
             for exp in explain_cells(result.run, sweep, scenarios, cells, address=args.address,
                                      verbose=args.verbose):
                 where = exp.localisation.first if exp.localisation and exp.localisation.first else "-"
-                print(f"  {text.one_line(exp.cell)}: starts at {text.one_line(where)}; "
+                lost = exp.localisation.accuracy_lost_at if exp.localisation else None
+                lost_text = f"loses accuracy at {text.one_line(lost)}; " if lost else ""
+                print(f"  {text.one_line(exp.cell)}: starts at {text.one_line(where)}; {lost_text}"
                       f"{text.one_line(exp.summary or exp.message or '')}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 -- the run's results stand without their explanations
             reason = text.one_line(f"{type(exc).__name__}: {exc}", 300)

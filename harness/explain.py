@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .compare import Tolerance, compare_arrays
+from .compare import LESS_ACCURATE, Accuracy, Tolerance, compare_arrays, judge_accuracy
 from .records import ArtifactRecord, Cell, CellResult, json_number, jsonable
 
 #: Formats whose reload has Keras layers to trace; the others are traced through one of these.
@@ -63,10 +63,18 @@ class LayerDiff:
     input_divergence: float  # mean |obs - ref| / mean |ref| of the layer's inputs
     output_divergence: float  # the same, of its outputs
     growth: float | None  # output / input divergence (inf: the inputs were the same), None if outputs agree
+    # Against the same layer of the model rebuilt in float64 (None: not judged, see Localisation.accuracy_unavailable)
+    accuracy: str | None = None  # as_accurate | less_accurate | n/a, by compare.judge_accuracy's rule
+    reference_rmse_vs_fp64: float | None = None  # RMSE of the training environment's outputs vs float64's
+    rmse_vs_fp64: float | None = None  # RMSE of the cell's outputs vs float64's
 
     @property
     def differs(self) -> bool:
         return self.bits != SAME
+
+    @property
+    def less_accurate(self) -> bool:
+        return self.accuracy == LESS_ACCURATE
 
 
 def divergence(ref: Sequence[np.ndarray], obs: Sequence[np.ndarray]) -> float:
@@ -112,6 +120,53 @@ def first_divergent(diffs: Sequence[LayerDiff]) -> LayerDiff | None:
     return next((d for d in diffs if d.differs), None)
 
 
+def layer_accuracy(ref: Sequence[Mapping[str, Any]], obs: Sequence[Mapping[str, Any]],
+                   oracle: Sequence[Mapping[str, Any]], tolerance: Tolerance = Tolerance()) -> list[Accuracy]:
+    """Per layer call: are the cell's outputs as close to the float64 trace's as the reference's?
+
+    The rule that judges a cell's outputs (``compare.judge_accuracy``, PyTorch's
+    ``res_error <= m * ref_error + tol / 10``), applied to each layer call's outputs,
+    ``tol`` being ``tolerance``'s atol for the reference output's dtype. An output the
+    float64 rebuild still computes in another dtype (a layer that fixes its own) is ``n/a``.
+
+    Args:
+        ref, obs: the training environment's and the cell's traces.
+        oracle: the trace of the model rebuilt in float64, on the probe cast to float64.
+        tolerance: the cell's tolerance (the sweep's with the environment's on top).
+
+    Raises:
+        ValueError: the float64 trace did not call the same layers.
+    """
+    from .formats import is_floating
+
+    if [c["name"] for c in oracle] != [c["name"] for c in ref]:
+        raise ValueError("the float64 rebuild called other layers than the reloaded model")
+    out = []
+    for r, o, t in zip(ref, obs, oracle):
+        truth, unavailable, tols = {}, {}, {}
+        for j, (a, wide) in enumerate(zip(r["outputs"], t["outputs"])):
+            name = f"out/{j}"  # as the trace files name a layer's outputs
+            if wide.dtype != np.float64 and is_floating(a):
+                unavailable[name] = f"the float64 rebuild still computes it in {wide.dtype.name}"
+            else:
+                truth[name] = wide
+            tols[name] = tolerance.for_dtype(a.dtype)[0]
+        out.append(judge_accuracy(truth, {f"out/{j}": a for j, a in enumerate(r["outputs"])},
+                                  {f"out/{j}": a for j, a in enumerate(o["outputs"])}, tols, unavailable=unavailable))
+    return out
+
+
+def with_accuracy(diffs: Sequence[LayerDiff], accuracies: Sequence[Accuracy]) -> list[LayerDiff]:
+    """``diffs`` with each layer's tier and RMSEs against float64 (from :func:`layer_accuracy`)."""
+    return [dataclasses.replace(d, accuracy=a.tier, reference_rmse_vs_fp64=a.reference_rmse, rmse_vs_fp64=a.rmse)
+            for d, a in zip(diffs, accuracies, strict=True)]
+
+
+def first_less_accurate(diffs: Sequence[LayerDiff]) -> LayerDiff | None:
+    """The first layer whose outputs are less accurate than the reference's (against float64)."""
+    return next((d for d in diffs if d.less_accurate), None)
+
+
 def most_growth(diffs: Sequence[LayerDiff]) -> LayerDiff | None:
     """The layer whose outputs diverge most relative to its already diverging inputs (LEMON's rate of change).
 
@@ -135,13 +190,16 @@ def layers_ipc(layers: Sequence[LayerDiff]) -> bytes:
                "name": np.array([d.name for d in layers], object), "bits": np.array([d.bits for d in layers], object)}
     columns.update({attr: floats(attr) for attr in ("max_ulp_diff", "max_abs_diff", "mismatch_fraction",
                                                     "input_divergence", "output_divergence", "growth")})
+    columns["accuracy"] = np.array([d.accuracy or "" for d in layers], object)
+    columns.update({attr: floats(attr) for attr in ("reference_rmse_vs_fp64", "rmse_vs_fp64")})
     return arrays.to_ipc_bytes(columns, {"nulls": "NaN in max_ulp_diff, max_abs_diff, mismatch_fraction: no "
-                                                  "numeric output; in growth: the outputs are the same"})
+                                                  "numeric output; in growth: the outputs are the same; "
+                                                  "'' in accuracy, NaN in *_rmse_vs_fp64: not judged against float64"})
 
 
 # -- setting attribution -----------------------------------------------------------------------
 #: Environment fields that are knobs the harness can vary on any node.
-KNOB_FIELDS = ("onednn", "threads", "cpu_isa", "jit_compile", "batch_size", "tf32", "op_determinism")
+KNOB_FIELDS = ("onednn", "threads", "cpu_isa", "jit_compile", "batch_size", "tf32", "op_determinism", "dtype_policy")
 #: Fingerprint keys that differ between machines, not settings: not attributable by re-running.
 HARDWARE_KEYS = ("cpu_model", "cpu_flags", "gpus", "gpu_driver", "tf_version", "cuda_version", "cudnn_version")
 
@@ -167,6 +225,8 @@ class Knob:
             return "XLA" if value else "no XLA"
         if self.name == "cpu_isa":
             return f"oneDNN ISA capped at {value}" if value else "no ISA cap"
+        if self.name == "dtype_policy":
+            return f"dtype policy {value}" if value else "no dtype policy"
         if self.name.startswith("env:"):
             return f"{self.name[4:]}={value}" if value is not None else f"without {self.name[4:]}"
         return f"{self.name.replace('_', ' ')} {value}"
@@ -321,6 +381,33 @@ class Localisation:
     first: str | None = None  # first layer whose outputs' bits differ
     growth: str | None = None  # layer whose output diverges most relative to its inputs
     error: str | None = None  # why it could not be localised
+    accuracy_lost_at: str | None = None  # first layer less accurate than the reference against float64
+    accuracy_note: str | None = None  # the rule with that layer's numbers
+    accuracy_unavailable: str | None = None  # why the layers are not judged against float64
+
+    def accuracy_fact(self) -> tuple[str, str] | None:
+        """``(label, text)``: where the cell loses accuracy against float64, that no layer does, or why not judged.
+
+        None for an explanation stored before layers were judged against float64.
+        """
+        if self.accuracy_unavailable:
+            return "accuracy vs float64", f"not judged: {self.accuracy_unavailable}"
+        if self.accuracy_lost_at:
+            return "loses accuracy at layer", f"{self.accuracy_lost_at} ({self.accuracy_note})"
+        if any(d.accuracy is not None for d in self.layers):
+            return "loses accuracy at layer", "none (every layer is as accurate as the reference against float64)"
+        return None
+
+
+def _rmse_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _accuracy_columns(layer: LayerDiff) -> str:
+    if layer.accuracy is None:
+        return ""
+    return (f"  {layer.accuracy:<13} rmse vs fp64 {_rmse_text(layer.rmse_vs_fp64)}"
+            f" (reference {_rmse_text(layer.reference_rmse_vs_fp64)})")
 
 
 @dataclass(frozen=True)
@@ -374,9 +461,13 @@ class Explanation:
                     math.isfinite(grown.growth) else ""
                 lines.append(f"  starts at layer: {text_.one_line(loc.first or '(every layer the same)')}; "
                              f"grows most at: {text_.one_line(loc.growth or '-')}{rate}")
+                fact = loc.accuracy_fact()
+                if fact is not None:
+                    lines.append(f"  {fact[0]}: {text_.one_line(fact[1])}")
                 for layer in loc.layers:
                     lines.append(f"    {layer.index:>3} {text_.one_line(layer.name):<32} {layer.bits:<8} "
-                                 f"max {_ulp_text(layer.max_ulp_diff):>10}  divergence {layer.output_divergence:.2e}")
+                                 f"max {_ulp_text(layer.max_ulp_diff):>10}  divergence {layer.output_divergence:.2e}"
+                                 f"{_accuracy_columns(layer)}")
         for finding in self.findings:
             lines.append(f"  {text_.one_line(finding.sentence())}")
         if self.unattributable:
@@ -573,22 +664,40 @@ def _localise(run: Any, sweep: Any, scenarios: Mapping[str, Any], run_cells: Seq
     st = Storage.open(run.storage)
     sha = source.manifest_sha256 or st.manifest_sha256(source.path)
     env = sweep.environment(cell.environment)
+    # The training environment's worker also traces the float64 rebuild (the oracle's), at the reference's batch size.
     jobs = [(sweep.training, TraceJob(cell.scenario, fmt, source.path, sha, sweep.batch_size, False,
-                                      run.explain_path(cell, "training"))),
+                                      run.explain_path(cell, "training"),
+                                      oracle_path=run.explain_path(cell, "float64"))),
             (env, TraceJob(cell.scenario, fmt, source.path, sha, sweep.batch_size_for(env), env.jit_compile,
-                           run.explain_path(cell, "cell")))]
+                           run.explain_path(cell, "cell"), dtype_policy=env.dtype_policy))]
     answers = call_in_environments([(e, "trace", job) for e, job in jobs], scenarios, run.storage,
                                    timeout_s=sweep.cell_timeout_s + sweep.schedule_timeout_s)
     failed = [a for a in answers if isinstance(a, BaseException)]
     if failed:
         return Localisation(fmt, note, error=f"a layer trace failed: {ray_error_text(failed[0])}")
-    ref, obs = (arrays_to_trace(arrays.read_ipc(st.read_bytes(job.output_path))[0]) for _, job in jobs)
+
+    def read(path: str) -> list[dict[str, Any]]:
+        return arrays_to_trace(arrays.read_ipc(st.read_bytes(path))[0])
+
+    ref, obs = (read(job.output_path) for _, job in jobs)
     try:
         diffs = compare_traces(ref, obs)
     except ValueError as exc:  # the two reloads called different layers (a model that depends on its environment)
         return Localisation(fmt, note, error=f"cannot compare the layer traces: {exc}")
     first, grown = first_divergent(diffs), most_growth(diffs)
-    return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None)
+    unavailable, lost, rule = answers[0].oracle_unavailable, None, None
+    if unavailable is None:
+        try:
+            accuracies = layer_accuracy(ref, obs, read(jobs[0][1].oracle_path), sweep.tolerance_for(env))
+        except ValueError as exc:
+            unavailable = str(exc)
+        else:
+            diffs = with_accuracy(diffs, accuracies)
+            lost_at = first_less_accurate(diffs)
+            if lost_at is not None:
+                lost, rule = lost_at.name, accuracies[lost_at.index].note
+    return Localisation(fmt, note, tuple(diffs), first.name if first else None, grown.name if grown else None,
+                        accuracy_lost_at=lost, accuracy_note=rule, accuracy_unavailable=unavailable)
 
 
 def _artifact_of(row: CellResult) -> ArtifactRecord | None:

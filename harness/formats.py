@@ -64,6 +64,12 @@ class Loaded:
     fn: Callable[[Any], Any]
     variables: list
     owner: Any
+    served: Any = None  # the Keras model ``fn`` calls when it is not ``owner`` (a copy under a dtype policy)
+
+    @property
+    def model(self) -> Any:
+        """The model that computes ``fn``'s predictions: the copy under a dtype policy, else ``owner``."""
+        return self.owner if self.served is None else self.served
 
 
 @dataclass(frozen=True)
@@ -359,7 +365,8 @@ def _policy_loaded(fmt: str, loaded: Loaded, scenario: Scenario, policy: str) ->
         raise PolicyNeedsKeras(f"dtype_policy {policy!r} needs a Keras model, and format {fmt!r} is not one")
     rebuilt = with_dtype_policy(loaded.owner, policy, scenario.resolved_custom_objects())
     # The weight check stays on the artifact's own variables: the policy is how it is served.
-    return Loaded(fn=lambda x: rebuilt(x, training=False), variables=loaded.variables, owner=(loaded.owner, rebuilt))
+    return Loaded(fn=lambda x: rebuilt(x, training=False), variables=loaded.variables, owner=(loaded.owner, rebuilt),
+                  served=rebuilt)
 
 
 def under_policy(fmt: str, loaded: Loaded, scenario: Scenario, policy: str | None) -> Loaded:
@@ -755,6 +762,19 @@ def map_arrays(fn: Callable[[np.ndarray], Any], structure: Any) -> Any:
     if isinstance(structure, (list, tuple)):
         return type(structure)(map_arrays(fn, v) for v in structure)
     return fn(np.asarray(structure))
+
+
+def is_floating(a: np.ndarray) -> bool:
+    """Whether ``a`` holds floating-point numbers (bfloat16 included)."""
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+
+
+def as_float64(structure: Any) -> Any:
+    """``structure`` with every floating-point array cast to float64 (exact), the others as they are.
+
+    What a model rebuilt under the ``float64`` policy is fed: the oracle at training, its layer trace in explain.
+    """
+    return map_arrays(lambda a: a.astype(np.float64) if is_floating(a) else a, structure)
 
 
 def input_layout(structure: Any) -> dict:

@@ -18,7 +18,7 @@ reported (named) and skipped, never fatal.
 
 :func:`compare` is the nightly's question: tonight against the previous run
 (:func:`diff_runs`: new failures, known failures, fixed, flaky, differences,
-fingerprints), each failing cell's streak (first bad and last good run, and
+accuracy tiers, fingerprints), each failing cell's streak (first bad and last good run, and
 the fingerprint keys that changed since it last passed), and the trends of
 the last runs; :func:`render_changes_md` renders it. Rows are read as typed
 :class:`harness.records.CellResult` cells (projections of them), decoded by
@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from harness import charts, results, text
+from harness.compare import AS_ACCURATE, LESS_ACCURATE
 from harness.records import CellResult, json_object
 from harness.storage import Storage, StorageError
 
@@ -81,8 +82,10 @@ _STATUS_COLUMNS = ("run_id", *_CELL_KEY, "verdict", "passed", *_FLAKY)
 #: What run summaries and trend points read: a long history is decoded without its JSON columns.
 _SUMMARY_COLUMNS = (*_STATUS_COLUMNS, "sweep", "started_at", "max_ulp_diff", "max_abs_diff",
                     "required_ulp", "required_atol")
+#: A cell's accuracy tier against float64, with the two RMSEs it was judged by.
+_ACCURACY_COLUMNS = ("accuracy", "rmse_vs_fp64", "reference_rmse_vs_fp64")
 #: What the diff of two runs reads per cell (fingerprints are compared per distinct value).
-_DIFF_COLUMNS = (*_STATUS_COLUMNS, "expected", "error", "max_ulp_diff", "max_abs_diff")
+_DIFF_COLUMNS = (*_STATUS_COLUMNS, "expected", "error", "max_ulp_diff", "max_abs_diff", *_ACCURACY_COLUMNS)
 _FINGERPRINT_COLUMNS = ("fingerprint", "train_fingerprint")
 
 # Fingerprint columns are read as dictionaries: a night holds a few distinct fingerprints
@@ -724,7 +727,9 @@ class Changes:
     """What differs between a previous run and the current one (and, from :func:`compare`, since when).
 
     Cells are dicts with scenario, format, environment (plus old/new values
-    where relevant). Failing cells (``newly_failing``, ``known_failing``) from
+    where relevant). ``accuracy_changes`` holds cells whose accuracy tier went from
+    ``as_accurate`` to ``less_accurate`` or back (:func:`accuracy_change`), passing or not.
+    Failing cells (``newly_failing``, ``known_failing``) from
     :func:`compare` also carry ``first_bad`` and ``last_good`` (``{"run_id",
     "date"}``; ``last_good`` None if the cell never passed), ``failing_runs``
     and ``changed_since_good`` (see :func:`fingerprint_delta`).
@@ -744,6 +749,7 @@ class Changes:
     vanished_environments: list[str] = dataclasses.field(default_factory=list)
     new_cells: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     vanished_cells: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    accuracy_changes: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     known_failing: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     flaky: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     previous_run: dict[str, Any] | None = None  # {"run_id", "date"} of the run compared with
@@ -802,6 +808,19 @@ def _diff_change(key: Key, metric: str, old: CellResult, new: CellResult, factor
         return None
     return {**_cell_id(key), "metric": metric, "old": before, "new": after,
             "ratio": after / before if before else None}
+
+
+def accuracy_change(key: Key, old: CellResult, new: CellResult) -> dict[str, Any] | None:
+    """A cell whose tier against float64 went from ``as_accurate`` to ``less_accurate`` or back, else None.
+
+    ``n/a`` and unjudged cells (no oracle, no outputs) have no tier to lose: a change to
+    or from them is a verdict or scenario change, reported as such.
+    """
+    tiers = (AS_ACCURATE, LESS_ACCURATE)
+    if old.accuracy not in tiers or new.accuracy not in tiers or old.accuracy == new.accuracy:
+        return None
+    return {**_cell_id(key), "old": old.accuracy, "new": new.accuracy, "rmse_vs_fp64": new.rmse_vs_fp64,
+            "reference_rmse_vs_fp64": new.reference_rmse_vs_fp64, "passed": new.passed}
 
 
 def _fingerprints_by_env(table: pa.Table | None, column: str) -> dict[str, dict[str, Any]]:
@@ -895,6 +914,8 @@ def diff_runs(previous: pa.Table | None, current: pa.Table, *, factor: float = 2
         vanished_environments=[e for e in old_envs if e not in new_envs],
         new_cells=[_cell_id(k) for k in new_keys if k not in old_keys],
         vanished_cells=[_cell_id(k) for k in old_keys if k not in new_keys],
+        accuracy_changes=[a for k, cell in new.items() if k in old
+                          if (a := accuracy_change(k, old[k], cell)) is not None],
     )
 
 
@@ -914,11 +935,12 @@ def _maybe_changed(previous: pa.Table, current: pa.Table, new_keys: Mapping[Key,
 
     A cell certainly did not change when, in every pairing of its rows in the
     two runs, it is not failing, not flaky, and has the same ``passed``,
-    verdict and max ULP / abs differences: then it can be no failure, fix,
-    flaky cell or difference change. A night of 10,000 cells decodes its few
+    verdict, max ULP / abs differences and accuracy tier: then it can be no
+    failure, fix, flaky cell, difference or tier change. A night of 10,000 cells decodes its few
     changed ones.
     """
-    columns = ["passed", "verdict", "max_ulp_diff", "max_abs_diff", *_FLAKY]
+    columns = ["passed", "verdict", "max_ulp_diff", "max_abs_diff", *_FLAKY,
+               *(c for c in ("accuracy",) if c in current.column_names and c in previous.column_names)]
     pairs = current.select([*_CELL_KEY, *columns]).join(
         previous.select([*_CELL_KEY, *columns]), keys=list(_CELL_KEY), join_type="inner", right_suffix=" old")
     quiet = pc.fill_null(pc.not_equal(pairs["passed"], False), True)
@@ -1081,6 +1103,14 @@ def _diff_text(entry: Mapping[str, Any]) -> str:
     return f"{_cell_name(entry)}: {entry['metric']} {entry['old']:.3g} -> {entry['new']:.3g}"
 
 
+def _accuracy_text(entry: Mapping[str, Any]) -> str:
+    rmses = ""
+    if is_finite(entry["rmse_vs_fp64"]) and is_finite(entry["reference_rmse_vs_fp64"]):
+        rmses = f" (rmse vs float64 {entry['rmse_vs_fp64']:.3g}, reference's {entry['reference_rmse_vs_fp64']:.3g})"
+    met = "; its expectation still passes" if entry["passed"] else ""
+    return f"{_cell_name(entry)}: {entry['old']} -> {entry['new']}{rmses}{met}"
+
+
 def _fingerprint_text(entry: Mapping[str, Any]) -> str:
     return f"{text.code(entry['environment'])}: " + _changed_text(entry["changes"])
 
@@ -1139,6 +1169,7 @@ def render_changes_md(changes: Changes) -> str:
     lines += _section("Fixed", [_status_text(e) for e in changes.fixed])
     lines += _section("Flaky (repeats disagree; not a regression)", [_status_text(e) for e in changes.flaky])
     lines += _section("Difference changed", [_diff_text(e) for e in changes.diff_changes])
+    lines += _section("Accuracy tier changed (vs float64)", [_accuracy_text(e) for e in changes.accuracy_changes])
     lines += _section("Fingerprint changed", [_fingerprint_text(e) for e in changes.fingerprint_changes])
     lines += _section("New environments", [f"`{e}`" for e in changes.new_environments])
     lines += _section("Vanished environments", [f"`{e}`" for e in changes.vanished_environments])

@@ -73,7 +73,8 @@ def observation_file(run_id: str, cell: _Named, group: str = "observations") -> 
 def explain_file(run_id: str, cell: _Named, part: str = "") -> str:
     """``runs/<run_id>/explain/<scenario>/<format>/<environment>[.<part>].arrow``: explain's layer files.
 
-    No ``part``: the layer-by-layer comparison; ``training`` / ``cell``: the two traces it came from.
+    No ``part``: the layer-by-layer comparison; ``training`` / ``cell``: the two traces it came from;
+    ``float64``: the trace of the model rebuilt in float64 (the oracle's rebuild) they are judged against.
     """
     suffix = f".{part}" if part else ""
     return f"{run_root(run_id)}/explain/{cell.scenario}/{cell.format}/{cell.environment}{suffix}.arrow"

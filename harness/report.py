@@ -498,7 +498,8 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
 
 
 # -- explanations (harness explain) ---------------------------------------------------------
-_LAYER_HEADERS = ["#", "layer", "outputs", "max ulp", "max abs diff", "mismatch fraction", "growth"]
+_LAYER_HEADERS = ["#", "layer", "outputs", "max ulp", "max abs diff", "mismatch fraction", "growth",
+                  "vs float64", "rmse vs fp64", "reference's rmse vs fp64"]
 
 
 def _explained(lay: _Layout, explanations: Mapping[str, Explanation] | None) -> list[Explanation]:
@@ -516,8 +517,10 @@ def _growth(layer: LayerDiff) -> str:
 
 
 def _layer_row(layer: LayerDiff) -> list[str]:
+    judged = layer.accuracy is not None  # "-": not judged against float64 (see the explanation's accuracy fact)
     return [str(layer.index), layer.name, layer.bits, _ulp(layer.max_ulp_diff), _num(layer.max_abs_diff),
-            _num(layer.mismatch_fraction), _growth(layer)]
+            _num(layer.mismatch_fraction), _growth(layer), layer.accuracy or "-",
+            _num(layer.rmse_vs_fp64) if judged else "-", _num(layer.reference_rmse_vs_fp64) if judged else "-"]
 
 
 def _explanation_facts(exp: Explanation) -> list[tuple[str, str]]:
@@ -529,6 +532,8 @@ def _explanation_facts(exp: Explanation) -> list[tuple[str, str]]:
     elif loc is not None:
         facts.append(("starts at layer", loc.first or "(every layer the same)"))
         facts.append(("grows most at", loc.growth or "-"))
+        if loc.accuracy_fact() is not None:
+            facts.append(loc.accuracy_fact())
         if loc.note:
             facts.append(("traced", loc.note))
     facts += [("knob", f.sentence()) for f in exp.findings]

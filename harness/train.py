@@ -158,10 +158,6 @@ def train(scenario: Scenario, formats_: list[str], storage_uri: str, training: E
                        seconds=time.time() - start, oracle_seconds=oracle_seconds)
 
 
-def _floating(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
-
-
 @dataclass(frozen=True)
 class Oracle:
     """The model's outputs on the probe, rebuilt in float64 with its trained weights (the "true answer").
@@ -193,7 +189,7 @@ def float64_oracle(scenario: Scenario, model: Any, probe: Any, batch_size: int,
 
     start = time.time()
     unavailable = {n: ("string" if a.dtype.kind in "OSU" else "integer") + " output: no rounding error to measure"
-                   for n, a in reference.items() if not _floating(a)}
+                   for n, a in reference.items() if not formats.is_floating(a)}
     floats = [n for n in reference if n not in unavailable]
 
     def none(reason: str) -> Oracle:
@@ -206,8 +202,7 @@ def float64_oracle(scenario: Scenario, model: Any, probe: Any, batch_size: int,
         return none("no floating-point output: nothing to round")
     try:
         rebuilt = formats.with_dtype_policy(model, "float64", scenario.resolved_custom_objects())
-        wide = formats.map_arrays(lambda a: a.astype(np.float64) if _floating(a) else a, probe)
-        out = formats.predict(lambda x: formats.call_model(rebuilt, x), wide, batch_size)
+        out = formats.predict(lambda x: formats.call_model(rebuilt, x), formats.as_float64(probe), batch_size)
         del rebuilt
     except Exception as exc:
         return none(f"the model cannot be rebuilt in float64: {runtime.error_text(exc)}")

@@ -48,7 +48,13 @@ class ReplayJob(CellNames):
 
 @dataclass(frozen=True)
 class TraceJob:
-    """Reload one artifact and record every layer's inputs and outputs on its probe (explain)."""
+    """Reload one artifact and record every layer's inputs and outputs on its probe (explain).
+
+    ``dtype_policy`` serves the reload under that Keras policy, as the environment's cells
+    are (``formats.under_policy``). With ``oracle_path``, the same worker also traces the
+    model rebuilt in float64 (the oracle's rebuild) on the probe cast to float64, and
+    writes that trace there.
+    """
 
     scenario: str
     format: str
@@ -57,6 +63,16 @@ class TraceJob:
     batch_size: int
     jit_compile: bool
     output_path: str  # where the trace is written in storage (Arrow IPC)
+    dtype_policy: str | None = None
+    oracle_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What a trace job wrote: the layer calls traced, and why there is no float64 trace (when asked for one)."""
+
+    layers: tuple[str, ...]
+    oracle_unavailable: str | None = None
 
 
 #: A finished job is reported at most this long after it finished (results finishing
@@ -165,23 +181,43 @@ class Worker:
         except (Exception, SystemExit) as exc:  # a scenario's sys.exit() must not end the worker
             return JobFailed(error_text(exc))
 
-    def trace(self, job: TraceJob) -> list[str]:
-        """Trace every layer of the reloaded artifact on its probe; write it to storage; return the layer names."""
+    def trace(self, job: TraceJob) -> Traced:
+        """Trace every layer of the reloaded artifact on its probe and write it to storage (and the float64 trace).
+
+        Raises whatever stops the (first) trace; a float64 trace that cannot be made
+        is no failure: ``Traced.oracle_unavailable`` says why.
+        """
         from . import arrays, formats, runtime
-        from .replay import read_reference
+        from .replay import read_reference, read_truth
         from .storage import Storage
         from .tracing import trace_layers, trace_to_arrays
 
         runtime.configure(self.environment)
         storage = Storage.open(self.storage_uri)
         local, _ = storage.get_dir(job.artifact_path, expected_manifest_sha256=job.manifest_sha256)
-        inputs, _reference, _info = read_reference(local)
+        inputs, _reference, info = read_reference(local)
         scenario = activate(self.scenarios[job.scenario])  # its module executed here: custom classes registered
         loaded = formats.get(job.format).load(f"{local}/{formats.MODEL_DIR}", scenario, inputs)
-        trace = trace_layers(loaded.owner, inputs, job.batch_size, job.jit_compile)
-        storage.write_bytes(job.output_path, arrays.to_ipc_bytes(trace_to_arrays(trace), {
-            "scenario": job.scenario, "format": job.format, "environment": self.environment.name}))
-        return [call["name"] for call in trace]
+        meta = {"scenario": job.scenario, "format": job.format, "environment": self.environment.name}
+
+        def write(path: str, model: Any, probe: Any, jit_compile: bool, policy: str | None) -> list[str]:
+            trace = trace_layers(model, probe, job.batch_size, jit_compile)
+            storage.write_bytes(path, arrays.to_ipc_bytes(trace_to_arrays(trace), {**meta, "dtype_policy": policy}))
+            return [call["name"] for call in trace]
+
+        served = formats.under_policy(job.format, loaded, scenario, job.dtype_policy)
+        names = write(job.output_path, served.model, inputs, job.jit_compile, job.dtype_policy)
+        if job.oracle_path is None:
+            return Traced(tuple(names))
+        truth = read_truth(local, info)
+        if truth.oracle is None:  # the artifact says why it has no oracle (a model Keras cannot rebuild, ...)
+            return Traced(tuple(names), truth.reason)
+        try:
+            wide = formats.under_policy(job.format, loaded, scenario, "float64")  # the oracle's own rebuild
+            write(job.oracle_path, wide.model, formats.as_float64(inputs), False, "float64")
+        except Exception as exc:
+            return Traced(tuple(names), f"the model cannot be traced in float64: {runtime.error_text(exc)}")
+        return Traced(tuple(names))
 
     def train(self, job: TrainJob) -> TrainRecord:
         from .train import train

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from harness import arrays
 from harness.explain import compare_traces, divergence, first_divergent, most_growth
@@ -331,3 +333,285 @@ def test_explain_refuses_a_run_whose_sweep_file_changed_since(nudged, tmp_path):
         assert "changed since run" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     finally:
         source.write_text(original)
+
+
+# -- accuracy per layer against the float64 rebuild -------------------------------------------------
+def _float_trace(layers: dict) -> list[dict]:
+    """A trace of layer calls ``name -> output`` (each layer's input: the previous output)."""
+    calls, previous = [], None
+    for name, out in layers.items():
+        calls.append(_call(name, [previous if previous is not None else out], [out]))
+        previous = out
+    return calls
+
+
+def _three_traces():
+    """float64 truth, the reference (truth in float32), and a cell: the reference until layer b, bf16 from b on."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    truth = {name: rng.normal(size=(16, 8)) for name in ("a", "b", "c")}
+    ref = {k: v.astype(np.float32) for k, v in truth.items()}
+    obs = {"a": ref["a"], "b": truth["b"].astype(ml_dtypes.bfloat16), "c": truth["c"].astype(ml_dtypes.bfloat16)}
+    return _float_trace(ref), _float_trace(obs), _float_trace(truth)
+
+
+def test_layer_accuracy_is_the_cells_rule_applied_to_each_layer():
+    from harness.compare import Tolerance, judge_accuracy
+    from harness.explain import first_less_accurate, layer_accuracy, with_accuracy
+
+    ref, obs, truth = _three_traces()
+    accs = layer_accuracy(ref, obs, truth, Tolerance())
+    assert [a.tier for a in accs] == ["as_accurate", "less_accurate", "less_accurate"]
+    for r, o, t, acc in zip(ref, obs, truth, accs):  # one owner: exactly what judge_accuracy says of those arrays
+        direct = judge_accuracy({"out/0": t["outputs"][0]}, {"out/0": r["outputs"][0]}, {"out/0": o["outputs"][0]},
+                                {"out/0": 1e-6})
+        assert (acc.tier, acc.rmse, acc.reference_rmse, acc.note) == (direct.tier, direct.rmse,
+                                                                        direct.reference_rmse, direct.note)
+    diffs = with_accuracy(compare_traces(ref, obs), accs)
+    assert first_divergent(diffs).name == "b" and first_less_accurate(diffs).name == "b"
+    assert diffs[0].rmse_vs_fp64 == diffs[0].reference_rmse_vs_fp64 > 0  # same bits, same error
+    assert diffs[1].rmse_vs_fp64 > 100 * diffs[1].reference_rmse_vs_fp64
+    assert accs[1].note.startswith("out/0: rmse vs float64 ") and " > 3 x reference's " in accs[1].note
+
+
+def test_layer_accuracy_says_what_it_cannot_judge():
+    from harness.compare import Tolerance
+    from harness.explain import layer_accuracy
+
+    ids = np.arange(6).reshape(3, 2)
+    x = np.ones((3, 2), np.float32)
+    ref = [_call("lookup", [ids], [ids]), _call("fixed", [x], [x])]
+    truth = [_call("lookup", [ids], [ids]), _call("fixed", [x], [x])]  # a layer that keeps float32 in the rebuild
+    accs = layer_accuracy(ref, ref, truth, Tolerance())
+    assert accs[0].tier == "n/a" and "integer output" in accs[0].note
+    assert accs[1].tier == "n/a" and "the float64 rebuild still computes it in float32" in accs[1].note
+    with pytest.raises(ValueError, match="float64 rebuild called other layers"):
+        layer_accuracy(ref, ref, truth[:1], Tolerance())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=5), st.integers(0, 4))
+def test_a_layer_with_the_references_bits_is_never_less_accurate(seeds, noisy_from):
+    """Whatever the float64 truth, bits equal to the reference's are as accurate; the loss is found where it starts."""
+    from harness.compare import Tolerance
+    from harness.explain import first_less_accurate, layer_accuracy, with_accuracy
+
+    truth = {f"l{i}": np.random.default_rng(s).normal(size=(4, 3)) * 10.0 ** (s % 7 - 3) for i, s in enumerate(seeds)}
+    ref = {k: v.astype(np.float32) for k, v in truth.items()}
+    obs = {k: (v if i < noisy_from else (truth[k] + 1e3 * np.abs(truth[k]).max() + 1).astype(np.float32))
+           for i, (k, v) in enumerate(ref.items())}
+    r, o, t = _float_trace(ref), _float_trace(obs), _float_trace(truth)
+    diffs = with_accuracy(compare_traces(r, o), layer_accuracy(r, o, t, Tolerance()))
+    assert all(d.accuracy == "as_accurate" for d in diffs[:noisy_from])
+    lost = first_less_accurate(diffs)
+    assert (lost.index if lost else None) == (noisy_from if noisy_from < len(seeds) else None)
+
+
+def test_an_explanation_with_layer_accuracy_round_trips_and_reads():
+    from harness import report, results
+    from harness.compare import Tolerance
+    from harness.explain import Explanation, Localisation, layer_accuracy, layers_ipc, with_accuracy
+
+    ref, obs, truth = _three_traces()
+    accs = layer_accuracy(ref, obs, truth, Tolerance())
+    diffs = tuple(with_accuracy(compare_traces(ref, obs), accs))
+    exp = Explanation("s/keras/serve-bf16", "mismatch", localisation=Localisation(
+        "keras", None, diffs, "b", "b", accuracy_lost_at="b", accuracy_note=accs[1].note))
+    again = Explanation.from_dict(json.loads(json.dumps(exp.to_dict(), allow_nan=False)))
+    assert again == exp
+    text = again.text()
+    assert f"loses accuracy at layer: b ({accs[1].note})" in text
+    layer_lines = [line for line in text.splitlines() if line.startswith("    ")]
+    assert "as_accurate" in layer_lines[0] and "less_accurate" in layer_lines[1]
+    stored, _ = arrays.read_ipc(layers_ipc(diffs))  # the Arrow per-layer file
+    assert list(stored["accuracy"]) == ["as_accurate", "less_accurate", "less_accurate"]
+    assert stored["rmse_vs_fp64"].tolist() == [d.rmse_vs_fp64 for d in diffs]
+    assert stored["reference_rmse_vs_fp64"].tolist() == [d.reference_rmse_vs_fp64 for d in diffs]
+    table = results.to_table([CellResult(run_id="r", scenario="s", format="keras", environment="serve-bf16",
+                                         verdict="mismatch")])
+    md = report.render(table, "md", explanations={again.cell: again})
+    assert "- loses accuracy at layer: b (out/0: rmse vs float64" in md
+    assert "| vs float64 | rmse vs fp64 | reference's rmse vs fp64 |" in md and "| less_accurate |" in md
+    html = report.render(table, "html", explanations={again.cell: again})
+    assert "loses accuracy at layer" in html and "less_accurate" in html
+    # none lost; not judged (and why); stored before layers were judged: no claim either way
+    fine = Localisation("keras", None, diffs[:1], None, None)
+    assert fine.accuracy_fact() == ("loses accuracy at layer",
+                                    "none (every layer is as accurate as the reference against float64)")
+    why = Localisation("keras", None, diffs, "b", "b", accuracy_unavailable="the model cannot be rebuilt in float64")
+    assert "  accuracy vs float64: not judged: the model cannot be rebuilt in float64" in \
+        Explanation("s/keras/e", "mismatch", localisation=why).text()
+    old = Localisation("keras", None, tuple(dataclasses.replace(d, accuracy=None) for d in diffs), "b", "b")
+    assert old.accuracy_fact() is None and "accuracy" not in Explanation("s/keras/e", "mismatch",
+                                                                         localisation=old).text()
+
+
+def test_dtype_policy_is_a_knob_whose_variants_are_valid_environments():
+    from harness.explain import attribution_environments, knob_differences
+    from harness.spec import parse_sweep
+
+    sweep = parse_sweep({"scenarios": ["s"], "environments": {"serve-bf16": {"dtype_policy": "mixed_bfloat16"}}})
+    env = sweep.environment("serve-bf16")
+    (knob,) = knob_differences(sweep, env)
+    assert (knob.name, knob.training, knob.cell, knob.label) == ("dtype_policy", None, "mixed_bfloat16",
+                                                                 "dtype policy mixed_bfloat16")
+    by = {v.kind: v for v in attribution_environments(sweep, env, [knob])}
+    assert by["only"].error is None and by["only"].env.dtype_policy == "mixed_bfloat16"
+    assert by["only"].env.name == "serve-bf16.only-dtype_policy" and by["only"].env.expect == "any"
+    assert by["without"].error is None and by["without"].env.dtype_policy is None
+    # the variants are environments a sweep accepts (a training environment with a policy is refused)
+    from harness.spec import environment_document
+
+    doc = {"scenarios": ["s"], "environments": {v.env.name: environment_document(v.env) for v in by.values()}}
+    assert {e.name: e.dtype_policy for e in parse_sweep(doc).environments} == {
+        "serve-bf16.only-dtype_policy": "mixed_bfloat16", "serve-bf16.without-dtype_policy": None}
+
+
+# -- traces in a worker: the environment's dtype policy, the float64 rebuild, a model without an oracle ------
+def _unrebuildable_layer():
+    import keras
+
+    class Shift(keras.layers.Layer):
+        """Takes a function: Keras cannot save its config, so the model has no float64 rebuild."""
+
+        def __init__(self, fn, **kwargs):
+            super().__init__(**kwargs)
+            self.fn = fn
+
+        def call(self, x):
+            return self.fn(x)
+
+    return Shift
+
+
+def _unrebuildable_model():
+    import keras
+
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"),
+                             _unrebuildable_layer()(lambda x: x + 0.5, name="shift")])
+
+
+def test_worker_trace_without_an_oracle_says_why_and_still_traces_the_bits(tmp_path):
+    from harness import Scenario
+    from harness.spec import Environment
+    from harness.train import train
+    from harness.worker import TraceJob, Worker
+
+    scenario = Scenario(name="test-no-float64", build=_unrebuildable_model, seed=1,
+                        data=lambda rng: (rng.normal(size=(16, 4)).astype(np.float32),
+                                          rng.normal(size=(16, 3)).astype(np.float32)),
+                        probe=lambda rng: rng.normal(size=(8, 4)).astype(np.float32),
+                        compile={"optimizer": "sgd", "loss": "mse"}, fit={"epochs": 1})
+    store = str(tmp_path / "store")
+    art = train(scenario, ["weights"], store, Environment(name="training")).artifacts["weights"]
+    worker = Worker({"training": Environment(name="training")}, {scenario.name: scenario}, store)
+    traced = worker.trace(TraceJob(scenario.name, "weights", art.path, art.manifest_sha256, 32, False, "t/ref.arrow",
+                                   oracle_path="t/f64.arrow"))
+    assert traced.layers == ("d", "shift")
+    assert traced.oracle_unavailable.startswith("the model cannot be rebuilt in float64: NotImplementedError")
+    st_ = Storage.open(store)
+    assert st_.exists("t/ref.arrow") and not st_.exists("t/f64.arrow")
+
+
+# -- end to end: an article model served in bfloat16, and under XLA -----------------------------------
+# The question of issue 19: where does the bf16 environment lose accuracy? Every expectation below
+# is read from what the arbiter computed on this machine (the cells' accuracy tiers, the oracle).
+DENSE = "seed-dense-regression"
+SERVING = {
+    "name": "explain-serving", "scenarios": [DENSE], "formats": ["keras"], "expect": "any",
+    "environments": {"cpu-default": {}, "cpu-xla": {"jit_compile": True},
+                     "serve-bf16": {"dtype_policy": "mixed_bfloat16"}},
+    "timeouts": {"schedule_timeout_s": 120, "cell_timeout_s": 180},
+}
+
+
+@pytest.fixture(scope="module")
+def served(scenarios, tmp_path_factory):
+    """The run's cells and its explanations of every cell that is not bitwise (one embedded Ray)."""
+    import ray
+    import yaml
+
+    from harness.explain import cells_to_explain, explain_cells
+    from harness.spec import parse_sweep
+    from harness.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("served")
+    ray.init(address="local", include_dashboard=False, num_cpus=2, num_gpus=0, log_to_driver=False,
+             logging_level="ERROR")
+    try:
+        sweep = parse_sweep(yaml.safe_load(yaml.safe_dump(SERVING)), source=str(tmp / "serving.yaml"))
+        res = run_sweep(sweep, scenarios, out_dir=tmp / "run", storage=str(tmp / "store"))
+        asked = cells_to_explain(res.table)
+        served_cells = [c for c in asked if c.endswith("/serve-bf16")]  # attributed; the others only localised
+        others = [c for c in asked if c not in served_cells]
+        explained = {**dict(zip(served_cells, explain_cells(res.run, sweep, scenarios, served_cells))),
+                     **dict(zip(others, explain_cells(res.run, sweep, scenarios, others, attribution=False)))}
+    finally:
+        ray.shutdown()
+    cells = {c.environment: c for c in results.cells(res.table)}
+    return res, cells, explained
+
+
+def _traces(res, cell):
+    st_ = Storage.open(res.storage_uri)
+    return {part: arrays_to_trace(arrays.read_ipc(st_.read_bytes(res.run.explain_path(cell, part)))[0])
+            for part in ("training", "cell", "float64")}
+
+
+def test_bf16_serving_loses_accuracy_where_the_arbiter_says_and_the_policy_is_the_cause(served):
+    res, cells, explained = served
+    cell = cells["serve-bf16"]
+    assert cell.accuracy == "less_accurate", cell.accuracy_note  # the cell itself, judged at replay
+    exp = explained[cell.name]
+    loc = exp.localisation
+    assert loc.error is None and loc.accuracy_unavailable is None, loc
+    tiers = [d.accuracy for d in loc.layers]
+    assert loc.accuracy_lost_at == next(d.name for d in loc.layers if d.accuracy == "less_accurate"), tiers
+    assert tiers[-1] == cell.accuracy  # the last layer's outputs are the model's: the same verdict as the cell's
+    lost = next(d for d in loc.layers if d.name == loc.accuracy_lost_at)
+    assert lost.rmse_vs_fp64 > 3 * lost.reference_rmse_vs_fp64
+    assert loc.accuracy_note.startswith("out/0: rmse vs float64")
+    # the cell's trace ran under the policy, the third trace in float64 on the probe cast to float64
+    traces = _traces(res, cell)
+    assert {o.dtype.name for c in traces["cell"] for o in c["outputs"]} == {"bfloat16"}
+    assert {a.dtype.name for c in traces["float64"] for a in c["inputs"] + c["outputs"]} == {"float64"}
+    assert exp.summary == "explained by dtype policy mixed_bfloat16", exp.text()
+    (finding,) = exp.findings
+    assert finding.knob.name == "dtype_policy" and finding.only_reproduces and finding.without_restores
+    assert f"loses accuracy at layer: {loc.accuracy_lost_at} (" in exp.text()
+
+
+def test_the_float64_trace_is_the_oracle_the_cells_were_judged_by(served):
+    res, cells, _ = served
+    cell = cells["serve-bf16"]
+    from harness import layout
+
+    local, _ = Storage.open(res.storage_uri).get_dir(layout.artifact_of_uri(cell.artifact_uri),
+                                                     expected_manifest_sha256=cell.manifest_sha256)
+    oracle, _ = arrays.read_ipc(f"{local}/oracle.arrow")
+    last = _traces(res, cell)["float64"][-1]["outputs"][0]
+    np.testing.assert_allclose(last, oracle["output"], rtol=1e-12, atol=0)  # the same rebuild, traced
+
+
+def test_xla_changes_bits_but_no_layer_loses_accuracy(served):
+    _, cells, explained = served
+    cell = cells["cpu-xla"]
+    if cell.verdict == "bitwise":  # XLA reproduced oneDNN's bits on this CPU: nothing to explain
+        assert cell.name not in explained
+        return
+    assert cell.accuracy == "as_accurate", cell.accuracy_note
+    loc = explained[cell.name].localisation
+    assert all(d.accuracy == "as_accurate" for d in loc.layers), loc.layers
+    assert loc.accuracy_lost_at is None and loc.first is not None
+    assert "loses accuracy at layer: none" in explained[cell.name].text()
+
+
+def test_per_layer_accuracy_is_stored_in_json_and_arrow(served):
+    res, cells, explained = served
+    cell = cells["serve-bf16"]
+    stored = json.loads(res.run.explanation_file(cell.name).read_text())
+    assert stored["localisation"]["accuracy_lost_at"] == explained[cell.name].localisation.accuracy_lost_at
+    layers, _ = arrays.read_ipc(Storage.open(res.storage_uri).read_bytes(res.run.explain_path(cell)))
+    assert list(layers["accuracy"]) == [d["accuracy"] for d in stored["localisation"]["layers"]]
+    assert layers["rmse_vs_fp64"].tolist() == [d["rmse_vs_fp64"] for d in stored["localisation"]["layers"]]

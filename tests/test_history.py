@@ -173,6 +173,48 @@ def test_diff_runs_finds_exactly_what_changed():
     assert changes.new_cells == changes.vanished_cells == []
 
 
+def _tiers(run_id: str, tiers: dict) -> pa.Table:
+    """One night of within-tolerance cells (expect any) whose accuracy tiers are ``tiers`` by cell key."""
+    return results.to_table([
+        make_row("within_tolerance", *key, expected="any", run_id=run_id, accuracy=tier,
+                 rmse_vs_fp64=None if tier in (None, "n/a") else (5e-4 if tier == "less_accurate" else 2e-8),
+                 reference_rmse_vs_fp64=None if tier in (None, "n/a") else 1.5e-8)
+        for key, tier in tiers.items()])
+
+
+DROPS, RECOVERS, STEADY, GAINS_TIER = (("mlp", "keras", e) for e in ("serve-bf16", "cpu-xla", "cpu-amd", "cpu-new"))
+
+
+def test_diff_runs_reports_accuracy_tier_changes_even_when_the_cell_still_passes():
+    before = _tiers("run-1", {DROPS: "as_accurate", RECOVERS: "less_accurate", STEADY: "as_accurate",
+                              GAINS_TIER: None})
+    after = _tiers("run-2", {DROPS: "less_accurate", RECOVERS: "as_accurate", STEADY: "as_accurate",
+                             GAINS_TIER: "less_accurate"})
+    changes = history.diff_runs(before, after)
+    # the tier is the only thing that moved (same verdict, ULP, passed): the cells are still found
+    assert not changes.regressed and changes.diff_changes == [] and changes.newly_failing == []
+    assert {k: (e["old"], e["new"]) for k, e in zip(cell_keys(changes.accuracy_changes), changes.accuracy_changes)} \
+        == {DROPS: ("as_accurate", "less_accurate"), RECOVERS: ("less_accurate", "as_accurate")}
+    drop = changes.accuracy_changes[0]
+    assert drop["passed"] is True and drop["rmse_vs_fp64"] == 5e-4 and drop["reference_rmse_vs_fp64"] == 1.5e-8
+    md = history.render_changes_md(changes)
+    assert "**Accuracy tier changed (vs float64)** (2):" in md
+    assert ("`mlp/keras` @ `serve-bf16`: as_accurate -> less_accurate (rmse vs float64 0.0005, reference's "
+            "1.5e-08); its expectation still passes") in md
+    assert "No changes since the previous run." not in md
+    assert changes.to_dict()["accuracy_changes"] == changes.accuracy_changes
+    # a history written before the accuracy column existed: nothing to compare, nothing invented
+    assert history.diff_runs(before.drop_columns(["accuracy"]), after).accuracy_changes == []
+
+
+def test_compare_reads_accuracy_tiers_from_the_history(tmp_path):
+    uri = str(tmp_path / "h")
+    history.append_run(_tiers("run-1", {DROPS: "as_accurate", STEADY: "as_accurate"}), uri)
+    changes = history.compare(history.History.open(uri),
+                              _tiers("run-2", {DROPS: "less_accurate", STEADY: "as_accurate"}))
+    assert cell_keys(changes.accuracy_changes) == [DROPS] and changes.previous_run["run_id"] == "run-1"
+
+
 def test_diff_runs_factor_threshold():
     assert len(history.diff_runs(night(1), night(2), factor=20.0).diff_changes) == 2  # only the 0 -> nonzero cell
     assert len(history.diff_runs(night(1), night(2), factor=9.0).diff_changes) == 3
