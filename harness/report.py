@@ -35,12 +35,12 @@ import pyarrow as pa
 from tabulate import tabulate
 
 from harness import history as hist
-from harness import repeats as repeats_
 from harness import results
 from harness import text as text_
 from harness.explain import Explanation, LayerDiff
 from harness.compare import ACCURACY_TIERS, AS_ACCURATE, LESS_ACCURATE
 from harness.records import FIELDS, CellResult, json_object, json_value, metric_delta_bound, unparsable
+from harness.repeats import pids as repeat_pids
 from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS
 
 #: Report formats and the file each is written to by :func:`write_all`.
@@ -221,7 +221,7 @@ def _repeats_text(cell: Cell) -> str:
     """``3 repeats in 3 processes (pids 11, 12, 13): FLAKY, their outputs up to 4 ulp apart``, or '' (not repeated)."""
     if cell.flaky is None and not (cell.repeats or 0) > 1:
         return ""
-    pids = repeats_.pids(cell)
+    pids = repeat_pids(cell)
     known = [p for p in pids if p is not None]
     text = f"{cell.repeats} repeat(s) in {len(set(known))} process(es)" + (
         f" (pids {', '.join(map(str, pids))})" if known else "")
@@ -320,11 +320,6 @@ def fingerprint_diff(cell: Cell) -> list[tuple[str, Any, Any]]:
 
 
 # -- console -----------------------------------------------------------------------
-def _exact(value: float) -> str:
-    """A count such as a ULP distance, every digit of it (``12345678901``, ``inf``)."""
-    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else str(value)
-
-
 def _abs(value: Any) -> str:
     """An absolute difference beside a ULP count: 2 significant digits (``2.4e-07``, ``0.034``)."""
     return f"{value:.2g}" if isinstance(value, (int, float)) else "?"
@@ -872,6 +867,11 @@ def _seconds(cells: Iterable[Cell]) -> str:
     return f"{min(total, sys.float_info.max):.3f}"
 
 
+def _exact(value: float) -> str:
+    """A count such as a ULP distance, every digit of it (``12345678901``, ``inf``)."""
+    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else str(value)
+
+
 def _flaky_prefix(cell: Cell) -> str:
     """``flaky (its 3 repeats disagree, up to 4 ulp apart): `` for a flaky cell's JUnit messages, else ''."""
     if not cell.flaky:
@@ -909,9 +909,10 @@ def _error_message(cell: Cell) -> str:
 def _testcase(suite: ET.Element, cell: Cell) -> None:
     case = _element(suite, "testcase", classname=f"{cell.scenario}.{cell.format}",
                     name=cell.environment, time=_seconds([cell]))
-    if cell.flaky is not None:  # a repeated cell: <properties> first, as pytest writes a test case's properties
+    if cell.flaky is not None or (cell.repeats or 0) > 1:  # repeated: <properties> first, as pytest writes them
         props = _element(case, "properties")
-        _element(props, "property", name="flaky", value=str(cell.flaky).lower())
+        if cell.flaky is not None:  # (null: fewer than two repeats produced outputs to compare)
+            _element(props, "property", name="flaky", value=str(cell.flaky).lower())
         _element(props, "property", name="repeats", value=cell.repeats)
         if cell.repeat_spread_ulp is not None:
             _element(props, "property", name="repeat_spread_ulp", value=_exact(cell.repeat_spread_ulp))

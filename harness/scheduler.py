@@ -331,7 +331,7 @@ class _Lane:
     spec: LaneSpec
     slot: int = 0  # which repeat of its cells this lane runs (a lane has one slot per repeat)
     queue: deque = field(default_factory=deque)  # Job, ready to dispatch
-    expected: int = 0  # cells of this lane awaiting training
+    expected: int = 0  # cells (repeats, with repeats) of this lane awaiting training
     workers: list = field(default_factory=list)
     inflight: int = 0  # jobs submitted and not reported
     failed: tuple[str, str] | None = None  # (verdict, reason) of every remaining cell
