@@ -213,6 +213,11 @@ def test_junit_marks_a_repeated_cell_with_properties_and_a_flaky_failure_says_so
     assert failure.get("message").startswith("flaky (its 3 repeats disagree bitwise, up to 5 ulp apart): mismatch")
     assert {p.get("name"): p.get("value") for p in cases["steady.keras"].find("properties")}["flaky"] == "false"
     assert cases["plain.keras"].find("properties") is None  # not repeated: nothing to say
+    # repeated, but only one repeat produced outputs: how many ran, and no flaky to claim either way
+    lone = results.to_table([make_row("error", "lone", repeats=2, flaky=None, attempts=3)])
+    root = etree.fromstring(report.render(lone, "junit").encode())
+    schema.assertValid(root)
+    assert {p.get("name"): p.get("value") for p in root.find(".//testcase/properties")} == {"repeats": "2"}
 
 
 def test_json_summary_counts_and_html_mark_flaky_cells():
