@@ -234,7 +234,7 @@ class CellResult(CellNames):
     artifact_uri: str | None = _col(pa.string(), "where the artifact lives in storage")
     manifest_sha256: str | None = _col(pa.string(), "sha256 of the artifact manifest this cell really replayed "
                                        "(verified before loading; null if the cell never reached the artifact)")
-    observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs")
+    observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs (its first repeat's)")
     attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched (summed over its repeats)")
     repeats: int | None = _col(pa.int32(), "how many repeats of the cell reached a worker (its environment's `repeats`, "
                                "or fewer when some could not run; 0: none did)")
