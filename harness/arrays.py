@@ -16,6 +16,7 @@ row, and restored with the same element type and numpy dtype.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Mapping
 
@@ -175,3 +176,23 @@ def read_ipc(source: str | bytes) -> tuple[dict[str, np.ndarray], dict]:
     else:
         reader = pa.ipc.open_file(pa.memory_map(str(source), "r"))
     return from_table(reader.read_all())
+
+
+def digest(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and contents: two arrays have the same digest iff their bits are the same.
+
+    Numeric arrays are hashed by their bytes (``-0.0`` and ``+0.0`` differ, as
+    do NaNs with different payloads); string arrays by their values, each
+    length-prefixed, with the kind of string (bytes or str) in the header.
+    """
+    a = np.asarray(a)
+    kind = _string_kind(a)
+    h = hashlib.sha256(json.dumps({**_array_info(a), "strings": kind}, sort_keys=True).encode())
+    if kind is None:
+        h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+    for x in a.reshape(-1):
+        data = bytes(x) if kind == "bytes" else str(x).encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()

@@ -76,6 +76,9 @@ def _progress(done: int, total: int, cell) -> None:
             metric += f", {cell.accuracy.replace('_', ' ')} vs float64"
     failed = "  save✗ (expect_save)" if failure_mark(cell) == "save✗" else f"  ✗ expected {cell.expected}"
     mark = {True: "", False: failed, None: "  (optional: not judged)"}[cell.passed]
+    if cell.flaky:  # its repeats disagree: said before any failure, which it is never counted as in a nightly
+        spread = f", up to {cell.repeat_spread_ulp:.3g} ulp apart" if cell.repeat_spread_ulp is not None else ""
+        mark = f"  FLAKY ({cell.repeats} repeats disagree{spread}){mark}"
     err = f" -- {text.one_line(cell.error)}" if cell.error and cell.passed is not True else ""  # in full: the advice ends it
     name = text.one_line(f"{cell.scenario}/{cell.format} @ {cell.environment}")
     print(f"[{done:>{len(str(total))}}/{total}] {name}: {cell.verdict}{metric}{mark}{err}", file=sys.stderr, flush=True)

@@ -25,6 +25,10 @@ every job is one plain call (``Settings.max_batch = 1``): a call's result
 arrives when its job ends, so the scheduler still knows which job runs and
 since when, and timeouts stay exact.
 
+Repeats (``repeats: N``) are the scheduler's: each repeat of a cell is an
+ordinary job on a worker of its repeat's slot, and a repeated cell's ``Emit``
+carries every repeat's result to the sink, which makes them one row.
+
 Driver work per finished cell is O(1): a scheduler step and one journal line.
 """
 
@@ -62,7 +66,7 @@ class Sink(Protocol):
     """Where finished cells go (``harness.sweep.Collector``)."""
 
     def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None,
-            attempts: int | None = None) -> None: ...
+            attempts: int | None = None, repeats: Sequence[CellResult] = ()) -> None: ...
 
     def training_done(self, record: TrainRecord) -> None: ...
 
@@ -307,7 +311,8 @@ class Engine:
         retrain: ignore complete artifacts already in storage.
         worker_cls: the actor body (default :class:`harness.worker.Worker`;
             benchmarks pass one that does no TensorFlow work).
-        observation_path: ``cell -> path`` of a cell's observation file in storage.
+        observation_path: ``(cell, repeat) -> path`` of a cell's observation file in storage
+            (``repeat`` 0-based: each repeat of a repeated cell writes its own).
         busy_cpus: CPUs that may be busy at once when that is fewer than Ray's
             (the embedded local Ray; see ``LOCAL_WAITING_CPUS``). ``None``: Ray's CPUs.
         streaming: send batches through streaming generators; ``None``: unless under Ray Client.
@@ -318,7 +323,7 @@ class Engine:
 
     def __init__(self, sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, sink: Sink, *,
                  retrain: bool = False, worker_cls: type = Worker,
-                 observation_path: Callable[[Cell], str | None] = lambda cell: None,
+                 observation_path: Callable[[Cell, int], str | None] = lambda cell, repeat: None,
                  busy_cpus: float | None = None, streaming: bool | None = None,
                  nodes: Sequence[Mapping[str, Any]] | None = None):
         import ray
@@ -337,7 +342,7 @@ class Engine:
 
     # -- public ------------------------------------------------------------------------------
     def run(self, cells: Iterable[Cell], unschedulable: Mapping[str, str] | None = None,
-            artifacts: Mapping[str, ArtifactRecord] | None = None) -> None:
+            artifacts: Mapping[str, ArtifactRecord] | None = None, repeats: Mapping[str, int] | None = None) -> None:
         """Run ``cells``.
 
         Args:
@@ -346,8 +351,10 @@ class Engine:
                 environment) -> why no node can host it (``placement.precheck``).
             artifacts: cell name -> an artifact already trained: the cell is
                 replayed without training (explain's attribution variants).
+            repeats: environment name -> how many times each of its cells is
+                replayed, each time in a different worker process (``Sweep.repeated``).
         """
-        scheduler = self._scheduler(list(cells), dict(unschedulable or {}), artifacts)
+        scheduler = self._scheduler(list(cells), dict(unschedulable or {}), artifacts, repeats)
         try:
             self._execute(scheduler, scheduler.start(time.time(), self._capacity()))
             while not scheduler.finished:
@@ -364,7 +371,8 @@ class Engine:
 
     # -- planning ------------------------------------------------------------------------------
     def _scheduler(self, cells: list[Cell], unschedulable: dict[str, str],
-                   artifacts: Mapping[str, ArtifactRecord] | None) -> Scheduler:
+                   artifacts: Mapping[str, ArtifactRecord] | None,
+                   repeats: Mapping[str, int] | None = None) -> Scheduler:
         sweep = self.sweep
         specs: dict[str, LaneSpec] = {}
         lane_of: dict[str, str] = {}
@@ -389,7 +397,7 @@ class Engine:
         settings = Settings(retries=sweep.retries, schedule_timeout_s=sweep.schedule_timeout_s,
                             cell_timeout_s=sweep.cell_timeout_s, train_timeout_s=sweep.train_timeout_s,
                             busy_cpus=self.busy_cpus, max_batch=MAX_BATCH if self.streaming else 1)
-        return Scheduler(list(specs.values()), cells, lane_of, settings, artifacts)
+        return Scheduler(list(specs.values()), cells, lane_of, settings, artifacts, repeats)
 
     def _capacity(self) -> float:
         self._capacity_at = time.time()
@@ -401,7 +409,7 @@ class Engine:
         while todo:
             cmd = todo.popleft()
             if isinstance(cmd, Emit):
-                self.sink.add(cmd.cell, cmd.result, cmd.artifact, attempts=cmd.attempts)
+                self.sink.add(cmd.cell, cmd.result, cmd.artifact, attempts=cmd.attempts, repeats=cmd.repeats)
             elif isinstance(cmd, Submit):
                 self._submit(cmd)
             elif isinstance(cmd, StartWorker):
@@ -450,7 +458,7 @@ class Engine:
             settings = self._replay_settings[cell.environment] = (sweep.batch_size_for(env), sweep.tolerance_for(env))
         batch_size, tolerance = settings
         return ReplayJob(cell.scenario, cell.format, cell.environment, job.artifact, batch_size, tolerance,
-                         dict(sweep.output_tolerances), self.observation_path(cell))
+                         dict(sweep.output_tolerances), self.observation_path(cell, job.repeat))
 
     def _kill(self, wid: int) -> None:
         actor = self.actors.pop(wid, None)

@@ -74,8 +74,8 @@ LIST_LIMIT = 20
 
 Key = tuple[str, str, str]
 
-#: ``flaky`` (the repeats of a cell disagree bitwise) is a future results column; until it
-#: exists every cell reads as not flaky, and the code below works either way.
+#: ``flaky`` (the repeats of a cell disagree bitwise: ``harness.repeats``); histories written
+#: before it existed read it as null, i.e. not flaky.
 _FLAKY = tuple(c for c in ("flaky",) if c in results.COLUMN_NAMES)
 #: What a cell's pass/fail status needs.
 _STATUS_COLUMNS = ("run_id", *_CELL_KEY, "verdict", "passed", *_FLAKY)
@@ -637,7 +637,7 @@ def cell_trend(history: pa.Table, scenario: str, format: str, environment: str,
 def cell_status(cell: Any) -> str:
     """``FLAKY``, ``FAILING``, ``PASSING`` or ``UNJUDGED``: a cell (or trend point) in one run.
 
-    ``flaky`` (its repeats disagreed; absent or None today) wins over
+    ``flaky`` (its repeats disagreed; None when not repeated) wins over
     ``passed``, so a flaky cell is never a failure, a regression or a fix. The
     judgement is the collector's ``passed`` (False: failing, True: passing,
     None: not judged, e.g. an optional cell).

@@ -61,13 +61,16 @@ def writable_probe(run_id: str) -> str:
     return f"{run_root(run_id)}/.writable"
 
 
-def observation_file(run_id: str, cell: _Named, group: str = "observations") -> str:
+def observation_file(run_id: str, cell: _Named, group: str = "observations", repeat: int = 0) -> str:
     """``runs/<run_id>/<group>/<scenario>/<format>/<environment>.arrow``: a cell's outputs.
 
     ``group`` is ``observations`` for the sweep's cells and ``attribution`` for
-    the variants ``harness explain`` runs.
+    the variants ``harness explain`` runs. The first repeat of a cell writes
+    that file; a later repeat ``r`` (0-based) writes ``<environment>.repeat-<r + 1>.arrow``
+    beside it (``repeats: N`` in a sweep).
     """
-    return f"{run_root(run_id)}/{group}/{cell.scenario}/{cell.format}/{cell.environment}.arrow"
+    suffix = f".repeat-{repeat + 1}" if repeat else ""
+    return f"{run_root(run_id)}/{group}/{cell.scenario}/{cell.format}/{cell.environment}{suffix}.arrow"
 
 
 def explain_file(run_id: str, cell: _Named, part: str = "") -> str:

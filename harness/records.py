@@ -171,9 +171,10 @@ def _col(arrow: pa.DataType, doc: str, *, json_value: bool = False) -> Any:
 class CellResult(CellNames):
     """One (scenario, format, environment) cell: one row of ``results.parquet``.
 
-    ``replay`` fills the cell's own columns; the driver completes the run's
+    ``replay`` fills the cell's own columns; the driver (``harness.sweep.Collector``) completes the run's
     (``run_id``, ``sweep``, ``expected``, ``passed``, the save round trip, the
-    training fingerprint, ``attempts``) with :meth:`completed`. JSON columns
+    training fingerprint, ``attempts``, and for a repeated cell ``repeats``,
+    ``flaky`` and ``repeat_spread_ulp``: see :mod:`harness.repeats`). JSON columns
     hold dicts here and JSON text in Arrow; ``started_at`` is epoch seconds
     here and a UTC timestamp in Arrow. A JSON column holds a dict, or its JSON
     text (see :meth:`encoded`).
@@ -233,8 +234,15 @@ class CellResult(CellNames):
     artifact_uri: str | None = _col(pa.string(), "where the artifact lives in storage")
     manifest_sha256: str | None = _col(pa.string(), "sha256 of the artifact manifest this cell really replayed "
                                        "(verified before loading; null if the cell never reached the artifact)")
-    observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs")
-    attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched")
+    observation_uri: str | None = _col(pa.string(), "Arrow IPC file with this cell's outputs (its first repeat's)")
+    attempts: int | None = _col(pa.int32(), "how many times the cell was dispatched (summed over its repeats)")
+    repeats: int | None = _col(pa.int32(), "how many repeats of the cell reached a worker (its environment's `repeats`, "
+                               "or fewer when some could not run; 0: none did)")
+    flaky: bool | None = _col(pa.bool_(), "the outputs of its repeats differ in some bit (null: fewer than two repeats "
+                              "produced outputs); a flaky cell is never a regression")
+    repeat_spread_ulp: float | None = _col(pa.float64(), "largest ULP distance between the outputs of any two repeats "
+                                           "(0: identical bits; inf: a difference ULPs cannot measure, e.g. of shape or "
+                                           "strings; null: not repeated, or the outputs could not be read back)")
     started_at: float | None = _col(pa.timestamp("us", tz="UTC"), "when the cell started (epoch seconds; UTC timestamp in Arrow)")
     seconds: float | None = _col(pa.float64(), "wall time of the cell")
     train_s: float | None = _col(pa.float64(), "wall time of the scenario's training step in this run: fit, save and "

@@ -124,7 +124,9 @@ def replay(scenario: Scenario, fmt: str, artifact_path: str, storage_uri: str, e
                           for o in cmp.outputs], "weight_problems": problems,
               "weight_notes": check.notes, "ignored_state": check.ignored_state,
               "variables_checked": check.checked, "reference_kind": info.get("reference_kind"),
-              "batch_size": batch_size, "accuracy": accuracy.to_dict(), "metric": metric.detail}
+              "batch_size": batch_size, "accuracy": accuracy.to_dict(), "metric": metric.detail,
+              # what repeats of this cell compare (harness.repeats): equal digests, identical bits
+              "outputs_sha256": {name: arrays.digest(value) for name, value in observed.items()}}
     return _finish(cell, start, fp, verdict=verdict, error=error, observation_uri=observation_uri,
                    accuracy=accuracy.tier, rmse_vs_fp64=accuracy.rmse, reference_rmse_vs_fp64=accuracy.reference_rmse,
                    accuracy_note=accuracy.note or None, metric=truth.metric, reference_metric=metric.reference,

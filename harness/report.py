@@ -41,6 +41,7 @@ from harness import text as text_
 from harness.explain import Explanation, LayerDiff
 from harness.compare import ACCURACY_TIERS, AS_ACCURATE, LESS_ACCURATE
 from harness.records import FIELDS, CellResult, json_object, json_value, metric_delta_bound, unparsable
+from harness.repeats import pids as repeat_pids
 from harness.results import EXPECTATIONS, NUMERIC_VERDICTS, VERDICTS
 
 #: Report formats and the file each is written to by :func:`write_all`.
@@ -52,6 +53,8 @@ _LABELS = {"bitwise": "bitwise", "within_tolerance": "within tolerance", "mismat
 _TIER_LABELS = {AS_ACCURATE: "as accurate", LESS_ACCURATE: "less accurate", "n/a": "n/a"}
 #: Console tags of the accuracy tier (none for n/a, nor for bitwise cells: identical bits are as accurate).
 _TIER_TAGS = {AS_ACCURATE: "=acc", LESS_ACCURATE: "<acc"}
+#: Console and Markdown tag of a cell whose repeats disagree bitwise.
+FLAKY_TAG = "flaky"
 #: Fingerprint keys left out of "what differs" lists: a process id always differs.
 _NOISE_KEYS = ("pid",)
 
@@ -190,6 +193,8 @@ def _summarize(lay: _Layout) -> dict[str, Any]:
         "passed": sum(c.passed is True for c in cells),
         "failed": sum(c.passed is False for c in cells),
         "not_judged": sum(c.passed is None for c in cells),
+        "flaky": sum(c.flaky is True for c in cells),
+        "repeated": sum(c.flaky is not None for c in cells),  # cells whose repeats could be compared
     }
 
 
@@ -205,7 +210,9 @@ def _summary_line(lay: _Layout) -> str:
     tiers = ""
     if any(s["accuracy"].values()):
         tiers = "; vs float64: " + ", ".join(f"{n} {_TIER_LABELS[t]}" for t, n in s["accuracy"].items())
-    return f"{s['cells']} cells: {counts}{tiers}; {s['passed']} passed, {s['failed']} failed expectations{judged}"
+    flaky = f"; {s['flaky']} of {s['repeated']} repeated cells flaky" if s["repeated"] else ""
+    return (f"{s['cells']} cells: {counts}{tiers}{flaky}; {s['passed']} passed, {s['failed']} failed "
+            f"expectations{judged}")
 
 
 def _joined(cell: Cell, names: Iterable[str]) -> str:
@@ -218,12 +225,30 @@ def _outcome_text(cell: Cell) -> str:
     return f"{cell.verdict} (expected {cell.expected}: {judged})"
 
 
+def _repeats_text(cell: Cell) -> str:
+    """``3 repeats in 3 processes (pids 11, 12, 13): FLAKY, their outputs up to 4 ulp apart``, or '' (not repeated)."""
+    if cell.flaky is None and not (cell.repeats or 0) > 1:
+        return ""
+    pids = repeat_pids(cell)
+    known = [p for p in pids if p is not None]
+    text = f"{cell.repeats} repeat(s) in {len(set(known))} process(es)" + (
+        f" (pids {', '.join(map(str, pids))})" if known else "")
+    if cell.flaky is None:
+        return f"{text}: fewer than two produced outputs to compare"
+    if not cell.flaky:
+        return f"{text}: identical bits"
+    spread = (f"their outputs up to {_ulp(cell.repeat_spread_ulp)} ulp apart" if cell.repeat_spread_ulp is not None
+              else "how far apart is unknown: " + str(json_object(cell.detail).get("repeat_spread_note", "")))
+    return f"{text}: FLAKY, {spread} (never counted as a regression)"
+
+
 def _facts(cell: Cell) -> list[tuple[str, str]]:
     """What is worth knowing about a cell, as (label, text) lines; empty lines left out."""
     labels = json_value(cell.node_labels)
     node = " ".join(filter(None, [cell.node_id, hist.format_value(labels, 400) if labels else ""]))
     facts = [
         ("verdict", _outcome_text(cell)),
+        ("repeats", _repeats_text(cell)),
         ("metrics", _joined(cell, ("max_abs_diff", "max_rel_diff", "max_ulp_diff", "mismatch_fraction", "weights_equal"))),
         ("prediction impact", _impact_text(cell)),
         ("accuracy vs float64", _accuracy_text(cell)),
@@ -339,7 +364,7 @@ def failure_mark(cell: Cell) -> str:
         met = cell.meets()
     except ValueError:  # an expectation this version does not know: not met
         met = False
-    return "save✗" if met else "✗"
+    return "save✗" if met and not cell.flaky else "✗"  # a flaky cell's first repeat may meet what others missed
 
 
 def _mark(cell: Cell) -> str:
@@ -363,13 +388,16 @@ def _short(cell: Cell | None, note: int | None = None) -> str:
         text += f" {_flips(cell)}flip"
     if _tier(cell):
         text += f" {_TIER_TAGS[_tier(cell)]}"
+    if cell.flaky:
+        text += f" {FLAKY_TAG}"
     return text + _mark(cell) + (f" [{note}]" if note else "")
 
 
 MATRIX_LEGEND = ("legend: bitwise = identical bits; tol Nulp A = within tolerance, at most N ULP and A absolute "
                  "difference from the reference; MISMATCH Nulp A = outside tolerance; Kflip = K predictions changed "
                  "their decision (top-1 class, 0.5 threshold or label); =acc / <acc = as accurate as / less accurate "
-                 "than the reference, both measured against the model run in float64; ✗ = missed its expectation; "
+                 "than the reference, both measured against the model run in float64; flaky = its repeats disagree "
+                 "bitwise (never counted as a regression); ✗ = missed its expectation; "
                  "save✗ = met it, but the save round trip missed expect_save; [n] = note n above (the full reason); "
                  "save = in-memory model vs its reload in the training environment")
 
@@ -433,6 +461,8 @@ def _md_cell(cell: Cell | None, note: int | None = None) -> str:
         flips = f", {_flips(cell)} flipped" if _flips(cell) else ""
         tier = f", {_TIER_LABELS[_tier(cell)]}" if _tier(cell) else ""
         text += f" ({_ulp(cell.max_ulp_diff)} ulp, {_num(cell.max_abs_diff)}{flips}{tier})"
+    if cell.flaky:
+        text += f" {FLAKY_TAG}"
     text = f"**{text}**{_mark(cell)}" if _failed(cell) else text
     return text + (f" [{note}]" if note else "")
 
@@ -478,6 +508,17 @@ def _md_failure(cell: Cell) -> list[str]:
     return lines + [""]
 
 
+def _md_flaky(lay: _Layout) -> list[str]:
+    """``## Flaky cells``: every cell whose repeats disagree, with its pids and spread (nothing without any)."""
+    flaky = [c for c in lay.ordered() if c.flaky]
+    if not flaky:
+        return []
+    lines = [f"- {text_.code(c.scenario + '/' + c.format)} @ {text_.code(c.environment)}: "
+             f"{_md_escape(_repeats_text(c))}" for c in flaky]
+    return ["## Flaky cells", "", "Cells whose repeats disagree bitwise (a flaky cell is never a regression):", "",
+            *lines, ""]
+
+
 def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
               explanations: Mapping[str, Explanation] | None = None) -> str:
     lay = _layout(table)
@@ -491,6 +532,7 @@ def _markdown(table: pa.Table, changes: hist.Changes | None, title: str | None,
         failures = [c for c in lay.ordered() if _failed(c)]
         lines += ["## Failed expectations", ""]
         lines += [line for c in failures for line in _md_failure(c)] or ["None.", ""]
+        lines += _md_flaky(lay)
     explained = _explained(lay, explanations)
     if explained:
         lines += ["## Explanations", ""] + [line for e in explained for line in _md_explanation(e)]
@@ -609,6 +651,7 @@ td.cell summary::-webkit-details-marker{display:none}
 #legend .swatch{display:inline-block;width:22px;height:16px;border-radius:3px;border:1px solid #999;position:relative}
 #legend .ramp{display:inline-block;width:120px;height:16px;border-radius:3px;border:1px solid #999}
 #legend .failed-mark{background:#fff}
+#matrix td.cell.flaky,#legend .flaky-mark{border-style:dashed;border-color:#111}
 #fingerprints th,#fingerprints td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top;font-size:12px;
  max-width:28em;overflow-wrap:anywhere}
 #fingerprints td{min-width:8em}
@@ -784,6 +827,8 @@ def _tooltip(cell: Cell) -> str:
         parts.append(f"{_flips(cell)} prediction(s) changed their decision")
     if tier := _tier(cell):
         parts.append(f"{_TIER_TAGS[tier]} {_TIER_MEANING[tier]}")
+    if cell.flaky:
+        parts.append("flaky: its repeats disagree bitwise")
     if _failed(cell):
         parts.append("FAILED expectation")
     if first := _first_line(cell.error):
@@ -812,7 +857,8 @@ def _cell_view(cell: Cell, note: int | None, trend: list[hist.TrendPoint], eleme
     scenario, fmt, environment = cell.key
     tier = _tier(cell)
     classes = " ".join(filter(None, ["cell", _verdict_class(cell.verdict), "failed" if _failed(cell) else "",
-                                     "less-accurate" if tier == LESS_ACCURATE else ""]))
+                                     "less-accurate" if tier == LESS_ACCURATE else "",
+                                     "flaky" if cell.flaky else ""]))
     return {"id": element_id, "classes": classes, "scenario": scenario, "format": fmt, "environment": environment,
             "verdict": cell.verdict, "accuracy": tier, "title": _tooltip(cell), "style": _mismatch_style(cell),
             "text": _short(cell, note), "spark": _spark(trend), "detail": _detail_view(cell, trend, charted)}
@@ -856,6 +902,7 @@ def _legend_items() -> list[dict[str, Any]]:
               item(f"{_TIER_TAGS[AS_ACCURATE]} {_TIER_MEANING[AS_ACCURATE]}"),
               item(f"{_TIER_TAGS[LESS_ACCURATE]} {_TIER_MEANING[LESS_ACCURATE]}",
                    f"{_verdict_class('within_tolerance')} tier-mark"),
+              item("flaky: its repeats disagree bitwise (never a regression)", "flaky-mark"),
               item("[n] full reason in note n"), item("click a cell for details")]
     return items
 
@@ -1065,10 +1112,29 @@ def _seconds(cells: Iterable[Cell]) -> str:
     return f"{min(total, sys.float_info.max):.3f}"
 
 
+def _exact(value: float) -> str:
+    """A count such as a ULP distance, every digit of it (``12345678901``, ``inf``)."""
+    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else str(value)
+
+
+def _flaky_prefix(cell: Cell) -> str:
+    """``flaky (its 3 repeats disagree, up to 4 ulp apart): `` for a flaky cell's JUnit messages, else ''."""
+    if not cell.flaky:
+        return ""
+    spread = f", up to {_ulp(cell.repeat_spread_ulp)} ulp apart" if cell.repeat_spread_ulp is not None else ""
+    return f"flaky (its {cell.repeats} repeats disagree bitwise{spread}): "
+
+
 def _failure_message(cell: Cell) -> str:
+    return _flaky_prefix(cell) + _expectation_message(cell)
+
+
+def _expectation_message(cell: Cell) -> str:
     verdict, expected = cell.verdict, cell.expected
     known = expected in EXPECTATIONS or metric_delta_bound(expected) is not None
     if known and cell.meets():
+        if cell.flaky:
+            return f"the first repeat's {verdict} meets expectation {expected!r}, another repeat does not"
         return f"{verdict} meets expectation {expected!r} but the save round trip was {cell.save_verdict}"
     why = f"max {_ulp(cell.max_ulp_diff)} ulp, max abs diff {_num(cell.max_abs_diff)}"
     if expected == "accurate":
@@ -1082,12 +1148,19 @@ def _failure_message(cell: Cell) -> str:
 
 def _error_message(cell: Cell) -> str:
     first = _first_line(cell.error)
-    return f"{cell.verdict}: {first}" if first else str(cell.verdict)
+    return _flaky_prefix(cell) + (f"{cell.verdict}: {first}" if first else str(cell.verdict))
 
 
 def _testcase(suite: ET.Element, cell: Cell) -> None:
     case = _element(suite, "testcase", classname=f"{cell.scenario}.{cell.format}",
                     name=cell.environment, time=_seconds([cell]))
+    if cell.flaky is not None or (cell.repeats or 0) > 1:  # repeated: <properties> first, as pytest writes them
+        props = _element(case, "properties")
+        if cell.flaky is not None:  # (null: fewer than two repeats produced outputs to compare)
+            _element(props, "property", name="flaky", value=str(cell.flaky).lower())
+        _element(props, "property", name="repeats", value=cell.repeats)
+        if cell.repeat_spread_ulp is not None:
+            _element(props, "property", name="repeat_spread_ulp", value=_exact(cell.repeat_spread_ulp))
     kind = outcome(cell)
     if kind == "failure":
         body = "\n".join(filter(None, [_required_text(cell), cell.error]))

@@ -61,8 +61,9 @@ def environment_digest(env: Environment) -> str:
 def plan_digest(sweep: Sweep, scenarios: Mapping[str, Scenario]) -> str:
     """What decides a run's results: cells, scenario sources, environments, tolerances, expectations.
 
-    Names count (a renamed environment is another column); descriptions,
-    comments, timeouts, retries and ``explain`` do not.
+    Names count (a renamed environment is another column), and so do
+    ``repeats`` (they decide ``flaky``); descriptions, comments, timeouts,
+    retries and ``explain`` do not.
     """
     def tolerance(tol: Any) -> Any:
         return dataclasses.asdict(tol) if tol is not None else None
@@ -77,6 +78,8 @@ def plan_digest(sweep: Sweep, scenarios: Mapping[str, Scenario]) -> str:
         "expect": [sweep.expect, sweep.expect_save],
         "batch_size": sweep.batch_size,
     }
+    if sweep.repeats != 1:  # (only then: the digests of runs planned before repeats existed stay the same)
+        parts["repeats"] = sweep.repeats
     return hashlib.sha256(to_json(parts).encode()).hexdigest()[:16]
 
 
@@ -302,9 +305,9 @@ class Run:
         return self.run_dir / DERIVED_DIR
 
     # -- layout: storage ------------------------------------------------------------------------
-    def observation_path(self, cell: Cell | CellResult, derived: bool = False) -> str:
-        """Where a cell's outputs go in storage (a derived cell's under ``attribution``)."""
-        return layout.observation_file(self.run_id, cell, "attribution" if derived else "observations")
+    def observation_path(self, cell: Cell | CellResult, derived: bool = False, repeat: int = 0) -> str:
+        """Where a cell's outputs go in storage (a derived cell's under ``attribution``; ``repeat`` > 0: a later repeat's)."""
+        return layout.observation_file(self.run_id, cell, "attribution" if derived else "observations", repeat)
 
     def explain_path(self, cell: Cell | CellResult, part: str = "") -> str:
         return layout.explain_file(self.run_id, cell, part)

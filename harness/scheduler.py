@@ -50,8 +50,17 @@ a lane whose last possible node was lost.
 Work per event is O(lanes + workers), independent of the number of cells;
 counters of held and busy CPUs are kept as workers change state.
 
-Issue 20 (``repeats``) fits as a job field: a cell's row is emitted once all
-of its repeats are done (see ``Job``).
+**Repeats** (``repeats``: environment -> N > 1): a cell is replayed N times,
+each in a different worker process. A lane gets one **slot** per repeat: slot
+``r`` is a lane of its own (same placement, its own workers), and repeat ``r``
+of every cell runs on slot ``r``. Workers never move between slots, so the
+repeats of a cell always run in N different processes, while each slot's
+workers stay warm for all the cells of that repeat. Every rule above applies to
+slots as to any lane (deadlines, retries, busy bound); a repeat that fails
+settles that repeat only. A repeated cell's row is emitted once all of its
+repeats are settled, with every repeat's result (``Emit.repeats``; the driver
+combines them: ``harness.repeats``). With no repeats a lane has one slot and
+nothing else changes.
 """
 
 from __future__ import annotations
@@ -121,14 +130,16 @@ class Job:
     """One unit of work for a worker: train a scenario (``cell`` is None) or replay one cell.
 
     ``attempts`` counts dispatches that started; a job requeued before it
-    started does not count. (``repeats`` will add a repeat index here: a cell
-    then has several jobs and its row waits for all of them.)
+    started does not count. ``repeat``: which repeat of the cell (0-based) it
+    is, run on the lane's slot of that number; a repeated cell has one job per
+    repeat and its row waits for all of them.
     """
 
     scenario: str
     cell: Cell | None = None
     artifact: ArtifactRecord | None = None
     attempts: int = 0
+    repeat: int = 0
 
     @property
     def training(self) -> bool:
@@ -251,12 +262,18 @@ class Kill:
 
 @dataclass(frozen=True)
 class Emit:
-    """A cell is done: its row (``result``), the artifact it used, and how many dispatches it took."""
+    """A cell is done: its row (``result``), the artifact it used, and how many dispatches it took.
+
+    A repeated cell: ``repeats`` holds every repeat's result in repeat order
+    (each with its own ``attempts``; ``result`` is the first), ``attempts``
+    their sum. Empty for a cell replayed once.
+    """
 
     cell: Cell
     result: CellResult
     artifact: ArtifactRecord | None = None
     attempts: int | None = None
+    repeats: tuple[CellResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -312,8 +329,9 @@ class _Worker:
 @dataclass(eq=False)
 class _Lane:
     spec: LaneSpec
+    slot: int = 0  # which repeat of its cells this lane runs (a lane has one slot per repeat)
     queue: deque = field(default_factory=deque)  # Job, ready to dispatch
-    expected: int = 0  # cells of this lane awaiting training
+    expected: int = 0  # cells (repeats, with repeats) of this lane awaiting training
     workers: list = field(default_factory=list)
     inflight: int = 0  # jobs submitted and not reported
     failed: tuple[str, str] | None = None  # (verdict, reason) of every remaining cell
@@ -321,7 +339,7 @@ class _Lane:
     busy_seconds: float = 0.0
     jobs_done: int = 0
     hosts: frozenset[str] | None = None
-    excluded: dict = field(default_factory=dict)  # node -> why it cannot be this lane's environment
+    excluded: dict = field(default_factory=dict)  # node -> why it cannot be this lane's environment (shared by slots)
 
     @property
     def training(self) -> bool:
@@ -340,6 +358,9 @@ class _Lane:
 class _Track:
     cell: Cell
     state: CellState = CellState.PLANNED
+    repeats: int = 1
+    parts: dict | None = None  # repeat -> its settled result, while a repeated cell waits for the others
+    artifact: ArtifactRecord | None = None  # the artifact its repeats replayed
 
 
 class Scheduler:
@@ -351,25 +372,31 @@ class Scheduler:
         lane_of: environment name -> lane key.
         settings: retries, time limits, busy bound, batching.
         artifacts: cell name -> an artifact already trained (the cell needs no training).
+        repeats: environment name -> how many times each of its cells is replayed (missing: once).
 
     Call :meth:`start` once, then :meth:`step` for every event, executing the
     commands each returns in order, until :attr:`finished`.
     """
 
     def __init__(self, lanes: Sequence[LaneSpec], cells: Iterable[Cell], lane_of: Mapping[str, str],
-                 settings: Settings = Settings(), artifacts: Mapping[str, ArtifactRecord] | None = None):
+                 settings: Settings = Settings(), artifacts: Mapping[str, ArtifactRecord] | None = None,
+                 repeats: Mapping[str, int] | None = None):
         self.settings = settings
-        self.lanes: dict[str, _Lane] = {}
+        repeats = {env: n for env, n in (repeats or {}).items() if n > 1}
+        self.lanes: dict[tuple[str, int], _Lane] = {}  # (lane key, slot) -> lane
         for spec in sorted(lanes, key=lambda s: not s.training):  # the training lane first
-            self.lanes[spec.key] = _Lane(spec, hosts=spec.hosts)
+            slots = 1 if spec.training else max([repeats.get(env, 1) for env in spec.environments] or [1])
+            excluded: dict = {}  # a node that cannot be the environment cannot be it for any slot
+            for slot in range(slots):
+                self.lanes[(spec.key, slot)] = _Lane(spec, slot, hosts=spec.hosts, excluded=excluded)
         trainers = [lane for lane in self.lanes.values() if lane.training]
         if len(trainers) != 1:
             raise ValueError(f"exactly one training lane is needed, got {len(trainers)}")
         self.training = trainers[0]
         self.lane_of = dict(lane_of)
-        self.tracks: dict[str, _Track] = {c.name: _Track(c) for c in cells}
+        self.tracks: dict[str, _Track] = {c.name: _Track(c, repeats=repeats.get(c.environment, 1)) for c in cells}
         self.artifacts = dict(artifacts or {})
-        self.awaiting: dict[str, list[_Track]] = {}  # scenario -> cells waiting for its training
+        self.awaiting: dict[str, list[tuple[_Track, int]]] = {}  # scenario -> (cell, repeat) waiting for its training
         self.workers: dict[int, _Worker] = {}
         self.capacity = 0.0
         self.now = 0.0
@@ -409,28 +436,42 @@ class Scheduler:
         """The state of cell ``scenario/format/environment``."""
         return self.tracks[cell].state
 
+    def _lane(self, environment: str, repeat: int = 0) -> _Lane:
+        """The lane (slot) that runs repeat ``repeat`` of ``environment``'s cells."""
+        return self.lanes[(self.lane_of[environment], repeat)]
+
     # -- planning -------------------------------------------------------------------------------
     def _plan(self, track: _Track) -> None:
         cell = track.cell
-        lane = self.lanes[self.lane_of[cell.environment]]
+        lane = self._lane(cell.environment)
         art = self.artifacts.get(cell.name)
         if art is None and self.training.failed:
             self._emit(track, "unschedulable", f"training: {self.training.failed[1]}")
-        elif lane.failed:  # decided now, not after training
+        elif lane.failed:  # decided now, not after training (a lane's slots fail alike at the start)
             self._emit(track, *lane.failed, artifact=art)
         elif art is not None:
-            self._ready(track, lane, art)
+            if art.error:
+                self._emit(track, "error", art.error, artifact=art)
+            else:
+                for repeat in range(track.repeats):
+                    self._ready(track, repeat, art)
         else:
             track.state = CellState.AWAITING_TRAINING
-            self.awaiting.setdefault(cell.scenario, []).append(track)
-            lane.expected += 1
+            waiting = self.awaiting.setdefault(cell.scenario, [])
+            for repeat in range(track.repeats):
+                waiting.append((track, repeat))
+                self._lane(cell.environment, repeat).expected += 1
 
-    def _ready(self, track: _Track, lane: _Lane, art: ArtifactRecord) -> None:
+    def _ready(self, track: _Track, repeat: int, art: ArtifactRecord) -> None:
+        """Queue repeat ``repeat`` of a cell whose artifact exists, on its slot (settled at once if that failed)."""
+        lane = self._lane(track.cell.environment, repeat)
         if art.error:
-            self._emit(track, "error", art.error, artifact=art)
+            self._settle(track, repeat, "error", art.error, artifact=art)
+        elif lane.failed:
+            self._settle(track, repeat, *lane.failed, artifact=art)
         else:
             track.state = CellState.QUEUED
-            lane.queue.append(Job(track.cell.scenario, track.cell, art))
+            lane.queue.append(Job(track.cell.scenario, track.cell, art, repeat=repeat))
 
     # -- events ---------------------------------------------------------------------------------
     def _on_Tick(self, event: Tick) -> None:
@@ -507,7 +548,8 @@ class Scheduler:
             elif job.training:
                 self._trained(value)
             else:
-                self._emit(self.tracks[job.cell.name], value, artifact=job.artifact, attempts=job.attempts)
+                self._settle(self.tracks[job.cell.name], job.repeat, value, artifact=job.artifact,
+                             attempts=job.attempts)
         if worker.batches and not worker.batches[0].left:
             worker.batches.popleft()
             worker.head_started = event.now
@@ -546,9 +588,9 @@ class Scheduler:
 
     def _on_NodesChanged(self, event: NodesChanged) -> None:
         lost = ", ".join(n[:12] for n in event.lost) or "a node"
-        for key, hosts in event.hosts.items():
-            lane = self.lanes.get(key)
-            if lane is None or lane.hosts is None:
+        for lane in list(self.lanes.values()):
+            hosts = event.hosts.get(lane.spec.key)
+            if hosts is None or lane.hosts is None:
                 continue
             lane.hosts = frozenset(hosts)
             if not lane.failed and lane.has_work and not (lane.hosts - set(lane.excluded)):
@@ -559,41 +601,62 @@ class Scheduler:
     # -- outcomes -------------------------------------------------------------------------------
     def _trained(self, record: TrainRecord) -> None:
         self._out.append(Trained(record))
-        for track in self.awaiting.pop(record.scenario, []):
-            lane = self.lanes[self.lane_of[track.cell.environment]]
-            lane.expected -= 1
+        for track, repeat in self.awaiting.pop(record.scenario, []):
+            self._lane(track.cell.environment, repeat).expected -= 1
             art = record.artifacts.get(track.cell.format)
             if art is None:
-                self._emit(track, "error", f"training saved no artifact of format {track.cell.format!r}")
-            elif lane.failed:  # failed while this scenario trained
-                self._emit(track, *lane.failed, artifact=art)
-            else:
-                self._ready(track, lane, art)
+                self._settle(track, repeat, "error", f"training saved no artifact of format {track.cell.format!r}")
+            else:  # (settled at once if its slot failed while this scenario trained)
+                self._ready(track, repeat, art)
 
     def _job_failed(self, job: Job, verdict: str, reason: str) -> None:
         if job.training:
             self._training_failed(job.scenario, verdict, reason)
         else:
-            self._emit(self.tracks[job.cell.name], verdict, reason, artifact=job.artifact,
-                       attempts=job.attempts or None)
+            self._settle(self.tracks[job.cell.name], job.repeat, verdict, reason, artifact=job.artifact,
+                         attempts=job.attempts or None)
 
     def _training_failed(self, scenario: str, verdict: str, reason: str) -> None:
-        for track in self.awaiting.pop(scenario, []):
-            self.lanes[self.lane_of[track.cell.environment]].expected -= 1
-            self._emit(track, verdict, f"training: {reason}")
+        for track, repeat in self.awaiting.pop(scenario, []):
+            self._lane(track.cell.environment, repeat).expected -= 1
+            self._settle(track, repeat, verdict, f"training: {reason}")
+
+    def _settle(self, track: _Track, repeat: int, outcome: str | CellResult, error: str | None = None, *,
+                artifact: ArtifactRecord | None = None, attempts: int | None = None) -> None:
+        """Repeat ``repeat`` of a cell is done; the cell's row goes once every repeat is."""
+        if track.repeats == 1:
+            self._emit(track, outcome, error, artifact=artifact, attempts=attempts)
+            return
+        if track.state is CellState.DONE:
+            return
+        parts = track.parts if track.parts is not None else {}
+        track.parts = parts
+        if repeat in parts:
+            return
+        cell = track.cell
+        parts[repeat] = (outcome.replace(attempts=attempts) if isinstance(outcome, CellResult) else CellResult(
+            scenario=cell.scenario, format=cell.format, environment=cell.environment, verdict=outcome, error=error,
+            attempts=attempts))
+        track.artifact = artifact or track.artifact
+        if len(parts) == track.repeats:
+            ordered = tuple(parts[r] for r in range(track.repeats))
+            dispatched = sum(p.attempts or 0 for p in ordered)
+            self._emit(track, ordered[0], artifact=track.artifact, attempts=dispatched or None, repeats=ordered)
 
     def _emit(self, track: _Track, verdict: str | CellResult, error: str | None = None, *,
-              artifact: ArtifactRecord | None = None, attempts: int | None = None) -> None:
-        """The cell's row, exactly once."""
+              artifact: ArtifactRecord | None = None, attempts: int | None = None,
+              repeats: tuple[CellResult, ...] = ()) -> None:
+        """The cell's row, exactly once (for all its repeats: a cell decided before any of them ran has none)."""
         if track.state is CellState.DONE:
             return
         track.state = CellState.DONE
+        track.parts = None
         self.done += 1
         cell = track.cell
         result = verdict if isinstance(verdict, CellResult) else CellResult(
             scenario=cell.scenario, format=cell.format, environment=cell.environment, verdict=verdict, error=error,
             attempts=attempts)
-        self._out.append(Emit(cell, result, artifact, attempts))
+        self._out.append(Emit(cell, result, artifact, attempts, repeats))
 
     def _fail_lane(self, lane: _Lane, verdict: str, reason: str) -> None:
         """Every remaining cell of ``lane`` gets ``verdict``; the lane's workers go."""
@@ -609,20 +672,20 @@ class Scheduler:
             if lane.training:
                 self._training_failed(job.scenario, verdict, reason)
             else:
-                self._emit(self.tracks[job.cell.name], verdict, reason, artifact=job.artifact,
-                           attempts=job.attempts or None)
+                self._settle(self.tracks[job.cell.name], job.repeat, verdict, reason, artifact=job.artifact,
+                             attempts=job.attempts or None)
         if lane.training:
             for scenario in list(self.awaiting):
                 self._training_failed(scenario, verdict, reason)
             return
         names = set(lane.spec.environments)
-        for scenario, tracks in self.awaiting.items():
-            mine = [t for t in tracks if t.cell.environment in names]
+        for scenario, waiting in self.awaiting.items():
+            mine = [(t, r) for t, r in waiting if r == lane.slot and t.cell.environment in names]
             if mine:
-                self.awaiting[scenario] = [t for t in tracks if t.cell.environment not in names]
-                for track in mine:
+                self.awaiting[scenario] = [(t, r) for t, r in waiting if r != lane.slot or t.cell.environment not in names]
+                for track, repeat in mine:
                     lane.expected -= 1
-                    self._emit(track, verdict, reason)
+                    self._settle(track, repeat, verdict, reason)
 
     # -- time limits ------------------------------------------------------------------------------
     def _limit(self, lane: _Lane) -> tuple[float, str]:

@@ -32,8 +32,9 @@ from .compare import Tolerance
 from .formats import DTYPE_POLICIES
 from .records import EXPECTATIONS, SAVE_EXPECTATIONS, metric_delta_bound, metric_delta_text
 from .spec_types import (NAME_PATTERN, AcceleratorType, Amount, BatchSize, EnvironmentName, EnvVars, Flag, GpuAmount,
-                         LabelSelector, NonNegative, ResourceName, Retries, ScenarioName, Seconds, StorageURI, SweepName,
-                         Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping, name_list, show)
+                         LabelSelector, NonNegative, Repeats, ResourceName, Retries, ScenarioName, Seconds, StorageURI,
+                         SweepName, Text, Threads, Ulps, as_mapping, choice, did_you_mean, expecting, fail, mapping,
+                         name_list, show)
 from .spec_yaml import YamlProblem, read_document
 
 FORMATS = ("keras", "h5", "savedmodel", "tf-savedmodel", "weights")
@@ -314,6 +315,9 @@ class EnvironmentSettings(_Spec):
                           "turns oneDNN on")
     optional: Flag = Field(False, description="this environment may not exist on every machine (e.g. an ISA level "
                                               "above the CPU's)")
+    repeats: Optional[Repeats] = Field(
+        None, description="replay each cell this many times (1-100), each time in a different worker process; the "
+                          "cell is flaky when the repeats' outputs differ in any bit. Unset: the sweep's repeats")
 
     @model_validator(mode="after")
     def _cpu_isa_consistent(self) -> "EnvironmentSettings":
@@ -487,6 +491,8 @@ class SweepFile(_Spec):
     timeouts: nullable(TimeoutSettings) = Field(default_factory=TimeoutSettings,  # type: ignore[valid-type]
                                                 description="seconds")
     retries: Retries = Field(2, description="Ray retries of tasks lost with their worker or node (at most 1000)")
+    repeats: Repeats = Field(1, description="replay every cell this many times (1-100), each time in a different "
+                                            "worker process; an environment's own repeats wins")
     precheck: Flag = Field(True, description="check placements against the cluster's nodes first")
     explain: Flag = Field(False, description="explain mismatches: per-layer traces and knob attribution")
 
@@ -496,6 +502,10 @@ class SweepFile(_Spec):
             raise fail(f"{self.training.dtype_policy} is a way to serve the trained model, and the references are "
                        "the model as trained; remove it here and set dtype_policy on an environment",
                        "training", "dtype_policy")
+        if self.training.repeats is not None:
+            raise fail(f"a scenario is trained once (its artifacts are content-addressed), so repeats: "
+                       f"{self.training.repeats} means nothing here; set repeats on the sweep or on an environment",
+                       "training", "repeats")
         return self
 
 
@@ -524,6 +534,7 @@ class Sweep(BaseModel):
     schedule_timeout_s: float = 300.0
     train_timeout_s: float = 1800.0
     retries: int = 2
+    repeats: int = 1
     precheck: bool = True
     description: str = ""
     explain: bool = False
@@ -546,6 +557,14 @@ class Sweep(BaseModel):
     def batch_size_for(self, env: Environment) -> int:
         """``env``'s prediction batch size, else the sweep's."""
         return env.batch_size or self.batch_size
+
+    def repeats_for(self, env: Environment) -> int:
+        """How often each cell of ``env`` is replayed, each time in its own worker process: ``env``'s, else the sweep's."""
+        return env.repeats or self.repeats
+
+    def repeated(self) -> dict[str, int]:
+        """Environment name -> repeats, for the environments whose cells are replayed more than once."""
+        return {env.name: n for env in self.environments if (n := self.repeats_for(env)) > 1}
 
 
 def _named(name: str, settings: EnvironmentSettings) -> Environment:
@@ -602,6 +621,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", base_dir: str | os.PathLike 
         schedule_timeout_s=doc.timeouts.schedule_timeout_s,
         train_timeout_s=doc.timeouts.train_timeout_s,
         retries=doc.retries,
+        repeats=doc.repeats,
         precheck=doc.precheck,
         explain=doc.explain,
     )

@@ -35,6 +35,7 @@ MAX_THREADS = 4096
 MAX_GPUS = 64              # per worker: more than any node has; a larger number is a typo that would pend forever
 MAX_BATCH_SIZE = 2 ** 31 - 1
 MAX_ULP = 2 ** 64          # the distance between any two float64 values fits below this
+MAX_REPEATS = 100          # each repeat of a cell is a worker process of its own
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # YAML 1.1 (PyYAML) reads `1e-6` (no dot) as a string; accept it as the number the user meant.
@@ -187,6 +188,9 @@ Retries = Annotated[int, Strict(), Field(ge=0, le=MAX_RETRIES), expecting(
 Threads = Annotated[int, Strict(), Field(gt=0, le=MAX_THREADS), expecting("a positive integer", f"at most {MAX_THREADS}")]
 BatchSize = Annotated[int, Strict(), Field(gt=0, le=MAX_BATCH_SIZE),
                       expecting("a positive integer", f"at most {MAX_BATCH_SIZE}")]
+Repeats = Annotated[int, Strict(), Field(ge=1, le=MAX_REPEATS), expecting(
+    "a whole number of repeats >= 1", f"at most {MAX_REPEATS} (each repeat of a cell runs in a worker process of its "
+    "own)")]
 
 # -- strings and names -----------------------------------------------------------------
 Flag = Annotated[bool, Strict(), expecting("true or false")]

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from . import engine, placement, results
 from .reach import StorageUnreachable, check_storage_reach
+from .repeats import combine as combine_repeats
 from .records import ArtifactRecord, Cell, CellResult, TrainRecord, to_json
 from .run import RUN_FILE, Run
 from .scenario import Scenario
@@ -62,8 +63,10 @@ def plan(sweep: Sweep, only: Iterable[str] = ()) -> list[Cell]:
 class Collector:
     """Completes each finished cell with the run's columns and journals it: O(1) per cell.
 
-    The one place that decides ``passed`` (the verdict meets the environment's
-    expectation and the save round trip meets ``expect_save``).
+    The one place that decides ``passed`` (the verdict -- of every repeat, for
+    a repeated cell -- meets the environment's expectation and the save round
+    trip meets ``expect_save``), and that makes a repeated cell's repeats one
+    row (``harness.repeats.combine``).
     """
 
     def __init__(self, sweep: Sweep, run_id: str, journal: results.Journal, total: int,
@@ -89,18 +92,27 @@ class Collector:
                 print(f"harness: warning: replaced a damaged artifact in storage: {art.repaired}", file=sys.stderr)
 
     def add(self, cell: Cell, result: CellResult, artifact: ArtifactRecord | None = None,
-            attempts: int | None = None) -> None:
-        """Complete ``result`` with the run's columns, journal it and report progress (once per cell)."""
+            attempts: int | None = None, repeats: Sequence[CellResult] = ()) -> None:
+        """Complete ``result`` with the run's columns, journal it and report progress (once per cell).
+
+        ``repeats``: every repeat's result, in repeat order, when the cell was
+        replayed more than once (``result`` is the first); they become one row.
+        """
         if cell.name in self.done:
             return  # exactly one row per cell, whatever retried
         env = self._envs[cell.environment]
         expected = self.sweep.expectation(env)
+        if repeats:
+            result = combine_repeats(repeats)
         save = {}
         if artifact is not None:
             save = dict(artifact_digest=artifact.digest, artifact_uri=artifact.uri, save_verdict=artifact.save_verdict,
                         save_max_abs_diff=artifact.save_max_abs_diff, save_max_ulp_diff=artifact.save_max_ulp_diff)
         save_verdict = save.get("save_verdict", result.save_verdict)
         save_ok = save_verdict is None or results.meets(save_verdict, self.sweep.expect_save)
+        attempts = result.attempts if attempts is None else attempts
+        # Every repeat is judged (one that missed the expectation fails the cell); the row shows the first.
+        met = result.meets(expected) and all(part.meets(expected) for part in repeats[1:])
         error = result.error
         if not save_ok and result.verdict in results.NUMERIC_VERDICTS:
             note = f"save round trip is {save_verdict} (expect_save: {self.sweep.expect_save})"
@@ -109,10 +121,9 @@ class Collector:
             run_id=self.run_id, sweep=self.sweep.name, scenario=cell.scenario, format=cell.format,
             environment=cell.environment, expected=expected, error=error,
             # An optional environment no node can host is not judged: it may not exist on every machine.
-            passed=None if env.optional and result.verdict == "unschedulable"
-            else result.meets(expected) and save_ok,
+            passed=None if env.optional and result.verdict == "unschedulable" else met and save_ok,
             train_fingerprint=self.train_fingerprints.get(cell.scenario), train_s=self.train_seconds.get(cell.scenario),
-            attempts=result.attempts if attempts is None else attempts,
+            attempts=attempts, repeats=result.repeats if repeats else int(bool(attempts)),
             # A cell that never started (unschedulable, failed save) is dated when decided.
             started_at=result.started_at or time.time(), **save)
         self.journal.append(result)
@@ -288,12 +299,14 @@ def execute(run: Run, sweep: Sweep, scenarios: Mapping[str, Scenario], cells: Se
     recorded with ``sink.harness_failed`` and every cell without a row gets an
     ``error`` row saying so; ``KeyboardInterrupt`` is not caught.
     """
-    observation = (lambda cell: run.observation_path(cell, derived=derived))
+    observation = (lambda cell, repeat=0: run.observation_path(cell, derived=derived, repeat=repeat))
+    # Explain's attribution variants answer "which knob", not "does it repeat": they run once.
+    repeated = {} if derived else sweep.repeated()
     needed = {c.scenario for c in cells}
     try:
         if inline:
             _run_inline(sweep, {n: scenarios[n] for n in needed}, run.storage, sink, cells, retrain, observation,
-                        artifacts)
+                        artifacts, repeated)
             return
         with engine.session(address, verbose):
             if engine.local_cores() is None:  # a cluster: can its hosts read this storage? (exit 2 if not)
@@ -307,7 +320,7 @@ def execute(run: Run, sweep: Sweep, scenarios: Mapping[str, Scenario], cells: Se
             eng = engine.Engine(sweep, {n: scenarios[n] for n in needed}, run.storage, sink, retrain=retrain,
                                 worker_cls=worker_cls or Worker, observation_path=observation,
                                 busy_cpus=engine.local_cores(), nodes=nodes)
-            eng.run(cells, unschedulable, artifacts)
+            eng.run(cells, unschedulable, artifacts, repeated)
     except (engine.RayUnavailable, StorageUnreachable):
         raise
     except Exception as exc:  # the engine failed: what finished is kept; --resume runs the rest
@@ -318,8 +331,10 @@ def execute(run: Run, sweep: Sweep, scenarios: Mapping[str, Scenario], cells: Se
 
 
 def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: str, sink: Collector,
-                todo: Sequence[Cell], retrain: bool, observation: Callable[[Cell], str],
-                artifacts: Mapping[str, ArtifactRecord] | None) -> None:
+                todo: Sequence[Cell], retrain: bool, observation: Callable[[Cell, int], str],
+                artifacts: Mapping[str, ArtifactRecord] | None, repeated: Mapping[str, int]) -> None:
+    """Train and replay in this process. Repeats run here too, one after another in this one process:
+    they show what changes between calls, not between processes (the pids in ``detail.repeats`` say so)."""
     from .replay import replay
     from .train import train
 
@@ -337,8 +352,10 @@ def _run_inline(sweep: Sweep, scenarios: Mapping[str, Scenario], storage_uri: st
                 sink.add(cell, CellResult(verdict="error", error=art.error), art)
                 continue
             env = sweep.environment(cell.environment)
-            result = replay(scenarios[name], cell.format, art.path, storage_uri, env,
+            parts = [replay(scenarios[name], cell.format, art.path, storage_uri, env,
                             batch_size=sweep.batch_size_for(env), tolerance=sweep.tolerance_for(env),
-                            output_tolerances=dict(sweep.output_tolerances), observation_path=observation(cell),
-                            manifest_sha256=art.manifest_sha256)
-            sink.add(cell, result, art, attempts=1)
+                            output_tolerances=dict(sweep.output_tolerances),
+                            observation_path=observation(cell, repeat),
+                            manifest_sha256=art.manifest_sha256).replace(attempts=1)
+                     for repeat in range(repeated.get(cell.environment, 1))]
+            sink.add(cell, parts[0], art, attempts=len(parts), repeats=parts if len(parts) > 1 else ())

@@ -78,6 +78,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "output-tolerances-list": ("output_tolerances: expected a mapping",),
     "precheck-not-bool": ("precheck: expected true or false, got 'no'",),
     "explain-not-bool": ("explain: expected true or false, got 1",),
+    "repeats-zero": ("repeats: expected a whole number of repeats >= 1, got 0",),
+    "repeats-in-training": ("training.repeats: a scenario is trained once", "set repeats on the sweep or on an environment"),
     "scenario-paths-not-a-list": ("scenario_paths: expected a list of directories",),
     "training-unknown-field": ("training.jit: unknown field",),
     # environment fields
@@ -132,6 +134,8 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "cpu-isa-with-onednn-env-off": ("environments.cpu-bad.env.TF_ENABLE_ONEDNN_OPTS:", "cpu_isa"),
     "cpu-isa-with-onednn-max-isa": ("environments.cpu-bad.runtime_env.env_vars.ONEDNN_MAX_CPU_ISA:", "cpu_isa"),
     "cpu-isa-with-xla-max-isa": ("environments.cpu-bad.env.XLA_FLAGS:", "--xla_cpu_max_isa"),
+    "repeats-huge": ("environments.cpu-bad.repeats: expected a whole number of repeats >= 1, got 1000", "at most 100"),
+    "repeats-string": ("environments.cpu-bad.repeats: expected a whole number of repeats >= 1, got '3'",),
     "dtype-policy-unknown": ("environments.cpu-bad.dtype_policy: 'mixed_bf16' is not one of",
                              "did you mean 'mixed_bfloat16'?"),
     "dtype-policy-in-training": ("training.dtype_policy: mixed_bfloat16 is a way to serve the trained model",

@@ -34,7 +34,8 @@ from harness import results
 REPO = Path(__file__).resolve().parent.parent
 SWEEPS = REPO / "scenarios" / "sweeps"
 ARTICLE = ("seed-binary-classifier", "seed-linear-regression", "seed-dense-regression")
-TEST_SCENARIOS = ("test-batch-nudge", "test-mlp", "test-multi-io", "test-tf-module", "test-slow-build", "test-labelled")
+TEST_SCENARIOS = ("test-batch-nudge", "test-mlp", "test-multi-io", "test-tf-module", "test-slow-build", "test-labelled",
+                  "test-noisy", "test-steady")
 
 # Seconds: a Ray run trains (once per store), starts a TF worker per environment and replays.
 RUN_TIMEOUT = 300

@@ -64,7 +64,9 @@ def client_address():
 def test_a_sweep_runs_through_ray_client_with_one_row_per_cell(client_address, tmp_path):
     doc = {"name": "client", "storage": str(tmp_path / "store"), "scenarios": ["seed-linear-regression"],
            "formats": ["keras", "h5"], "timeouts": {"schedule_timeout_s": 120, "cell_timeout_s": 180},
-           "environments": {"cpu-default": {"expect": "bitwise"}, "cpu-batch-1": {"batch_size": 1, "expect": "any"},
+           # cpu-default twice, in two worker processes (the second on a slot of its own)
+           "environments": {"cpu-default": {"expect": "bitwise", "repeats": 2},
+                            "cpu-batch-1": {"batch_size": 1, "expect": "any"},
                             "needs-gpu": {"num_gpus": 1, "optional": True}}}
     write_sweep(tmp_path, "sweep.yaml", doc)
     proc = run_cli("run", "sweep.yaml", "--address", client_address, "--out", tmp_path / "run", cwd=tmp_path,
@@ -75,8 +77,13 @@ def test_a_sweep_runs_through_ray_client_with_one_row_per_cell(client_address, t
     assert len(rows) == 6
     for fmt in ("keras", "h5"):
         same = rows[(fmt, "cpu-default")]
-        assert same["verdict"] == "bitwise" and same["passed"] and same["attempts"] == 1, same["error"]
+        assert same["verdict"] == "bitwise" and same["passed"] and same["attempts"] == 2, same["error"]
         assert same["manifest_sha256"] and json.loads(same["fingerprint"])["environment"] == "cpu-default"
-        assert rows[(fmt, "cpu-batch-1")]["verdict"] in ("bitwise", "within_tolerance", "mismatch")
+        assert (same["repeats"], same["flaky"], same["repeat_spread_ulp"]) == (2, False, 0.0)
+        pids = [r["pid"] for r in json.loads(same["detail"])["repeats"]]
+        assert len(set(pids)) == 2 and None not in pids, pids  # one plain call per repeat, in two processes
+        batch = rows[(fmt, "cpu-batch-1")]
+        assert batch["verdict"] in ("bitwise", "within_tolerance", "mismatch") and batch["repeats"] == 1
+        assert json.loads(batch["fingerprint"])["pid"] == pids[0]  # it shares the first repeat's worker
         gpu = rows[(fmt, "needs-gpu")]  # the precheck (ray.nodes() through the client) decided it
         assert gpu["verdict"] == "unschedulable" and "missing GPU >= 1" in gpu["error"] and gpu["passed"] is None

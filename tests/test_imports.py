@@ -16,7 +16,8 @@ HARNESS = Path(__file__).resolve().parent.parent / "harness"
 
 WORKER_SIDE = {"train", "replay", "worker", "tracing", "formats", "compare", "arrays", "storage", "fingerprint",
                "runtime", "scenario", "records", "spec"}
-DRIVER_SIDE = {"engine", "sweep", "explain", "run", "report", "history", "cli", "scheduler", "envs", "placement"}
+DRIVER_SIDE = {"engine", "sweep", "explain", "run", "report", "history", "cli", "scheduler", "envs", "placement",
+               "repeats"}
 
 
 def _modules() -> dict[str, Path]:

@@ -336,7 +336,7 @@ def test_json_round_trip_decodes_columns_and_nulls_non_finite_floats():
     text = report.render(results.to_table(rows), "json")
     doc = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
     assert doc["run_ids"] == ["run-1"] and doc["changes"] is None
-    assert doc["summary"] == {"cells": 8, "passed": 3, "failed": 5, "not_judged": 0,
+    assert doc["summary"] == {"cells": 8, "passed": 3, "failed": 5, "not_judged": 0, "flaky": 0, "repeated": 0,
                               "verdicts": {"bitwise": 2, "within_tolerance": 2, "mismatch": 1, "corrupt": 1,
                                            "error": 1, "unschedulable": 1},
                               "accuracy": {"as_accurate": 0, "less_accurate": 0, "n/a": 0}}

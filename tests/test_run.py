@@ -50,10 +50,15 @@ def test_descriptions_do_not_change_the_plan():
     {"environments.xla.jit_compile": False}, {"environments.cpu.threads": 2}, {"training.threads": 2},
     {"environments.cpu.expect": "bitwise"}, {"tolerance": {"max_ulp": 4}}, {"formats": ["keras"]},
     {"batch_size": 8}, {"expect_save": "any"}, {"output_tolerances": {"y": {"atol": 1e-3}}},
-    {"environments.cpu.optional": True},
+    {"environments.cpu.optional": True}, {"repeats": 3}, {"environments.cpu.repeats": 2},
 ])
 def test_what_decides_results_changes_the_plan(change):
     assert plan_digest(sweep(**change), scenarios()) != plan_digest(sweep(), scenarios())
+
+
+def test_repeats_1_keeps_the_plan_of_runs_made_before_repeats_existed():
+    # (--resume of such a run must not be refused): the default adds nothing to the digest
+    assert plan_digest(sweep(repeats=1), scenarios()) == plan_digest(sweep(), scenarios())
 
 
 def test_a_renamed_environment_or_a_changed_scenario_source_changes_the_plan():
@@ -128,6 +133,8 @@ def test_every_path_of_a_run_comes_from_one_layout(tmp_path):
     cell = Cell("s1", "keras", "cpu")
     assert run.observation_path(cell) == "runs/R/observations/s1/keras/cpu.arrow"
     assert run.observation_path(cell, derived=True) == "runs/R/attribution/s1/keras/cpu.arrow"
+    assert run.observation_path(cell, repeat=0) == run.observation_path(cell)  # the first repeat: the cell's file
+    assert run.observation_path(cell, repeat=2) == "runs/R/observations/s1/keras/cpu.repeat-3.arrow"
     assert run.explain_path(cell) == "runs/R/explain/s1/keras/cpu.arrow"
     assert run.explain_path(cell, "training") == "runs/R/explain/s1/keras/cpu.training.arrow"
     assert run.results_path == "runs/R/results.parquet"

@@ -5,8 +5,8 @@ a model of workers and batches and feeds back the events a test chooses.
 The last part throws random interleavings of events at the scheduler
 (Hypothesis ``RuleBasedStateMachine``) and checks its invariants after every
 step: one row per cell, busy workers within the bound, no worker silent past
-its time limit, retries within ``retries``, and every cell done once only
-ticks remain.
+its time limit, retries within ``retries``, the repeats of a cell on different
+workers and all in its one row, and every cell done once only ticks remain.
 """
 
 from __future__ import annotations
@@ -62,10 +62,13 @@ class Fake:
         self.rows: dict[str, CellResult] = {}
         self.emitted: Counter = Counter()
         self.attempts: dict[str, int | None] = {}
+        self.parts: dict[str, tuple] = {}  # cell -> every repeat's result (empty: not repeated)
+        self.ran_on: dict[str, dict[int, set]] = {}  # cell -> repeat -> workers it was sent to
+        self.worker_repeats: dict[int, set] = {}  # worker -> repeats of cells it was sent
         self.trained: list[str] = []
         self.failures: list[str] = []
         self.submits: list[Submit] = []
-        self.demands = {key: lane.spec.demands for key, lane in scheduler.lanes.items()}
+        self.demands = {lane.spec.key: lane.spec.demands for lane in scheduler.lanes.values()}
         self.apply(scheduler.start(0.0, capacity))
 
     def apply(self, commands) -> None:
@@ -80,6 +83,10 @@ class Fake:
                     worker.last_progress = self.now
                 worker.batches.append([cmd.batch, list(cmd.jobs), 0])
                 self.submits.append(cmd)
+                for job in cmd.jobs:
+                    if job.cell is not None:
+                        self.ran_on.setdefault(job.cell.name, {}).setdefault(job.repeat, set()).add(cmd.worker)
+                        self.worker_repeats.setdefault(cmd.worker, set()).add(job.repeat)
             elif isinstance(cmd, Kill):
                 gone = self.workers.pop(cmd.worker, None)
                 if gone is not None and gone.placed:  # what it held (GPU, ...) may be what a pending one waits for
@@ -90,6 +97,7 @@ class Fake:
                 self.emitted[cmd.cell.name] += 1
                 self.rows[cmd.cell.name] = cmd.result
                 self.attempts[cmd.cell.name] = cmd.attempts
+                self.parts[cmd.cell.name] = cmd.repeats
             elif isinstance(cmd, Trained):
                 self.trained.append(cmd.record.scenario)
             elif isinstance(cmd, HarnessFailed):
@@ -178,9 +186,9 @@ class Fake:
 
 
 def make(envs=("a",), scenarios=("s1",), formats=("keras",), settings_=Settings(), artifacts=None, capacity=8.0,
-         **specs) -> Fake:
+         repeats=None, **specs) -> Fake:
     sched = Scheduler(lanes(*envs, **specs), cells(scenarios, formats, envs), {e: e for e in envs}, settings_,
-                      artifacts)
+                      artifacts, repeats)
     return Fake(sched, formats, capacity)
 
 
@@ -422,6 +430,78 @@ def test_a_batch_that_fails_without_the_worker_dying_fails_its_jobs_only():
     assert set(fake.emitted.values()) == {1}
 
 
+# -- repeats -----------------------------------------------------------------------------------------
+def test_repeats_run_in_different_workers_and_end_in_one_row_each():
+    fake = make(envs=("a",), scenarios=("s1", "s2"), formats=("keras", "h5"), repeats={"a": 3})
+    fake.serve_all()
+    assert set(fake.emitted.values()) == {1} and len(fake.emitted) == 4
+    for name, by_repeat in fake.ran_on.items():
+        assert sorted(by_repeat) == [0, 1, 2]
+        workers = [w for ws in by_repeat.values() for w in ws]
+        assert len(workers) == len(set(workers)) == 3, by_repeat  # three repeats, three processes
+        parts = fake.parts[name]
+        assert len(parts) == 3 and all(p.verdict == "bitwise" and p.attempts == 1 for p in parts)
+        assert fake.rows[name] is parts[0] and fake.attempts[name] == 3  # every repeat's dispatch counted
+    assert all(len(r) == 1 for r in fake.worker_repeats.values())  # a worker serves one repeat only...
+    assert len(fake.worker_repeats) == 3  # ...of every cell: three warm workers, not one per cell
+
+
+def test_without_repeats_rows_carry_no_parts_and_one_worker_serves_the_lane():
+    fake = make(envs=("a",), scenarios=("s1", "s2"), repeats={"a": 1})
+    fake.serve_all()
+    assert fake.parts == {"s1/keras/a": (), "s2/keras/a": ()} and len(fake.worker_repeats) == 1
+    assert [key for key in fake.s.lanes] == [(T, 0), ("a", 0)]  # one slot each: nothing else changed
+
+
+def test_environments_sharing_a_lane_share_its_first_slot_whatever_their_repeats():
+    specs = [LaneSpec(T, ("training",), training=True), LaneSpec("p", ("thrice", "once"))]
+    sched = Scheduler(specs, cells(["s1"], ["keras"], ["thrice", "once"]), {"thrice": "p", "once": "p"},
+                      repeats={"thrice": 3})
+    fake = Fake(sched)
+    fake.serve_all()
+    assert len(fake.parts["s1/keras/thrice"]) == 3 and fake.parts["s1/keras/once"] == ()
+    (slot0,) = fake.ran_on["s1/keras/once"][0]
+    assert slot0 in fake.ran_on["s1/keras/thrice"][0]  # the same warm worker: its first repeat and the cell run once
+    assert len(fake.worker_repeats) == 3
+
+
+def test_a_repeat_that_fails_settles_itself_and_the_row_waits_for_the_others():
+    fake = make(envs=("a",), repeats={"a": 2})
+    trainer = fake.of_lane(T)[0]
+    fake.ready(trainer)
+    fake.report(trainer)
+    first, second = fake.of_lane("a")
+    fake.ready(second)
+    slot = next(iter(fake.s.workers[second].batches)).jobs[0].repeat
+    fake.report(second, fail=True)
+    assert not fake.rows, "one repeat of two is settled: no row yet"
+    fake.ready(first)
+    fake.report(first)
+    parts = fake.parts["s1/keras/a"]
+    assert parts[slot].verdict == "error" and parts[slot].error == "boom" and parts[1 - slot].verdict == "bitwise"
+    assert fake.attempts["s1/keras/a"] == 2
+
+
+def test_a_slot_no_node_takes_settles_its_repeats_and_the_rest_still_run():
+    fake = make(envs=("a",), repeats={"a": 2}, settings_=Settings(schedule_timeout_s=10))
+    trainer = fake.of_lane(T)[0]
+    fake.ready(trainer)
+    fake.report(trainer)
+    lanes_of = {wid: fake.s.workers[wid].lane.slot for wid in fake.of_lane("a")}
+    ready = next(w for w, slot in lanes_of.items() if slot == 0)
+    fake.ready(ready)
+    fake.report(ready)
+    fake.tick(11.0)  # slot 1's worker was never placed
+    row, parts = fake.rows["s1/keras/a"], fake.parts["s1/keras/a"]
+    assert row.verdict == "bitwise" and parts[1].verdict == "unschedulable"
+    assert "still pending after schedule_timeout_s=10s" in parts[1].error and parts[1].attempts is None
+
+
+def test_a_cell_decided_before_it_runs_is_one_row_without_repeats():
+    fake = make(envs=("gpu",), repeats={"gpu": 3}, gpu={"unschedulable": "missing GPU >= 1"})
+    assert fake.rows["s1/keras/gpu"].verdict == "unschedulable" and fake.parts["s1/keras/gpu"] == ()
+
+
 # -- random interleavings ----------------------------------------------------------------------------
 MAX_DT = 40.0
 
@@ -435,9 +515,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 capacity=st.sampled_from([1.0, 2.0, 4.0, 8.0]), batch=st.sampled_from([1, 256]),
                 gpu=st.lists(st.booleans(), min_size=5, max_size=5),
                 unschedulable=st.lists(st.booleans(), min_size=5, max_size=5),
-                ghost=st.lists(st.booleans(), min_size=5, max_size=5), hosts_known=st.booleans())
+                ghost=st.lists(st.booleans(), min_size=5, max_size=5), hosts_known=st.booleans(),
+                repeats=st.lists(st.sampled_from([1, 1, 2, 3]), min_size=5, max_size=5))
     def setup(self, n_envs, n_scen, n_fmt, cpus, busy, retries, capacity, batch, gpu, unschedulable, ghost,
-              hosts_known):
+              hosts_known, repeats):
         envs = [f"e{i}" for i in range(n_envs)]
         self.settings = Settings(retries=retries, schedule_timeout_s=10.0, cell_timeout_s=15.0, train_timeout_s=20.0,
                                  busy_cpus=busy, max_batch=batch)
@@ -452,7 +533,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.ghosts = {env for env, g in zip(envs, ghost[1:]) if g}  # no node ever takes their workers
         self.formats = tuple(f"f{i}" for i in range(n_fmt))
         self.cells = cells([f"s{i}" for i in range(n_scen)], self.formats, envs)
-        self.fake = Fake(Scheduler(specs, self.cells, {e: e for e in envs}, self.settings), self.formats, capacity)
+        self.repeats = {env: n for env, n in zip(envs, repeats[1:])}
+        self.fake = Fake(Scheduler(specs, self.cells, {e: e for e in envs}, self.settings, repeats=self.repeats),
+                         self.formats, capacity)
         self.freed_at: dict[frozenset, float] = {}
 
     # -- events ---------------------------------------------------------------------------------
@@ -525,8 +608,24 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def retries_within_retries(self):
         limit = self.settings.retries + 1
-        assert all(a is None or a <= limit for a in self.fake.attempts.values())
+        for name, attempts in self.fake.attempts.items():
+            parts = self.fake.parts[name]
+            assert all(p.attempts is None or p.attempts <= limit for p in parts)  # each repeat within retries
+            assert attempts is None or attempts <= limit * max(1, len(parts))
         assert all(job.attempts <= limit for w in self.fake.s.workers.values() for b in w.batches for job in b.jobs)
+
+    @invariant()
+    def the_repeats_of_a_cell_run_in_different_workers_and_all_reach_its_row(self):
+        fake = self.fake
+        for name, by_repeat in fake.ran_on.items():
+            seen = [w for workers in by_repeat.values() for w in workers]
+            assert len(seen) == len(set(seen)), (name, by_repeat)  # no worker ran two repeats of one cell
+        assert all(len(r) == 1 for w, r in fake.worker_repeats.items())
+        for name, parts in fake.parts.items():
+            n = self.repeats[name.rsplit("/", 1)[1]]
+            assert len(parts) in ((0, n) if n > 1 else (0,)), (name, parts)
+            if parts:
+                assert fake.rows[name] is parts[0]
 
     @invariant()
     def no_worker_silent_past_its_limit(self):

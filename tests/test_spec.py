@@ -351,6 +351,35 @@ def test_dtype_policy_is_an_environment_knob_refused_in_training(tmp_path):
     assert "set dtype_policy on an environment" in msg
 
 
+def test_repeats_at_sweep_level_and_per_environment(tmp_path):
+    sw = load_sweep(write(tmp_path, "repeats: 3\nscenarios: [mlp]\nenvironments:\n  cpu: {}\n  once: {repeats: 1}\n"
+                                    "  five: {repeats: 5}\n"))
+    assert sw.repeats == 3 and [sw.repeats_for(e) for e in sw.environments] == [3, 1, 5]
+    assert sw.repeated() == {"cpu": 3, "five": 5}
+    plain = load_sweep(write(tmp_path, MINIMAL))
+    assert plain.repeats == 1 and plain.repeated() == {} and plain.environment("cpu").repeats is None
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("repeats: 0\n", "repeats: expected a whole number of repeats >= 1, got 0"),
+    ("repeats: 101\n", "repeats: expected a whole number of repeats >= 1, got 101; at most 100"),
+    ("repeats: 2.5\n", "repeats: expected a whole number of repeats >= 1, got 2.5"),
+    ("repeats: '3'\n", "repeats: expected a whole number of repeats >= 1, got '3'"),
+    ("repeats: true\n", "repeats: expected a whole number of repeats >= 1, got True"),
+])
+def test_bad_repeats_are_one_line_errors(tmp_path, body, fragment):
+    msg, p = error(tmp_path, body + MINIMAL)
+    assert msg == f"{p}: {fragment}" or msg.startswith(f"{p}: {fragment}"), msg
+    msg, p = error(tmp_path, env_block(body))
+    assert msg.startswith(f"{p}: environments.cpu.{fragment}"), msg
+
+
+def test_repeats_are_refused_in_training(tmp_path):
+    msg, p = error(tmp_path, MINIMAL + "training: {repeats: 3}\n")
+    assert msg.startswith(f"{p}: training.repeats: a scenario is trained once"), msg
+    assert "set repeats on the sweep or on an environment" in msg
+
+
 def test_unknown_format(tmp_path):
     msg, p = error(tmp_path, MINIMAL + "formats: [keras, savedmodle]\n")
     assert msg.startswith(f"{p}: formats.1: 'savedmodle' is not one of")
