@@ -46,6 +46,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -342,7 +343,8 @@ class Rig:
     def _start_holder(self, host: Host) -> None:
         """The host's ``init``: PID 1 of its own PID namespace, in a mount namespace with fresh tmpfs on
         /tmp and /dev/shm (HOME=/tmp/home). Every process of the host runs in these namespaces."""
-        script = ("mount -t tmpfs -o mode=1777,size=4g tmpfs /tmp && mount -t tmpfs -o mode=1777,size=2g tmpfs /dev/shm"
+        script = (f"{_keep_under_tmp(self.dir / 'keep')}"
+                  "mount -t tmpfs -o mode=1777,size=2g tmpfs /dev/shm"
                   f" && mkdir -p /tmp/home && echo ready && exec {sys.executable} -c '{_INIT}'")
         holder = subprocess.Popen(["ip", "netns", "exec", host.netns, "unshare", "--mount", "--pid", "--fork",
                                    "--mount-proc", "--propagation", "private", "sh", "-c", script],
@@ -657,14 +659,37 @@ _INIT = ("import os, signal, time; signal.signal(signal.SIGTERM, lambda *a: os._
          "    except ChildProcessError: time.sleep(0.5)")
 
 
+def _keep_under_tmp(stash: Path) -> str:
+    """Shell that mounts the host's fresh tmpfs on /tmp, keeping visible the checkout and the venv
+    when they live under /tmp (a CI clone in /tmp would vanish under the tmpfs, and with it the
+    Python every host runs). Only those directories come through; the rest of /tmp stays private."""
+    under = [p for p in (REPO, Path(sys.prefix).resolve()) if Path("/tmp") in p.parents]
+    keep = sorted({str(p) for p in under if not any(q in p.parents for q in under)})
+    if not keep:
+        return "mount -t tmpfs -o mode=1777,size=4g tmpfs /tmp && "
+    stash.mkdir(parents=True, exist_ok=True)
+    # The old /tmp is bound to the stash (a mount point private to this host's mount namespace),
+    # the tmpfs goes over /tmp, and each kept directory is bound back from the stash.
+    back = " && ".join(f"mkdir -p {shlex.quote(k)} && mount --bind {shlex.quote(str(stash) + k[len('/tmp'):])} "
+                       f"{shlex.quote(k)}" for k in keep)
+    return (f"mount --bind /tmp {shlex.quote(str(stash))} && mount -t tmpfs -o mode=1777,size=4g tmpfs /tmp"
+            f" && {back} && umount -l {shlex.quote(str(stash))} && ")
+
+
 def _children(pid: int) -> list[int]:
-    """The child processes of ``pid``."""
+    """The child processes of ``pid``, from every process's ``/proc/N/stat`` (kernels built without
+    CONFIG_PROC_CHILDREN have no ``/proc/N/task/T/children``)."""
     found = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            # The command name may hold spaces and parentheses: fields resume after the last ')'.
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
 
 
 def _readline(proc: subprocess.Popen, timeout: float) -> str:
