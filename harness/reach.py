@@ -25,6 +25,9 @@ from .spec import Sweep
 from .placement import missing_on_node
 
 PROBE_TIMEOUT_S = 60.0
+# A host that cannot reach the storage usually never will (wrong endpoint, no route): its probe
+# retries transient failures for this long, not the sweep's minute, so the refusal comes quickly.
+PROBE_RETRY_S = 8.0
 PROBE_DIR = ".harness-reach"
 
 
@@ -47,7 +50,7 @@ def read_probe(storage_uri: str, rel: str) -> tuple[str | None, str | None]:
     from .storage import Storage
 
     try:
-        return hashlib.sha256(Storage.open(storage_uri).read_bytes(rel)).hexdigest(), None
+        return hashlib.sha256(Storage.open(storage_uri, retry_s=PROBE_RETRY_S).read_bytes(rel)).hexdigest(), None
     except Exception as exc:  # noqa: BLE001 -- every failure is the answer
         text = str(exc).strip()
         return None, f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}".rstrip(": ")

@@ -432,11 +432,13 @@ class Storage:
     uri: str
     fs: pafs.FileSystem
     root: str
+    retry_s: float | None = None  # this handle's retry budget; None: HARNESS_STORAGE_RETRY_S
 
     @classmethod
-    def open(cls, uri: str | os.PathLike) -> "Storage":
+    def open(cls, uri: str | os.PathLike, retry_s: float | None = None) -> "Storage":
+        """The storage at ``uri``; ``retry_s`` bounds the retries of transient failures (default: the env's budget)."""
         fs, root = resolve(uri)
-        return cls(uri=os.fspath(uri), fs=fs, root=root.rstrip("/"))
+        return cls(uri=os.fspath(uri), fs=fs, root=root.rstrip("/"), retry_s=retry_s)
 
     # -- paths -------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -479,7 +481,8 @@ class Storage:
                 cause = classify(exc)
                 now = time.monotonic()
                 if cause.transient and not is_local(self.fs):
-                    deadline = deadline if deadline is not None else now + retry_budget_s()
+                    deadline = deadline if deadline is not None else now + (
+                        self.retry_s if self.retry_s is not None else retry_budget_s())
                     if now + delay <= deadline:
                         time.sleep(delay)
                         delay = min(delay * 2, 8.0)
