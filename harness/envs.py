@@ -63,7 +63,6 @@ def _short_resources(res: dict[str, float]) -> str:
 
 def describe_cluster(address: str, sweep: Sweep | None = None, as_json: bool = False) -> str:
     """Human (or JSON) description of the cluster at ``address`` for ``harness envs``."""
-    import ray
     from tabulate import tabulate
 
     with session(address):

@@ -15,7 +15,6 @@ code can be tested against a real ``s3://`` endpoint without the network::
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,7 @@ def zoo_trained(scenarios, zoo_store):
     names = [n for n in scenarios if n.startswith("zoo-")]
     return {n: train(scenarios[n], list(FORMATS), zoo_store, Environment(name="training")) for n in names}
 
-from s3_helpers import DUMMY_AWS_ENV as _DUMMY_AWS_ENV, S3Server, free_port as _free_port  # noqa: E402
+from s3_helpers import DUMMY_AWS_ENV as _DUMMY_AWS_ENV, S3Server, environ as _environ, free_port as _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -64,17 +63,11 @@ def s3_server():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
 
-    saved = {k: os.environ.get(k) for k in _DUMMY_AWS_ENV}
-    os.environ.update(_DUMMY_AWS_ENV)
-    port = _free_port()
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    srv.start()
-    try:
-        yield S3Server(endpoint=f"127.0.0.1:{port}")
-    finally:
-        srv.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _environ(_DUMMY_AWS_ENV):
+        port = _free_port()
+        srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        srv.start()
+        try:
+            yield S3Server(endpoint=f"127.0.0.1:{port}")
+        finally:
+            srv.stop()

@@ -6,8 +6,11 @@ A module of its own (not conftest): tests/multihost has a conftest too, and
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -15,6 +18,21 @@ DUMMY_AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 }
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, each variable restored (or removed) after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def free_port() -> int:

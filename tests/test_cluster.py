@@ -192,7 +192,7 @@ class FirstNodeLacksIsa(Worker):
         except FileExistsError:
             pass
         lacking = claim.read_text() == node
-        return f"cpu_isa 'sse41' needs CPU flags sse4_1 that this node's CPU (test) lacks" if lacking else None
+        return "cpu_isa 'sse41' needs CPU flags sse4_1 that this node's CPU (test) lacks" if lacking else None
 
 
 def test_a_cpu_isa_one_node_lacks_is_retried_on_another_node(cluster, node_ids, scenarios, bucket, tmp_path):

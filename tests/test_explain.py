@@ -199,7 +199,6 @@ def test_trace_layers_of_functional_nested_and_recurrent_models(keras_models, ji
 # tests/scenarios/nudge.py: Rescaling -> BatchNudge (+1 ULP at batch size 1) -> Dense.
 # ``two-knobs`` sets batch_size 1 *and* threads 1; the single-knob environments are run alongside,
 # so the attribution is checked against what each knob really does on this machine.
-import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from test_cli import RUN_TIMEOUT, explain as explain_proc, rows_by_cell, run_cli, write_sweep  # noqa: E402

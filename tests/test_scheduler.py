@@ -11,13 +11,11 @@ workers and all in its one row, and every cell done once only ticks remain.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-import pytest
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from harness.records import ArtifactRecord, Cell, CellResult, JobFailed, TrainRecord
 from harness.scheduler import (BatchFailed, CellState, Emit, HarnessFailed, Kill, LaneSpec, NodesChanged, Placed,

@@ -36,31 +36,25 @@ from harness.storage import (
     leases,
 )
 from s3_faults import S3Process
+from s3_helpers import DUMMY_AWS_ENV, environ
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
 BUCKET = "harness-faults"
 FILES = {"model/model.keras": b"K" * 3000, "model/sub/weights.h5": b"\x00\x01" * 900, "reference.json": b"{}"}
-_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1"}
+_AWS = DUMMY_AWS_ENV
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A moto server process behind a fault proxy, with dummy AWS credentials in ``os.environ``."""
-    saved = {k: os.environ.get(k) for k in _AWS}
-    os.environ.update(_AWS)
-    server = S3Process.start()
-    server.make_bucket(BUCKET)
-    try:
-        yield server
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(_AWS):
+        server = S3Process.start()
+        server.make_bucket(BUCKET)
+        try:
+            yield server
+        finally:
+            server.stop()
 
 
 @pytest.fixture

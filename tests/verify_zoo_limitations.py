@@ -13,7 +13,7 @@ after a Keras/TensorFlow upgrade, the matching entry of
 harness.formats.LIMITATIONS (and the zoo test's expectation) can go.
 Output directory: $ZOO_VERIFY_OUT (default /tmp/zoo-verify).
 """
-import importlib.util, json, os, subprocess, sys, traceback
+import importlib.util, json, os, subprocess, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 ROOT = str(__import__("pathlib").Path(__file__).resolve().parent.parent)
 OUT = os.environ.get("ZOO_VERIFY_OUT", "/tmp/zoo-verify")
@@ -278,7 +278,7 @@ def h5_adapted_vocabulary():
 
 @load
 def xla_string_inputs():
-    import numpy as np, keras, tensorflow as tf
+    import keras, tensorflow as tf
     m = keras.models.load_model(f"{OUT}/zoo-string-lookup.keras", compile=False)
     x = {"words": tf.constant([["red", "blue", "x"]] * 4), "text": tf.constant([["a bright red sun"]] * 4)}
     f = tf.function(lambda t: m(t, training=False), jit_compile=True)

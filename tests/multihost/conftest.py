@@ -8,11 +8,11 @@ running, every worker host an alive Ray node, restarted if a fault took it).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 import rig as rigs
+from s3_helpers import environ
 
 
 @pytest.fixture(scope="session")
@@ -27,17 +27,11 @@ def rig():
         pytest.fail(f"the multi-host rig did not start: {exc}", pytrace=False)
     # This process reads what runs published in the rig's S3 (moto refuses unsigned requests):
     # its dummy credentials, whether or not another test's S3 server set them already.
-    saved = {k: os.environ.get(k) for k in rigs.DUMMY_AWS}
-    os.environ.update(rigs.DUMMY_AWS)
     try:
-        yield r
+        with environ(rigs.DUMMY_AWS):
+            yield r
     finally:
         r.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture

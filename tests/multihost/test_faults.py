@@ -20,7 +20,6 @@ harness's own data (artifacts, results) travels only through S3.
 
 from __future__ import annotations
 
-import json
 import secrets
 import signal
 import time
