@@ -335,3 +335,25 @@ def test_a_cell_gives_the_same_verdict_first_or_after_its_siblings_in_a_worker(s
     assert alone["verdicts"][0] == after["verdicts"][1] == ["h5", "bitwise", None], (alone, after)
     # the h5 file names keras_hub>BertBackbone: its package is imported before the load, in both orders
     assert alone["keras_hub_imported"] and after["keras_hub_imported"]
+
+
+def test_keras_hub_left_tensorflow_cpu_and_keras_as_they_were():
+    """keras-hub is installed without its declared dependencies (Makefile): its tensorflow-text requirement
+    would pull in ``tensorflow`` over ``tensorflow-cpu``. The install must leave one TensorFlow, the CPU build,
+    and the Keras that TensorFlow's own import reports."""
+    import importlib.metadata as md
+
+    import keras
+    import keras_hub
+    import tensorflow as tf
+
+    def installed(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    assert installed("tensorflow-cpu") == tf.__version__
+    assert installed("tensorflow") is None and installed("tensorflow-text") is None
+    assert installed("keras") == keras.__version__ and tf.keras.__version__ == keras.__version__
+    assert installed("keras-hub") == keras_hub.__version__
