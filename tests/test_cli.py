@@ -686,6 +686,9 @@ def test_run_inline_one_environment(store, tmp_path):
 
 
 # -- 9. SIGKILL of the driver, then --resume ----------------------------------------------------
+# In `make test` the next test kills the driver and resumes too (through storage alone), and so does the
+# multi-host rig (tests/multihost/test_faults.py); this one, resuming in place, runs with `make test-slow`.
+@pytest.mark.slow
 def test_sigkill_of_the_driver_then_resume_loses_nothing(store, tmp_path):
     import signal
     import time
