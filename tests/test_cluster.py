@@ -220,8 +220,9 @@ def test_a_cpu_isa_one_node_lacks_is_retried_on_another_node(cluster, node_ids, 
     assert row["node_id"] != refused and row["node_id"] in (node_ids["intel"], node_ids["amd"])
 
 
-# In `make test` the multi-host rig covers this on real hosts (tests/multihost/test_faults.py::test_a_killed_hosts_cell_is_retried_on_another_host_whose_labels_fit); here it
-# runs with `make test-slow`, to keep the default suite within its time budget.
+# In `make test` the multi-host rig covers this on real hosts (tests/multihost/test_faults.py::
+# test_a_killed_hosts_cell_is_retried_on_another_host_whose_labels_fit); here it runs with
+# `make test-slow`, to keep the default suite within its time budget.
 @pytest.mark.slow
 def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids, scenarios, bucket, tmp_path):
     c, nodes = cluster
@@ -267,8 +268,9 @@ def test_node_lost_mid_sweep_is_retried_elsewhere_with_one_row(cluster, node_ids
     assert row["node_id"] == node_ids[survivor] and row["attempts"] >= 2, (victim, survivor, row["attempts"], row["started_at"])
 
 
-# In `make test` the multi-host rig covers this on real hosts (tests/multihost/test_faults.py::test_the_unschedulable_cell_names_the_lost_host); here it
-# runs with `make test-slow`, to keep the default suite within its time budget.
+# In `make test` the multi-host rig covers this on real hosts (tests/multihost/test_faults.py::
+# test_the_unschedulable_cell_names_the_lost_host); here it runs with `make test-slow`, to keep
+# the default suite within its time budget.
 @pytest.mark.slow
 def test_a_node_lost_with_no_other_node_to_host_its_environment_is_named(cluster, node_ids, scenarios, bucket,
                                                                         tmp_path):

@@ -42,13 +42,10 @@ TESTS = Path(__file__).parent
 REPO = TESTS.parent
 BUCKET = "harness-faults"
 FILES = {"model/model.keras": b"K" * 3000, "model/sub/weights.h5": b"\x00\x01" * 900, "reference.json": b"{}"}
-_AWS = DUMMY_AWS_ENV
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto server process behind a fault proxy, with dummy AWS credentials in ``os.environ``."""
-    with environ(_AWS):
+    with environ(DUMMY_AWS_ENV):
         server = S3Process.start()
         server.make_bucket(BUCKET)
         try:

@@ -8,7 +8,6 @@ running, every worker host an alive Ray node, restarted if a fault took it).
 
 from __future__ import annotations
 
-
 import pytest
 
 import rig as rigs
